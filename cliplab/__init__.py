@@ -1,0 +1,29 @@
+"""cliplab: CLIP-family vision-language embeddings with every token in reach.
+
+Public face::
+
+    import cliplab
+    cliplab.list_models("*B-32*")
+    model = cliplab.load("path/to/checkpoint")      # OpenAI / OpenCLIP / Hugging Face / cliplab layouts
+    feats = model.encode_text(model.tokenize(["a photo of a dog"]), normalize=True)
+"""
+
+from .models import (
+    CLIP,
+    CheckpointError,
+    ModelConfig,
+    convert,
+    create_model,
+    get_config,
+    list_models,
+    list_pretrained,
+    load,
+    register_config,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIP", "CheckpointError", "ModelConfig", "convert", "create_model", "get_config", "list_models",
+    "list_pretrained", "load", "register_config", "__version__",
+]

@@ -1,0 +1,51 @@
+"""``cliplab models``, ``cliplab info``, ``cliplab convert``."""
+
+from __future__ import annotations
+
+import click
+
+from .app import emit, main
+
+
+@main.command("models")
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_models_cmd(pattern: str, as_json: bool):
+    """List registered architectures (and shipped pretrained models) matching PATTERN, e.g. '*B-32*'."""
+    import cliplab
+
+    data = {"architectures": cliplab.list_models(pattern), "pretrained": cliplab.list_pretrained()}
+    emit(data, as_json, lambda d: [click.echo(n) for n in d["architectures"]]
+         + [click.echo(f"{n} (pretrained)") for n in d["pretrained"]])
+
+
+@main.command("info")
+@click.argument("source")
+@click.option("--arch", default=None, help="Architecture name or config JSON (when it cannot be inferred).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_cmd(source: str, arch: str | None, as_json: bool):
+    """Load SOURCE (pretrained name, directory or weights file) and describe it."""
+    import cliplab
+
+    model = cliplab.load(source, arch=arch)
+    cfg = model.config
+    data = {"name": cfg.name, "parameters": sum(p.numel() for p in model.parameters()),
+            "embed_dim": cfg.embed_dim, "logit_scale": float(model.logit_scale), "config": cfg.to_dict()}
+    emit(data, as_json, lambda d: click.echo(
+        f"{d['name']}: {d['parameters'] / 1e6:.1f}M parameters, embed_dim {d['embed_dim']}, "
+        f"image {cfg.vision.image_size}px/{cfg.vision.patch_size}, context {cfg.text.context_length}, "
+        f"act {cfg.vision.act}, crop {cfg.preprocess.crop_rounding}"))
+
+
+@main.command("convert")
+@click.argument("source")
+@click.argument("out")
+@click.option("--to", "layout", type=click.Choice(["cliplab", "hf", "openai"]), required=True,
+              help="Target layout: cliplab/hf write a directory, openai a .safetensors file.")
+@click.option("--arch", default=None, help="Architecture of SOURCE when it cannot be inferred.")
+def convert_cmd(source: str, out: str, layout: str, arch: str | None):
+    """Convert a checkpoint between layouts, exactly (renames, transposes and splits only)."""
+    import cliplab
+
+    path = cliplab.convert(cliplab.load(source, arch=arch), layout, out)
+    click.echo(f"wrote {layout} layout to {path}")

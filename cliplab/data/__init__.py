@@ -1,0 +1,10 @@
+"""Data sources for cliplab (bottom layer: imports nothing else from cliplab).
+
+Currently: :mod:`cliplab.data.synthetic`, the synthetic scene world used to
+train and probe small CLIP models without external data.
+"""
+
+from .synthetic import *  # noqa: F401,F403
+from .synthetic import __all__ as _synthetic_all
+
+__all__ = ["synthetic", *_synthetic_all]

@@ -1,0 +1,229 @@
+"""``load(source)``: read a checkpoint in any supported layout into our CLIP, safely.
+
+Sources, in the order they are tried:
+
+* a registered pretrained name (``list_pretrained()``), shipped with the package;
+* a directory written by ``model.save`` (``cliplab.json`` + ``model.safetensors``);
+* a Hugging Face directory (``config.json`` with ``model_type: clip`` + ``model.safetensors`` or ``pytorch_model.bin``);
+* a single weights file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``) in any registered layout; the architecture
+  comes from ``arch=`` (a registered name, a ``ModelConfig`` or a JSON path) or is inferred from tensor shapes.
+
+Nothing here unpickles arbitrary objects: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .clip import NATIVE_CONFIG_FILE, NATIVE_WEIGHTS_FILE, CLIP
+from .config import ModelConfig
+from .layouts import CheckpointError, detect_layout, get_layout
+from .layouts.base import describe_key_problems
+from .layouts.hf import config_from_hf, config_to_hf, preprocessor_to_hf
+from .registry import find_matching_config, get_config
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+# Models shipped inside the package: every ``pretrained/<name>/`` holding a cliplab.json is loadable by name.
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+_PRETRAINED: dict[str, Callable[[], Path]] = {}
+
+
+def register_pretrained(name: str, locate: Callable[[], Path]) -> None:
+    """Make ``cliplab.load(name)`` load the native-format directory returned by ``locate()``."""
+    _PRETRAINED[name] = locate
+
+
+def _register_shipped() -> None:
+    for d in sorted(PRETRAINED_DIR.glob("*/")):
+        if (d / NATIVE_CONFIG_FILE).exists():
+            register_pretrained(d.name, lambda d=d: d)
+
+
+def list_pretrained() -> list[str]:
+    return sorted(_PRETRAINED)
+
+
+# --- reading files ---------------------------------------------------------------------------------------------------
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, without executing code from it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if _is_torchscript(path):
+        raise CheckpointError(
+            f"{path} is a TorchScript archive (like OpenAI's original .pt downloads). Loading it would run code "
+            "from the file, so cliplab refuses. Export its state dict once in a trusted environment "
+            "(torch.jit.load(p).state_dict() -> safetensors) and load that."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
+        raise CheckpointError(
+            f"{path}: refused. Only plain tensor checkpoints load (torch.load with weights_only=True); this file "
+            f"needs arbitrary objects unpickled or is corrupt. Details: {str(e).splitlines()[0][:300]}"
+        ) from e
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    """Training checkpoints nest the weights (``{"state_dict": ...}``) and DDP prefixes them with ``module.``."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors, found {type(obj).__name__}")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+# --- building --------------------------------------------------------------------------------------------------------
+def resolve_arch(arch: str | Path | ModelConfig) -> ModelConfig:
+    if isinstance(arch, ModelConfig):
+        return arch
+    if isinstance(arch, Path) or str(arch).endswith(".json"):
+        return ModelConfig.load(arch)
+    return get_config(str(arch))
+
+
+def build_from_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> CLIP:
+    """Our model holding exactly ``state`` (our layout); refuses missing, unexpected or mis-shaped tensors by name."""
+    with torch.device("meta"):
+        model = CLIP(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+                 for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(describe_key_problems("cliplab", cfg.name, missing, unexpected, misshaped))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                          strict=True, assign=True)
+    return model
+
+
+def model_from_state(state: dict[str, torch.Tensor], arch=None, layout: str | None = None) -> CLIP:
+    """Detect (or take) the layout, choose the config (``arch`` or inferred from shapes), convert and build.
+
+    The centre-crop convention follows the checkpoint's origin (the layout), whatever ``arch`` says."""
+    lay = get_layout(layout) if layout else detect_layout(state)
+    if arch is not None:
+        cfg = resolve_arch(arch)
+    elif lay.name == "cliplab":
+        raise CheckpointError("a bare cliplab-layout weights file needs arch= (or load its directory with cliplab.json)")
+    else:
+        cfg = lay.infer_config(state)
+        match = find_matching_config(cfg)
+        if match is not None:
+            cfg = get_config(match).replace(preprocess=cfg.preprocess)
+    if lay.crop_rounding is not None:
+        cfg = cfg.replace(preprocess=dataclasses.replace(cfg.preprocess, crop_rounding=lay.crop_rounding))
+    return build_from_state(lay.to_cliplab(state, cfg), cfg)
+
+
+def _load_native_dir(d: Path) -> CLIP:
+    meta = json.loads((d / NATIVE_CONFIG_FILE).read_text())
+    if meta.get("format") != "cliplab":
+        raise CheckpointError(f"{d / NATIVE_CONFIG_FILE}: not a cliplab model config")
+    cfg = ModelConfig.from_dict(meta["config"])
+    return build_from_state(read_state_dict(d / NATIVE_WEIGHTS_FILE), cfg)
+
+
+def _load_hf_dir(d: Path, arch=None) -> CLIP:
+    hf = json.loads((d / "config.json").read_text())
+    pre_path = d / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text()) if pre_path.exists() else None
+    if arch is not None:
+        cfg = resolve_arch(arch)
+    else:
+        cfg = config_from_hf(hf, pre, name=d.name)
+        cfg = cfg.replace(name=find_matching_config(cfg) or cfg.name)
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        if (d / fname).exists():
+            return model_from_state(read_state_dict(d / fname), arch=cfg, layout="hf")
+    raise CheckpointError(f"{d}: Hugging Face config found but no model.safetensors or pytorch_model.bin")
+
+
+def load(source: str | Path, arch=None, precision: str = "fp32", device: str | torch.device = "cpu",
+         layout: str | None = None) -> CLIP:
+    """Load a CLIP model from a pretrained name, a directory or a weights file (see the module docstring).
+
+    ``arch`` overrides the architecture; ``layout`` forces a layout instead of detecting it; ``precision`` is
+    ``"fp32"`` (default, exact), ``"bf16"`` or ``"fp16"`` (weights cast). The model is returned in eval mode.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    model = _load_any(source, arch, layout)
+    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
+
+
+def _load_any(source, arch, layout) -> CLIP:
+    if isinstance(source, str) and source in _PRETRAINED:
+        return _load_native_dir(_PRETRAINED[source]())
+    path = Path(source)
+    if path.is_dir():
+        if (path / NATIVE_CONFIG_FILE).exists():
+            return _load_native_dir(path)
+        if (path / "config.json").exists():
+            return _load_hf_dir(path, arch)
+        raise CheckpointError(f"{path}: directory has neither {NATIVE_CONFIG_FILE} nor a Hugging Face config.json")
+    if path.is_file():
+        return model_from_state(read_state_dict(path), arch=arch, layout=layout)
+    known = list_pretrained()
+    raise FileNotFoundError(f"{source!r} is neither a file, a directory nor a pretrained name (known: {known})")
+
+
+# --- writing other layouts ------------------------------------------------------------------------------------------
+def export_state(model: CLIP, layout: str) -> dict[str, torch.Tensor]:
+    """The model's tensors in another layout (exact: renames, transposes and splits only)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_layout(layout).from_cliplab(state, model.config)
+
+
+def convert(model: CLIP, layout: str, out: str | Path) -> Path:
+    """Write ``model`` in ``layout``: ``cliplab`` (a directory), ``hf`` (a directory ``CLIPModel.from_pretrained``
+    reads) or ``openai`` (a single ``.safetensors`` file)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if layout == "cliplab":
+        return model.save(out)
+    state = export_state(model, layout)
+    if layout == "hf":
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_to_hf(model.config), indent=2) + "\n")
+        return out
+    if out.suffix != ".safetensors":
+        raise ValueError(f"write the {layout} layout to a .safetensors file, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out))
+    return out
+
+
+_register_shipped()

@@ -1,0 +1,59 @@
+"""Shared test helpers: where the real data lives, and independent reference implementations."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ``../shared/data``; skips the calling test (with the reason) when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the project's real data at {path} (absent in a plain clone)")
+    return path
+
+
+def openai_reference_model():
+    """OpenAI's reference ``clip/model.py`` from the ``openai-clip`` distribution, imported by path.
+
+    Its package ``__init__`` imports torchvision (broken here), so only ``model.py`` is loaded; it needs torch+numpy.
+    """
+    spec = importlib.util.find_spec("clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("OpenAI's reference model code is absent: pip install --no-deps openai-clip==1.0.1")
+    path = Path(spec.submodule_search_locations[0]) / "model.py"
+    if not path.exists():
+        pytest.skip(f"no model.py in the installed 'clip' package at {path}")
+    mod_spec = importlib.util.spec_from_file_location("openai_clip_reference_model", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter (LayerNorm gains, biases, logit scale included) so a mis-mapped tensor shows."""
+    g = torch.Generator().manual_seed(seed)
+    for _, p in sorted(module.named_parameters()):
+        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return module
+
+
+# Captions of varied lengths, including one far longer than 77 tokens (truncated, with EOT kept).
+CAPTIONS = [
+    "a dog",
+    "A photo of a cat sitting on a red couch.",
+    "Two young children in bright jackets run across a wet field while their parents watch from the car.",
+    "an old man with a grey beard reads a newspaper on a park bench next to a small brown dog",
+    "It's 3:30pm & the café's \"special\" costs $4.50!",
+    " ".join(["a very long caption about a busy street with people, cars, shops and lights"] * 8),
+    "x",
+    "the quick brown fox jumps over the lazy dog",
+]
