@@ -49,3 +49,16 @@ def convert_cmd(source: str, out: str, layout: str, arch: str | None):
 
     path = cliplab.convert(cliplab.load(source, arch=arch), layout, out)
     click.echo(f"wrote {layout} layout to {path}")
+
+
+@main.command("methods")
+@click.argument("pattern", default="*")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def methods_cmd(pattern: str, as_json: bool):
+    """List the seed papers' methods implemented in cliplab (slug, module, what it does)."""
+    from dataclasses import asdict
+
+    from ..methods import list_methods
+
+    data = [asdict(m) for m in list_methods(pattern)]
+    emit(data, as_json, lambda d: [click.echo(f"{m['slug']:<20} {m['module']:<40} {m['summary']}") for m in d])

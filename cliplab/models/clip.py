@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .hooks import NO_HOOKS, Hooks, TowerOutput, parse_output
 from .towers import TextTower, VisionTower
 
 if TYPE_CHECKING:  # imported lazily at run time: the model works on tensors without them
@@ -45,14 +47,69 @@ class CLIP(nn.Module):
         return self
 
     # --- encoders ----------------------------------------------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """``[B, 3, S, S]`` preprocessed pixels -> ``[B, embed_dim]`` image features (unnormalised by default)."""
-        return _maybe_normalize(self.visual(pixels), normalize)
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = False, *, output=False, hooks: Hooks | None = None,
+                     keep: torch.Tensor | None = None, prompts: torch.Tensor | None = None):
+        """``[B, 3, S, S]`` preprocessed pixels -> ``[B, embed_dim]`` image features (unnormalised by default).
 
-    def encode_text(self, tokens: "torch.Tensor | TokenizedBatch", normalize: bool = False) -> torch.Tensor:
-        """``[B, L]`` token ids (or a :class:`TokenizedBatch`) -> ``[B, embed_dim]`` text features."""
-        ids = tokens if isinstance(tokens, torch.Tensor) else tokens.ids
-        return _maybe_normalize(self.text(ids.to(self.device)), normalize)
+        With ``output`` (``True`` or names from ``"tokens"``, ``"hidden"``, ``"attn"``), ``hooks``, ``keep`` (patch
+        indices to keep) or ``prompts`` (extra tokens after CLS), returns a :class:`TowerOutput` instead: the
+        token-level view (see :mod:`cliplab.models.hooks`). Asking for nothing extra runs the plain path.
+        """
+        hooks = hooks if hooks is not None else self.active_hooks
+        want = parse_output(output)
+        if not want and hooks is None and keep is None and prompts is None:
+            return _maybe_normalize(self.visual(pixels), normalize)
+        out = self.visual.forward_rich(pixels, hooks=(hooks or NO_HOOKS).bind(self), want=want, keep=keep,
+                                       prompts=prompts)
+        if normalize:
+            out.pooled = F.normalize(out.pooled, dim=-1)
+        return out
+
+    def encode_text(self, tokens: "torch.Tensor | TokenizedBatch | None" = None, normalize: bool = False, *,
+                    output=False, hooks: Hooks | None = None, inputs_embeds: torch.Tensor | None = None,
+                    eot_index: torch.Tensor | None = None, keep_padding: bool = False):
+        """``[B, L]`` token ids (or a :class:`TokenizedBatch`) -> ``[B, embed_dim]`` text features.
+
+        With ``output``, ``hooks``, ``inputs_embeds`` (token embeddings ``[B, n, W]`` before positions, with
+        ``eot_index``) or ``keep_padding``, returns a :class:`TowerOutput` (token-level view); when given a
+        ``TokenizedBatch`` its ``extras["batch"]`` holds it (character spans of every token).
+        """
+        hooks = hooks if hooks is not None else self.active_hooks
+        want = parse_output(output)
+        ids = None if tokens is None else (tokens if isinstance(tokens, torch.Tensor) else tokens.ids).to(self.device)
+        if not want and hooks is None and inputs_embeds is None and not keep_padding:
+            if ids is None:
+                raise ValueError("encode_text needs token ids (or inputs_embeds)")
+            return _maybe_normalize(self.text(ids), normalize)
+        out = self.text.forward_rich(ids, inputs_embeds=inputs_embeds, eot_index=eot_index,
+                                     hooks=(hooks or NO_HOOKS).bind(self),
+                                     want=want, keep_padding=keep_padding)
+        if normalize:
+            out.pooled = F.normalize(out.pooled, dim=-1)
+        if tokens is not None and not isinstance(tokens, torch.Tensor):
+            out.extras["batch"] = tokens
+        return out
+
+    # --- hooks made active for every call (``cliplab.tokens.intervene`` manages this) -------------------------------
+    active_hooks: Hooks | None = None
+
+    @contextmanager
+    def using_hooks(self, hooks: Hooks | None):
+        """Within the block, every ``encode_*`` call on this model runs the rich path with ``hooks``."""
+        previous = self.__dict__.get("active_hooks")
+        self.active_hooks = hooks
+        try:
+            yield self
+        finally:
+            if previous is None:
+                self.__dict__.pop("active_hooks", None)
+            else:
+                self.active_hooks = previous
+
+    def set_context_length(self, table: torch.Tensor) -> None:
+        """Install a new text positional table ``[n, width]``; context length and tokenizer follow."""
+        self.text.resize_positions(table)
+        self.__dict__.pop("tokenizer", None)  # rebuilt lazily at the new context length
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import TextConfig, VisionConfig
+from .hooks import NO_HOOKS, Hooks, TowerOutput, run_blocks
 from .transformer import Transformer
 
 
@@ -22,8 +23,8 @@ class VisionTower(nn.Module):
         self.ln_post = nn.LayerNorm(w, eps=eps)
         self.proj = nn.Linear(w, embed_dim, bias=False)
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[B, 3, H, W]`` -> token sequence ``[B, 1 + grid**2, width]`` (CLS first, positions added)."""
+    def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` -> ``[B, 1 + grid**2, width]``: CLS then patch embeddings, no positions yet."""
         if pixels.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(
                 f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {tuple(pixels.shape[-2:])}; "
@@ -31,11 +32,46 @@ class VisionTower(nn.Module):
             )
         x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        return torch.cat([cls, x], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.transformer(self.ln_pre(self.embed(pixels)))
+        x = self.embed_patches(pixels) + self.pos_embed.to(self.patch_embed.weight.dtype)
+        x = self.transformer(self.ln_pre(x))
         return self.proj(self.ln_post(x[:, 0]))
+
+    def forward_rich(self, pixels: torch.Tensor, *, hooks: Hooks = NO_HOOKS, want: frozenset = frozenset(),
+                     keep: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> TowerOutput:
+        """The forward pass with hook sites and optional outputs (see :mod:`cliplab.models.hooks`).
+
+        ``keep``: patch indices to keep (``[K]`` or ``[B, K]``, into the ``grid**2`` patches), dropped after positions
+        are added so kept patches keep their positions; CLS is always kept. ``prompts``: extra tokens ``[P, W]`` or
+        ``[B, P, W]`` inserted right after CLS (visual prompt tuning), before ``ln_pre``.
+        """
+        x = hooks.input("image", self.embed_patches(pixels))
+        x = x + hooks.positions("image", self.pos_embed.to(x.dtype))
+        if keep is not None:
+            idx = keep.to(x.device).expand(x.shape[0], -1) if keep.dim() == 1 else keep.to(x.device)
+            patches = x[:, 1:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], dim=1)
+        n_prompts = 0
+        if prompts is not None:
+            p = prompts.to(x.dtype)
+            p = p.expand(x.shape[0], -1, -1) if p.dim() == 2 else p
+            n_prompts = p.shape[1]
+            x = torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
+        x, hidden, attn = run_blocks(self.transformer, self.ln_pre(x), None, "image", hooks, want)
+        pooled = self.proj(self.ln_post(x[:, 0]))
+        tokens = None
+        if "tokens" in want or hooks.edits_tokens("image"):
+            tokens = self.proj(self.ln_post(x))
+            tokens[:, 0] = pooled  # the same bits as the pooled output (one matmul, not two)
+            edited = hooks.tokens("image", tokens)
+            if edited is not tokens:
+                pooled, tokens = edited[:, 0], edited
+        index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        g = self.cfg.grid_size
+        extras = {"grid": (g, g), "n_prompts": n_prompts, "keep": keep}
+        return TowerOutput(pooled, index, tokens if "tokens" in want else None, hidden, attn, extras)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -66,16 +102,75 @@ class TextTower(nn.Module):
         is_eot = ids == self.cfg.eot_token_id
         return torch.where(is_eot.any(-1), is_eot.int().argmax(-1), ids.argmax(-1))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def causal_mask(n: int, like: torch.Tensor) -> torch.Tensor:
+        """Additive causal mask ``[n, n]`` (0 on and below the diagonal, -inf above).
+
+        A float mask rather than ``is_causal`` so that an additive attention bias of zero is bit-exactly a no-op."""
+        return torch.full((n, n), float("-inf"), dtype=like.dtype, device=like.device).triu_(1)
+
+    def _cut(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if ids.shape[-1] > self.cfg.context_length:
             raise ValueError(f"token ids have length {ids.shape[-1]} > context length {self.cfg.context_length}")
         eot = self.eot_index(ids)
         # Causal attention means nothing after the EOT token can change the pooled output: cut the batch to its
         # longest real sequence (an exact saving; padding to 77 wastes most of the compute on short captions).
-        ids = ids[:, : int(eot.max()) + 1]
+        return ids[:, : int(eot.max()) + 1], eot
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids, eot = self._cut(ids)
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True))
+        x = self.ln_final(self.transformer(x, attn_mask=self.causal_mask(ids.shape[1], x)))
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
+
+    def forward_rich(self, ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                     eot_index: torch.Tensor | None = None, hooks: Hooks = NO_HOOKS, want: frozenset = frozenset(),
+                     keep_padding: bool = False) -> TowerOutput:
+        """The forward pass with hook sites and optional outputs (see :mod:`cliplab.models.hooks`).
+
+        Runs from token ``ids`` or from ``inputs_embeds`` ``[B, n, W]`` (token embeddings before positions, e.g.
+        learned context vectors or pseudo-words); with embeddings, ``eot_index`` (or ``ids`` to find it) says where
+        to pool. Batches of ids are cut to the longest EOT like the plain path unless ``keep_padding``.
+        """
+        if inputs_embeds is None:
+            if ids is None:
+                raise ValueError("pass token ids or inputs_embeds")
+            if keep_padding:
+                eot = self.eot_index(ids)
+            else:
+                ids, eot = self._cut(ids)
+            x = self.token_embed(ids)
+        else:
+            x = inputs_embeds
+            eot = eot_index if eot_index is not None else (self.eot_index(ids) if ids is not None else None)
+            if eot is None:
+                raise ValueError("inputs_embeds needs eot_index (or ids) to know which position to pool")
+        n = x.shape[1]
+        if n > self.cfg.context_length:
+            raise ValueError(f"sequence length {n} > context length {self.cfg.context_length}")
+        eot = eot.to(x.device)
+        x = hooks.input("text", x)
+        x = x + hooks.positions("text", self.pos_embed[:n])
+        x, hidden, attn = run_blocks(self.transformer, x, self.causal_mask(n, x), "text", hooks, want)
+        x = self.ln_final(x)
+        rows = torch.arange(x.shape[0], device=x.device)
+        pooled = self.proj(x[rows, eot])
+        tokens = None
+        if "tokens" in want or hooks.edits_tokens("text"):
+            tokens = self.proj(x)
+            tokens[rows, eot] = pooled  # the same bits as the pooled output (one matmul, not two)
+            edited = hooks.tokens("text", tokens)
+            if edited is not tokens:
+                pooled, tokens = edited[rows, eot], edited
+        return TowerOutput(pooled, eot, tokens if "tokens" in want else None, hidden, attn)
+
+    def resize_positions(self, table: torch.Tensor) -> None:
+        """Replace the positional table (``[n, width]``), changing the context length to ``n``; the model's
+        tokenizer follows (``CLIP.set_context_length`` calls this)."""
+        if table.dim() != 2 or table.shape[1] != self.cfg.width:
+            raise ValueError(f"positional table must be [n, {self.cfg.width}], got {tuple(table.shape)}")
+        self.pos_embed = nn.Parameter(table.detach().clone().to(self.pos_embed), requires_grad=True)
+        self.cfg.context_length = table.shape[0]
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -33,11 +33,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, n, W]`` -> q, k, v each ``[B, heads, n, W/heads]``."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs ``[B, heads, n, W/heads]`` -> the output projection ``[B, n, W]``."""
+        b, _, n, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.split_heads(x)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
-        return self.out(y.transpose(1, 2).reshape(b, n, d))
+        return self.merge_heads(y)
 
 
 class MLP(nn.Module):

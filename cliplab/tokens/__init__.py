@@ -1,0 +1,19 @@
+"""Token-level access and interventions on both towers (sits on ``cliplab.models`` only).
+
+* reading: ``model.encode_text(batch, output=True)`` / ``model.encode_image(pixels, output=True)`` give a
+  :class:`~cliplab.models.hooks.TowerOutput` (pooled, per-token outputs, hidden states, attention maps);
+* input embeddings: ``model.encode_text(inputs_embeds=..., eot_index=...)``; ``encode_image(keep=..., prompts=...)``;
+* interventions: :class:`Intervention` at named sites, composed in an :class:`InterventionSet`, made active with
+  :func:`intervene`;
+* readout helpers: :func:`token_mask`, :func:`word_scores`, :func:`patch_text_similarity`; plots in ``plots``.
+"""
+
+from ..models.hooks import Hooks, TowerOutput
+from .interventions import Intervention, InterventionSet, as_hooks, intervene
+from .readout import patch_text_similarity, token_mask, word_scores, word_spans
+from .sites import Site, SiteError, parse_site
+
+__all__ = [
+    "Hooks", "TowerOutput", "Intervention", "InterventionSet", "as_hooks", "intervene", "patch_text_similarity",
+    "token_mask", "word_scores", "word_spans", "Site", "SiteError", "parse_site",
+]

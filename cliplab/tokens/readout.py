@@ -1,0 +1,60 @@
+"""Reading token-level results: which tokens belong to a phrase, word-level scores, patch-text similarity maps."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from ..models.hooks import TowerOutput
+from ..models.tokenizer import TokenizedBatch
+
+
+def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: int | None = None) -> torch.Tensor:
+    """Bool mask ``[B, width]`` of the tokens whose character spans overlap ``phrases[row]`` (one phrase for every
+    row, or one per row; None selects nothing in that row). Multi-token words select all their tokens; SOT/EOT never.
+    Raises ``ValueError`` when a phrase is not in its text."""
+    rows = len(batch)
+    phrases = [phrases] * rows if isinstance(phrases, str) else list(phrases)
+    if len(phrases) != rows:
+        raise ValueError(f"{len(phrases)} phrases for {rows} texts")
+    width = width or batch.ids.shape[1]
+    mask = torch.zeros(rows, width, dtype=torch.bool)
+    for r, phrase in enumerate(phrases):
+        if phrase is not None:
+            pos = [p for p in batch.token_positions(r, phrase) if p < width]
+            mask[r, pos] = True
+    return mask
+
+
+def word_spans(text: str) -> list[tuple[int, int, str]]:
+    """Whitespace-separated words of ``text`` as ``(start, end, word)``."""
+    return [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", text)]
+
+
+def word_scores(batch: TokenizedBatch, row: int, token_scores: torch.Tensor) -> list[tuple[str, float]]:
+    """Average per-token scores (indexed by position) within each whitespace word of ``batch.texts[row]``.
+    Words with no kept token (cut by truncation) are left out."""
+    spans = batch.spans[row]
+    n = int(batch.lengths[row])
+    out = []
+    for s, e, word in word_spans(batch.texts[row]):
+        pos = [p for p in range(1, n - 1) if spans[p][0] < e and spans[p][1] > s]
+        if pos:
+            out.append((word, float(token_scores[pos].mean())))
+    return out
+
+
+def patch_text_similarity(image_out: TowerOutput, text_features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every patch token with every text ``[K, D]``, as maps ``[B, K, gh, gw]``.
+
+    ``image_out`` must come from ``encode_image(..., output="tokens")`` without dropped patches or prompts."""
+    if image_out.tokens is None:
+        raise ValueError("encode the image with output='tokens' first")
+    if image_out.extras.get("keep") is not None or image_out.extras.get("n_prompts"):
+        raise ValueError("similarity maps need the full patch grid (no keep=, no prompts=)")
+    gh, gw = image_out.extras["grid"]
+    patches = F.normalize(image_out.tokens[:, 1:], dim=-1)
+    sims = patches @ F.normalize(text_features, dim=-1).t()  # [B, N, K]
+    return sims.transpose(1, 2).reshape(sims.shape[0], -1, gh, gw)
