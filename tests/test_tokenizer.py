@@ -22,7 +22,7 @@ import ftfy
 import pytest
 import regex
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cliplab.models import tokenizer as T
@@ -439,6 +439,9 @@ def test_offsets_simple_targeted(tok, pieces, seps):
     st.lists(st.one_of(_MESSY_PIECES, _SIMPLE_PIECES, _WORDS), min_size=1, max_size=8),
     st.lists(st.sampled_from([" ", "  ", "\t", "\n", " \r\n "]), min_size=8, max_size=8),
 )
+# regression: the "&" of "&amp;amp;" got span (8, 22), starting inside the terminal
+# escape "\x1b[0m" that ftfy deletes and swallowing the separator
+@example(pieces=["\x1b[31mred\x1b[0m", "&amp;amp;"], seps=[" "] * 8)
 def test_offsets_normalisation_changes(tok, pieces, seps):
     """ftfy/html change characters: each token's span stays inside the piece it came from."""
     bounds = []
@@ -457,6 +460,25 @@ def test_offsets_normalisation_changes(tok, pieces, seps):
     for (a, b), p in zip(bounds, pieces):
         if tok.encode(p):
             assert any(a <= s < e <= b for s, e in spans), (text, p)
+
+
+def test_offsets_deleted_and_adjacent_groups(tok):
+    """Deleted characters map to nothing; neighbouring replaced groups stay apart."""
+    text = "\x1b[31mred\x1b[0m &amp;amp; "
+    ids, spans = tok.encode_with_offsets(text)
+    assert tok.token_strings(ids) == ["red", "&"] and spans == [(5, 8), (13, 22)]
+    text = "\x1b[1m&lt;\x1b[0m&gt; a\x00&amp;"
+    ids, spans = tok.encode_with_offsets(text)
+    assert [text[s:e] for s, e in spans] == ["&lt;", "&gt;", "a", "&amp;"]
+    ids, spans = tok.encode_with_offsets("&lt;&gt;")
+    assert tok.token_strings(ids) == ["<", ">"] and spans == [(0, 4), (4, 8)]
+    norm, nmap = T.normalize_with_offsets("&lt;&gt; &ampx")
+    assert norm == "<> &x" and nmap == [(0, 4), (4, 8), (8, 9), (9, 13), (13, 14)]
+    text = "&amp;\x1b[0mDog\x1b[0mDogDog\x1b[0m"  # ftfy's steps are replayed exactly
+    ids, spans = tok.encode_with_offsets(text)
+    assert spans == [(0, 5), (9, 12), (16, 19), (19, 22)]
+    # the generic alignment leaves deleted escapes out of a replaced group
+    assert T._align("\x1b[0m\u201c", '"') == [(4, 5)]
 
 
 def test_offsets_examples(tok):

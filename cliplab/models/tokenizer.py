@@ -33,12 +33,18 @@ composed, so every normalised character knows its original span:
   characters to the one input character;
 * ``ftfy.fix_text`` is replayed step by step from ``ftfy.fix_and_explain``
   (same line segmentation; checked to give the same result, else the whole
-  change is aligned at once) and each step, like each ``html.unescape``, is
-  aligned with :class:`difflib.SequenceMatcher`, treating every HTML character
-  reference that ``html.unescape`` would change (``&amp;``, ``&#233;`` ...) as
-  one indivisible unit.  Replaced input (an entity, a mojibake sequence such as
-  ``"Ã©"``, a ligature ``"ﬁ"``, a decomposed ``"e" + U+0301`` that NFC
-  composes) maps as a whole to every output character that replaced it; a
+  change is aligned at once).  A step that replaces matches of a pattern
+  (``html.unescape``, ftfy's ``unescape_html``, ``remove_terminal_escapes``,
+  ``remove_control_chars``, ligatures, widths, quotes, line breaks) is replayed
+  match by match, which gives its map exactly; any other step is aligned with
+  :class:`difflib.SequenceMatcher`, treating every HTML character reference
+  that ``html.unescape`` would change (``&amp;``, ``&#233;`` ...) as one
+  indivisible unit where the change may decode references (a ``replace`` block
+  is re-aligned with its references decoded or written out, and terminal
+  escapes / control characters at its ends are left out).  Replaced input (an
+  entity, a mojibake sequence such as ``"Ã©"``, a ligature ``"ﬁ"``, a
+  decomposed ``"e" + U+0301`` that NFC composes) maps as a whole to every
+  output character that replaced it; a
   reference decoded by prefix (``"&ampx"`` -> ``"&x"``) maps its undecoded
   tail character by character.  Characters ftfy *inserts* (rare) get an empty
   span at their position; deleted characters (control characters, terminal
@@ -90,6 +96,7 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 import ftfy
+import ftfy.fixes
 import regex
 import torch
 
@@ -131,6 +138,8 @@ _PRETOKEN_PAT = regex.compile(
     regex.IGNORECASE,
 )
 _WS_PAT = regex.compile(r"\s+")
+# what ftfy deletes: terminal escape sequences and (non-space) C0 control characters
+_DELETED_PAT = regex.compile(r"\x1b\[[0-9;]*[a-zA-Z]|[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _NEEDS_COLLAPSE = regex.compile(r"[^\S ]|  ")  # whitespace other than isolated single spaces
 # the pattern html.unescape uses to find character references
 _CHARREF_PAT = regex.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
@@ -352,13 +361,185 @@ def _compose(prev, local: list[Span], prev_len: int):
     return starts, ends
 
 
-def _align(before: str, after: str) -> list[Span]:
-    """Span in ``before`` of each character of ``after`` (see module docstring)."""
+def _ref_tail(unit: str, rep: str) -> int:
+    """Length of the undecoded tail of a reference decoded by prefix (``"&ampx"`` -> ``"&x"``: 1)."""
+    k = 0
+    while k < len(rep) - 1 and k < len(unit) - 2 and unit[-1 - k] == rep[-1 - k]:
+        k += 1
+    return k
+
+
+def _unit_map(span: Span, unit: str, rep: str) -> list[Span]:
+    """Spans of the characters of ``rep``, which replaces the reference ``unit`` at ``span``.
+
+    The decoded part maps to the whole reference, an undecoded tail (a reference
+    decoded by prefix, ``"&ampx"`` -> ``"&x"``) character by character.
+    """
+    k = _ref_tail(unit, rep) if len(unit) > 1 and rep else 0
+    a, b = span
+    return [(a, b - k)] * (len(rep) - k) + [(b - k + t, b - k + t + 1) for t in range(k)]
+
+
+def _align_sub(before: str, after: str, pattern, repl, refs: bool = False) -> list[Span] | None:
+    """Exact map of a step that replaces each match of ``pattern`` by ``repl(match text)``.
+
+    ``after`` must be ``before`` with every (non-overlapping, left to right)
+    match replaced: a replaced match maps as a whole to each character that
+    replaces it (nothing, for a deletion), everything else one to one.  With
+    ``refs`` the matches are character references (``html.unescape``, ftfy's
+    ``unescape_html``), so an undecoded tail maps character by character.  None if
+    ``after`` is not that (the caller then aligns with :func:`_align`).
+    """
+    out: list[Span] = []
+    pieces: list[str] = []
+    last = 0
+    for m in pattern.finditer(before):
+        a, b = m.span()
+        unit = m.group()
+        rep = repl(unit)
+        if rep == unit:
+            continue
+        pieces.append(before[last:a])
+        out.extend((k, k + 1) for k in range(last, a))
+        pieces.append(rep)
+        out.extend(_unit_map((a, b), unit, rep) if refs else [(a, b)] * len(rep))
+        last = b
+    pieces.append(before[last:])
+    out.extend((k, k + 1) for k in range(last, len(before)))
+    if "".join(pieces) != after or len(out) != len(after):
+        return None
+    return out
+
+
+def _table_rule(table):
+    pat = regex.compile("[" + "".join(regex.escape(chr(k)) for k in sorted(table)) + "]")
+    return pat, lambda u: u.translate(table), False
+
+
+@lru_cache(maxsize=1)
+def _ftfy_rules() -> dict:
+    """ftfy steps (``("apply", name)``) replayable match by match: name -> (pattern, repl, refs).
+
+    Each rule mirrors the step's own code; :func:`_align_sub` checks that it
+    reproduces the step's output, else the step is aligned with :func:`_align`.
+    """
+    fx = ftfy.fixes
+    makers = {
+        "unescape_html": lambda: (fx.HTML_ENTITY_RE, fx.unescape_html, True),
+        "remove_terminal_escapes": lambda: (fx.ANSI_RE, lambda u: "", False),
+        "remove_control_chars": lambda: _table_rule(fx.CONTROL_CHARS),
+        "fix_latin_ligatures": lambda: _table_rule(fx.LIGATURES),
+        "fix_character_width": lambda: _table_rule(fx.WIDTH_MAP),
+        "uncurl_quotes": lambda: (
+            regex.compile(f"{fx.SINGLE_QUOTE_RE.pattern}|{fx.DOUBLE_QUOTE_RE.pattern}"),
+            fx.uncurl_quotes,
+            False,
+        ),
+        "fix_line_breaks": lambda: (regex.compile("\r\n|[\r\u2028\u2029\u0085]"), lambda u: "\n", False),
+    }
+    rules = {}
+    for name, make in makers.items():
+        try:
+            rules[name] = make()
+        except Exception:  # pragma: no cover - another ftfy version: align generically
+            pass
+    return rules
+
+
+def _replace_block(seq: list[str], spans: list[Span], rep: str) -> list[Span]:
+    """Spans for ``rep``, which replaces the units/characters ``seq`` (a ``replace`` opcode).
+
+    The block is re-aligned with each reference written out, decoded and
+    literally, so that characters the step deletes (control characters, terminal
+    escapes) or keeps (spaces, an unchanged reference) do not join a replaced
+    group; a reference must match as a whole.  Without any such match, every
+    character of ``rep`` maps to the whole block.
+    """
+    best: list[Span] | None = None
+    best_score = 0
+    if len(seq) > 1 or len(seq[0]) > 1:
+        for decoded in (True, False):
+            flat: list[str] = []
+            owner: list[int] = []  # element of `seq` each flat character comes from
+            fspan: list[Span] = []
+            for idx, e in enumerate(seq):
+                a = spans[idx][0]
+                if decoded and len(e) > 1:
+                    d = html.unescape(e)
+                    fspan.extend(_unit_map(spans[idx], e, d))
+                else:  # a character, or a reference written out literally
+                    d = e
+                    fspan.extend((a + t, a + t + 1) for t in range(len(e)))
+                flat.extend(d)
+                owner.extend([idx] * len(d))
+            sm = difflib.SequenceMatcher(None, flat, list(rep), autojunk=False)
+            ops = sm.get_opcodes()
+            nf = len(flat)
+            whole = all(
+                (i1 == 0 or owner[i1 - 1] != owner[i1]) and (i2 == nf or owner[i2 - 1] != owner[i2])
+                for tag, i1, i2, _, _ in ops
+                if tag != "insert"
+            )
+            score = sum(i2 - i1 for tag, i1, i2, _, _ in ops if tag == "equal")
+            if not whole or score <= best_score:
+                continue
+            out: list[Span] = []
+            for tag, i1, i2, j1, j2 in ops:
+                if tag == "equal":
+                    out.extend(fspan[i1:i2])
+                elif tag == "replace":
+                    e1, e2 = owner[i1], owner[i2 - 1] + 1
+                    out.extend(_replace_block_whole(seq[e1:e2], spans[e1:e2], rep[j1:j2]))
+                elif tag == "insert":
+                    pos = fspan[i1][0] if i1 < nf else spans[-1][1]
+                    out.extend([(pos, pos)] * (j2 - j1))
+            best, best_score = out, score
+    if best is not None:
+        return best
+    return _replace_block_whole(seq, spans, rep)
+
+
+def _replace_block_whole(seq: list[str], spans: list[Span], rep: str) -> list[Span]:
+    """Every character of ``rep`` maps to the whole block, less deleted ends.
+
+    Terminal escapes and C0 control characters at either end of the block are
+    deleted by ftfy, so they are left out of the span.
+    """
+    if len(seq) == 1 and len(seq[0]) > 1 and html.unescape(seq[0]) == rep:
+        return _unit_map(spans[0], seq[0], rep)
+    n = len(seq)
+    deleted = [False] * n
+    i = 0
+    while i < n:  # runs of single characters (references never hold escapes)
+        j = i
+        while j < n and len(seq[j]) == 1:
+            j += 1
+        if j > i:
+            for m in _DELETED_PAT.finditer("".join(seq[i:j])):
+                if m.group() not in rep:
+                    deleted[i + m.start() : i + m.end()] = [True] * (m.end() - m.start())
+        i = j + 1
+    lo, hi = 0, n
+    while lo < hi and deleted[lo]:
+        lo += 1
+    while hi > lo and deleted[hi - 1]:
+        hi -= 1
+    if lo == hi:
+        lo, hi = 0, n
+    return [(spans[lo][0], spans[hi - 1][1])] * len(rep)
+
+
+def _align(before: str, after: str, units: bool = True) -> list[Span]:
+    """Span in ``before`` of each character of ``after`` (see module docstring).
+
+    With ``units``, every character reference that ``html.unescape`` would change
+    is one indivisible unit (for a change that may decode references).
+    """
     nb, na = len(before), len(after)
     # character references that html.unescape would change are indivisible units
-    units = (
+    units_ = (
         [m.span() for m in _CHARREF_PAT.finditer(before) if html.unescape(m.group()) != m.group()]
-        if "&" in before
+        if units and "&" in before
         else []
     )
     # common prefix / suffix, never cutting through a unit
@@ -370,17 +551,17 @@ def _align(before: str, after: str) -> list[Span]:
     while q < lim - p and before[nb - 1 - q] == after[na - 1 - q]:
         q += 1
     cut = nb - q
-    if units:
+    if units_:
         # keep every unit in the middle part, so that each aligns as a whole
         # (the prefix/suffix trimming is only a shortcut)
-        p = min(p, units[0][0])
-        cut = max(cut, units[-1][1])
+        p = min(p, units_[0][0])
+        cut = max(cut, units_[-1][1])
     q = nb - cut
     # units of the middle of `before`
     seq_b: list[str] = []
     spans_b: list[Span] = []
     i = p
-    u = iter(units)
+    u = iter(units_)
     nxt = next(u, None)
     while nxt is not None and nxt[0] < p:
         nxt = next(u, None)
@@ -404,17 +585,7 @@ def _align(before: str, after: str) -> list[Span]:
         if tag == "equal":
             out.extend(spans_b[i1:i2])
         elif tag == "replace":
-            span = (spans_b[i1][0], spans_b[i2 - 1][1])
-            k = 0
-            if i2 - i1 == 1 and len(seq_b[i1]) > 1 and html.unescape(seq_b[i1]) == mid_a[j1:j2]:
-                # a reference without ';' decoded by prefix ("&ampx" -> "&x"):
-                # the undecoded tail maps character by character
-                unit, rep = seq_b[i1], mid_a[j1:j2]
-                while k < len(rep) - 1 and k < len(unit) - 2 and unit[-1 - k] == rep[-1 - k]:
-                    k += 1
-            head = (span[0], span[1] - k)
-            out.extend([head] * (j2 - j1 - k))
-            out.extend((span[1] - k + t, span[1] - k + t + 1) for t in range(k))
+            out.extend(_replace_block(seq_b[i1:i2], spans_b[i1:i2], mid_a[j1:j2]))
         elif tag == "insert":
             pos = spans_b[i1][0] if i1 < len(spans_b) else end_b
             out.extend([(pos, pos)] * (j2 - j1))
@@ -479,7 +650,16 @@ def _ftfy_replay(text: str) -> tuple[str, list[Span]]:
                 else:
                     nxt = ftfy.apply_plan(cur, group)
                 if nxt != cur:
-                    seg_map = _chain(seg_map, _align(cur, nxt), len(segment))
+                    step: list[Span] | None = None
+                    rule = _ftfy_rules().get(group[0][1]) if len(group) == 1 and group[0][0] == "apply" else None
+                    if rule is not None:  # replay the step match by match (exact)
+                        step = _align_sub(cur, nxt, *rule)
+                    if step is None:
+                        # only unescape_html decodes character references; other
+                        # steps are aligned character by character (an "&amp;"
+                        # they keep maps to itself instead of joining a change)
+                        step = _align(cur, nxt, units=group == [("apply", "unescape_html")])
+                    seg_map = _chain(seg_map, step, len(segment))
                     cur = nxt
         except Exception:  # unknown plan step: align the segment as a whole
             cur = None
@@ -566,7 +746,8 @@ def _normalize_map(text: str):
         if "&" in cur:
             un = html.unescape(cur)
             if un != cur:
-                apply(un, _align(cur, un))
+                local = _align_sub(cur, un, _CHARREF_PAT, html.unescape, refs=True)
+                apply(un, local if local is not None else _align(cur, un))
     apply(*_strip_local(cur))
     apply(*_collapse_local(cur))
     apply(*_strip_local(cur))
