@@ -202,6 +202,9 @@ def test_readout_helpers(model, batch, pixels):
     assert mask[0].sum() == 1 and mask[1].sum() == 1 and mask[2].sum() == 0 and not mask[:, 0].any()
     with pytest.raises(ValueError):
         token_mask(batch, "zebra")
+    both = model.tokenize(["a woman and a man"])
+    assert token_mask(both, "man")[0].nonzero().flatten().tolist() == [5]  # the word, not inside "woman"
+    assert token_mask(both, "man", whole_word=False)[0].nonzero().flatten().tolist() == [2]
     scores = torch.arange(batch.ids.shape[1], dtype=torch.float)
     words = word_scores(batch, 0, scores)
     assert [w for w, _ in words] == ["a", "man", "and", "a", "woman"] and words[1][1] == 2.0

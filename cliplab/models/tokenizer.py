@@ -798,10 +798,12 @@ class TokenizedBatch:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def token_positions(self, row: int, substring: str, occurrence: int = 0) -> list[int]:
+    def token_positions(self, row: int, substring: str, occurrence: int = 0, whole_word: bool = True) -> list[int]:
         """Positions in row ``row`` of the tokens whose spans overlap ``substring``.
 
-        ``substring`` is searched case-insensitively in ``texts[row]``;
+        ``substring`` is searched case-insensitively in ``texts[row]``, by default
+        as a whole word or phrase ("man" does not match inside "woman"; pass
+        ``whole_word=False`` for plain substring search);
         ``occurrence`` selects the n-th match (0-based, matches may overlap).
         Raises ValueError if the substring (occurrence) is absent or its tokens
         were removed by truncation; the list is empty if the substring covers no
@@ -812,7 +814,10 @@ class TokenizedBatch:
         if occurrence < 0:
             raise ValueError("occurrence must be >= 0")
         text = self.texts[row]
-        pat = regex.compile(regex.escape(substring), regex.IGNORECASE)
+        body = regex.escape(substring)
+        if whole_word:  # no word character may touch the match on either side
+            body = rf"(?<!\w){body}(?!\w)"
+        pat = regex.compile(body, regex.IGNORECASE)
         pos = 0
         m = None
         for _ in range(occurrence + 1):

@@ -11,9 +11,11 @@ from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
 
 
-def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: int | None = None) -> torch.Tensor:
+def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: int | None = None,
+               whole_word: bool = True) -> torch.Tensor:
     """Bool mask ``[B, width]`` of the tokens whose character spans overlap ``phrases[row]`` (one phrase for every
-    row, or one per row; None selects nothing in that row). Multi-token words select all their tokens; SOT/EOT never.
+    row, or one per row; None selects nothing in that row), matched as whole words by default ("man" is not found
+    inside "woman"). Multi-token words select all their tokens; SOT/EOT never. Only the first occurrence is taken.
     Raises ``ValueError`` when a phrase is not in its text."""
     rows = len(batch)
     phrases = [phrases] * rows if isinstance(phrases, str) else list(phrases)
@@ -23,7 +25,7 @@ def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: in
     mask = torch.zeros(rows, width, dtype=torch.bool)
     for r, phrase in enumerate(phrases):
         if phrase is not None:
-            pos = [p for p in batch.token_positions(r, phrase) if p < width]
+            pos = [p for p in batch.token_positions(r, phrase, whole_word=whole_word) if p < width]
             mask[r, pos] = True
     return mask
 
