@@ -148,3 +148,15 @@ def test_jit_detection_does_not_flag_plain_zip_checkpoints(tiny, tmp_path):
     torch.save(export_state(tiny, "openai"), path)
     assert zipfile.is_zipfile(path)
     assert cliplab.load(path, arch="test-tiny").config.name == "test-tiny"
+
+
+def test_loaded_model_gives_bit_identical_features(tiny, tmp_path):
+    """Weights equal is not enough: unaligned buffers change matmul rounding, so compare features bit-exactly."""
+    tiny.save(tmp_path / "m")
+    back = cliplab.load(tmp_path / "m")
+    assert all(p.data_ptr() % 64 == 0 for p in back.parameters()), "weights left in unaligned file buffers"
+    batch = tiny.tokenize(CAPTIONS[:4])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back.encode_text(batch), tiny.encode_text(batch))
+        assert torch.equal(back.encode_image(pixels), tiny.encode_image(pixels))

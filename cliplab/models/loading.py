@@ -121,7 +121,9 @@ def build_from_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> CLIP:
                  for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k]]
     if missing or unexpected or misshaped:
         raise CheckpointError(describe_key_problems("cliplab", cfg.name, missing, unexpected, misshaped))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+    # Fresh storage for every tensor: safetensors/mmap buffers can be unaligned, and unaligned weights take other
+    # SIMD paths in matmul, so features would differ in the last bits from the model that was saved.
+    model.load_state_dict({k: (v.float() if v.is_floating_point() else v).clone() for k, v in state.items()},
                           strict=True, assign=True)
     return model
 
