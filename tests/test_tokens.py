@@ -198,13 +198,18 @@ def test_out_of_range_layer_and_position_are_errors(model, batch):
 
 
 def test_readout_helpers(model, batch, pixels):
-    mask = token_mask(batch, ["a", "circle", None])
+    mask = token_mask(batch, ["a", "circle", None], occurrence=0)  # the first "a" only
     assert mask[0].sum() == 1 and mask[1].sum() == 1 and mask[2].sum() == 0 and not mask[:, 0].any()
+    assert mask.shape == (3, int(batch.lengths.max()))  # width: the longest row, what encode_text cuts to
+    every = token_mask(batch, ["a", "a", None])  # default: every occurrence
+    assert every[0].nonzero().flatten().tolist() == [1, 4] and every[1].sum() == 2
+    with pytest.raises(ValueError):
+        token_mask(batch, ["a", None, None], width=3)  # the width would cut the second "a"
     with pytest.raises(ValueError):
         token_mask(batch, "zebra")
     both = model.tokenize(["a woman and a man"])
     assert token_mask(both, "man")[0].nonzero().flatten().tolist() == [5]  # the word, not inside "woman"
-    assert token_mask(both, "man", whole_word=False)[0].nonzero().flatten().tolist() == [2]
+    assert token_mask(both, "man", whole_word=False, occurrence=0)[0].nonzero().flatten().tolist() == [2]
     scores = torch.arange(batch.ids.shape[1], dtype=torch.float)
     words = word_scores(batch, 0, scores)
     assert [w for w, _ in words] == ["a", "man", "and", "a", "woman"] and words[1][1] == 2.0

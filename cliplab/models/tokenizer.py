@@ -798,41 +798,67 @@ class TokenizedBatch:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def token_positions(self, row: int, substring: str, occurrence: int = 0, whole_word: bool = True) -> list[int]:
-        """Positions in row ``row`` of the tokens whose spans overlap ``substring``.
+    def match_spans(self, row: int, substring: str, occurrence: int | None = None,
+                    whole_word: bool = True) -> list[Span]:
+        """Character spans of the matches of ``substring`` in ``texts[row]``.
 
-        ``substring`` is searched case-insensitively in ``texts[row]``, by default
-        as a whole word or phrase ("man" does not match inside "woman"; pass
-        ``whole_word=False`` for plain substring search);
-        ``occurrence`` selects the n-th match (0-based, matches may overlap).
-        Raises ValueError if the substring (occurrence) is absent or its tokens
-        were removed by truncation; the list is empty if the substring covers no
-        token (e.g. only whitespace).  SOT/EOT (empty spans) are never returned.
+        ``substring`` is searched case-insensitively, by default as a whole word or
+        phrase ("man" does not match inside "woman"; pass ``whole_word=False`` for
+        plain substring search).  Matches may overlap.  ``occurrence=None`` gives
+        every match, an int the n-th one only (0-based).  Raises ValueError if
+        there is no match (or no such occurrence).
         """
         if not substring:
             raise ValueError("substring must be non-empty")
-        if occurrence < 0:
+        if occurrence is not None and occurrence < 0:
             raise ValueError("occurrence must be >= 0")
         text = self.texts[row]
         body = regex.escape(substring)
         if whole_word:  # no word character may touch the match on either side
             body = rf"(?<!\w){body}(?!\w)"
-        pat = regex.compile(body, regex.IGNORECASE)
-        pos = 0
-        m = None
-        for _ in range(occurrence + 1):
-            m = pat.search(text, pos)
-            if m is None:
-                raise ValueError(
-                    f"{substring!r} (occurrence {occurrence}) not found in texts[{row}] = {text!r}"
-                )
-            pos = m.start() + 1
-        assert m is not None
-        s, e = m.span()
+        found = regex.compile(body, regex.IGNORECASE).finditer(text, overlapped=True)
+        if occurrence is None:
+            spans = [m.span() for m in found]
+            if not spans:
+                raise ValueError(f"{substring!r} not found in texts[{row}] = {text!r}")
+            return spans
+        for k, m in enumerate(found):
+            if k == occurrence:
+                return [m.span()]
+        raise ValueError(f"{substring!r} (occurrence {occurrence}) not found in texts[{row}] = {text!r}")
+
+    def span_positions(self, row: int, start: int, end: int) -> list[int]:
+        """Positions in row ``row`` of the tokens whose (non-empty) character span
+        overlaps ``[start, end)`` of ``texts[row]``; SOT/EOT (empty spans) never."""
         n = int(self.lengths[row])
-        out = [i for i, (a, b) in enumerate(self.spans[row][:n]) if a < e and b > s and b > a]
-        if not out and bool(self.truncated[row]) and s >= self._kept_end(row):
+        return [i for i, (a, b) in enumerate(self.spans[row][:n]) if a < end and b > start and b > a]
+
+    def token_positions(self, row: int, substring: str, occurrence: int | None = 0,
+                        whole_word: bool = True) -> list[int]:
+        """Positions in row ``row`` of the tokens whose spans overlap ``substring``.
+
+        ``substring`` is searched case-insensitively in ``texts[row]``, by default
+        as a whole word or phrase ("man" does not match inside "woman"; pass
+        ``whole_word=False`` for plain substring search); matches may overlap
+        (see :meth:`match_spans`).  ``occurrence`` selects the n-th match
+        (0-based); ``occurrence=None`` gives the sorted union of the tokens of
+        every match.  SOT/EOT (empty spans) are never returned.
+
+        Raises ValueError if the substring (occurrence) is absent, or if its
+        tokens were removed by truncation.  With an int ``occurrence`` the list is
+        empty if the match covers no token (e.g. only whitespace); with
+        ``occurrence=None`` an empty union raises ValueError instead.
+        """
+        matches = self.match_spans(row, substring, occurrence, whole_word)
+        out = sorted({p for s, e in matches for p in self.span_positions(row, s, e)})
+        if out:
+            return out
+        text = self.texts[row]
+        in_tail = bool(self.truncated[row]) and min(s for s, _ in matches) >= self._kept_end(row)
+        if in_tail:
             raise ValueError(f"{substring!r} lies in the truncated part of texts[{row}]")
+        if occurrence is None:
+            raise ValueError(f"{substring!r} covers no token of texts[{row}] = {text!r}")
         return out
 
     def _kept_end(self, row: int) -> int:

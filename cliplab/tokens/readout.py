@@ -12,21 +12,30 @@ from ..models.tokenizer import TokenizedBatch
 
 
 def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: int | None = None,
-               whole_word: bool = True) -> torch.Tensor:
+               whole_word: bool = True, occurrence: int | None = None) -> torch.Tensor:
     """Bool mask ``[B, width]`` of the tokens whose character spans overlap ``phrases[row]`` (one phrase for every
-    row, or one per row; None selects nothing in that row), matched as whole words by default ("man" is not found
-    inside "woman"). Multi-token words select all their tokens; SOT/EOT never. Only the first occurrence is taken.
-    Raises ``ValueError`` when a phrase is not in its text."""
+    row, or one per row; None selects nothing in that row), matched case-insensitively as whole words by default
+    ("man" is not found inside "woman"; ``whole_word=False`` for plain substring search). Every occurrence is taken
+    (``occurrence=None``), or only the ``occurrence``-th (0-based). Multi-token words select all their tokens;
+    SOT/EOT never. ``width`` defaults to the longest row (``int(batch.lengths.max())``, what ``encode_text`` cuts
+    the batch to); pass ``batch.ids.shape[1]`` for ``keep_padding=True``.
+    Raises ``ValueError`` when a phrase is not in its text, selects no token (e.g. it lies in the truncated part),
+    or has a token at or beyond ``width``. Matching is :meth:`TokenizedBatch.token_positions`."""
     rows = len(batch)
     phrases = [phrases] * rows if isinstance(phrases, str) else list(phrases)
     if len(phrases) != rows:
         raise ValueError(f"{len(phrases)} phrases for {rows} texts")
-    width = width or batch.ids.shape[1]
+    width = int(batch.lengths.max()) if width is None else int(width)
     mask = torch.zeros(rows, width, dtype=torch.bool)
     for r, phrase in enumerate(phrases):
-        if phrase is not None:
-            pos = [p for p in batch.token_positions(r, phrase, whole_word=whole_word) if p < width]
-            mask[r, pos] = True
+        if phrase is None:
+            continue
+        pos = batch.token_positions(r, phrase, occurrence=occurrence, whole_word=whole_word)
+        if not pos:
+            raise ValueError(f"{phrase!r} selects no token of texts[{r}] = {batch.texts[r]!r}")
+        if pos[-1] >= width:
+            raise ValueError(f"width {width} cuts the tokens {pos} of {phrase!r} in row {r}")
+        mask[r, pos] = True
     return mask
 
 

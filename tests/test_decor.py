@@ -1,0 +1,177 @@
+"""DECOR: exact properties of the projection, the model wiring, and effect tests (stand-in + trained model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cliplab
+from cliplab.text_edit.decor import (concept_basis, concept_vectors, decor_intervention, decor_project, projector,
+                                     remove_concepts)
+from cliplab.tokens import InterventionSet
+from conftest import randomize_
+
+G = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_(cliplab.create_model("test-tiny", seed=0), seed=1).eval()
+
+
+# --- the projection ---------------------------------------------------------------------------------------------------
+def test_alpha_one_removes_the_span_alpha_zero_is_identity():
+    x = torch.randn(2, 9, 32, generator=G(0)) * 3  # per-token sequences [B, L, d]
+    unwanted = torch.randn(3, 32, generator=G(1))
+    v = concept_basis(unwanted)
+    assert v.shape == (32, 3) and torch.allclose(v.T @ v, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    out = decor_project(x, unwanted, alpha=1.0)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert (out.double() @ v).abs().max() < 1e-6  # X'V = 0
+    assert (out.double() @ unwanted.double().T).abs().max() < 1e-5  # orthogonal to every unwanted vector
+    assert torch.equal(decor_project(x, unwanted, alpha=0.0), x)  # identity, bit for bit
+    pooled = x[:, 0]  # pooled [B, d] works the same way
+    assert (decor_project(pooled, unwanted).double() @ v).abs().max() < 1e-6
+
+
+def test_projector_is_idempotent_symmetric_and_spans_the_unwanted():
+    unwanted = torch.randn(4, 20, generator=G(2))
+    p = projector(unwanted)
+    assert torch.allclose(p @ p, p, atol=1e-12) and torch.allclose(p, p.T, atol=0)
+    assert abs(float(torch.trace(p)) - 4) < 1e-10
+    u = unwanted.double()
+    assert torch.allclose(u @ p, u, atol=1e-12)  # P fixes the unwanted vectors
+    ref = u.T @ torch.linalg.inv(u @ u.T) @ u  # brute force: the projector onto the row space
+    assert torch.allclose(p, ref, atol=1e-10)
+
+
+def test_components_orthogonal_to_the_span_are_unchanged():
+    unwanted = torch.randn(2, 16, generator=G(3))
+    p = projector(unwanted)
+    x = torch.randn(10, 16, generator=G(4), dtype=torch.float64)
+    perp, par = x - x @ p, x @ p
+    for alpha in (0.0, 0.3, 1.0):
+        assert torch.allclose(decor_project(perp, unwanted, alpha), perp, atol=1e-12)
+        assert torch.allclose(decor_project(x, unwanted, alpha), perp + (1 - alpha) * par, atol=1e-12)
+
+
+def test_rank_selection():
+    a, b = torch.randn(2, 12, generator=G(5), dtype=torch.float64)
+    dependent = torch.stack([a, b, a + b, 2 * a])  # rank 2
+    assert concept_basis(dependent).shape == (12, 2)  # null directions are never used
+    assert concept_basis(dependent, rank=5).shape == (12, 2)
+    top = concept_basis(dependent, rank=1)
+    _, _, vh = torch.linalg.svd(dependent)
+    assert torch.allclose(top[:, 0].abs(), vh[0].abs(), atol=1e-10)  # the top right singular vector
+    assert torch.equal(decor_project(a.unsqueeze(0), dependent, rank=0), a.unsqueeze(0))
+    assert concept_basis(torch.zeros(2, 12)).shape == (12, 0)
+
+
+def test_gradients_flow_through_the_projection():
+    x = torch.randn(3, 8, generator=G(6), requires_grad=True)
+    decor_project(x, torch.randn(1, 8, generator=G(7))).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# --- the model wiring -------------------------------------------------------------------------------------------------
+TEXTS = ["a dog in watercolor style", "a red circle left of a blue square", "dog"]
+
+
+def test_remove_concepts_pooled_matches_the_pure_projection(model):
+    with torch.no_grad():
+        plain = model.encode_text(model.tokenize(TEXTS))
+        unwanted = concept_vectors(model, ["dog", "a photo of a dog"])
+        got = remove_concepts(model, TEXTS, ["dog", "a photo of a dog"])
+        assert torch.allclose(got, decor_project(plain, unwanted), atol=1e-5)
+        assert (got.double() @ concept_basis(unwanted)).abs().max() < 1e-5
+        assert torch.equal(remove_concepts(model, TEXTS, "dog", alpha=0.0), plain)  # alpha 0: bit-exact no-op
+        normed = remove_concepts(model, TEXTS, "dog", normalize=True)
+        assert torch.allclose(normed.norm(dim=-1), torch.ones(3))
+
+
+def test_remove_concepts_tokens(model):
+    with torch.no_grad():
+        out = remove_concepts(model, TEXTS, ["dog"], output="tokens")
+        plain = model.encode_text(model.tokenize(TEXTS), output="tokens")
+        v = out.extras["decor_basis"]
+        unwanted = concept_vectors(model, "dog", source="tokens")
+        assert unwanted.shape == (1, 64)  # "dog" is one content token; SOT/EOT excluded
+        assert torch.allclose(v.abs(), concept_basis(unwanted).abs(), atol=1e-12)
+        assert out.tokens.shape == plain.tokens.shape and (out.tokens.double() @ v).abs().max() < 1e-5
+        rows = torch.arange(3)
+        assert torch.equal(out.pooled, out.tokens[rows, out.pool_index])  # pooled is read from the edited sequence
+        assert torch.allclose(out.tokens, decor_project(plain.tokens, basis=v), atol=1e-6)
+        padded = remove_concepts(model, TEXTS, ["dog"], output="tokens", keep_padding=True)
+        assert padded.tokens.shape[1] == 77  # all context rows, as the paper edits the full sequence
+
+
+def test_intervention_composes_with_intervene(model):
+    from cliplab.tokens import intervene
+
+    batch = model.tokenize(TEXTS)
+    unwanted = concept_vectors(model, "dog").detach()
+    with torch.no_grad():
+        with intervene(model, decor_intervention(unwanted)):
+            inside = model.encode_text(batch)
+        direct = model.encode_text(batch, hooks=InterventionSet([decor_intervention(unwanted)])).pooled
+    assert torch.equal(inside.pooled, direct) and (direct.double() @ concept_basis(unwanted)).abs().max() < 1e-5
+
+
+# --- effect -----------------------------------------------------------------------------------------------------------
+def _bag_of_words(model, texts):
+    """Stand-in text encoder: mean of the (random, near-orthogonal) token embeddings of the content tokens, i.e. a
+    compositional embedding where every word adds its own direction, as a trained CLIP approximately does."""
+    batch = model.tokenize(texts)
+    table = model.text.token_embed.weight.detach()
+    return torch.stack([table[batch.ids[i, 1: int(batch.eot_index[i])]].mean(0) for i in range(len(texts))])
+
+
+def test_effect_on_a_compositional_stand_in():
+    """'a dog in watercolor style' minus 'dog': similarity to other dog texts drops sharply, similarity to other
+    watercolor texts stays (within a margin); projecting out a random direction (a stub) does not remove the dog."""
+    m = cliplab.create_model("test-tiny", seed=0)
+    x = _bag_of_words(m, ["a dog in watercolor style"])
+    dog_probe = _bag_of_words(m, ["a photo of a dog", "a dog running on the grass", "my dog"])
+    wc_probe = _bag_of_words(m, ["a watercolor painting", "watercolor art", "soft watercolor"])
+    cos = lambda a, b: F.cosine_similarity(a, b).mean().item()  # noqa: E731
+
+    def drops(edited):
+        return cos(x, dog_probe) - cos(edited, dog_probe), cos(x, wc_probe) - cos(edited, wc_probe)
+
+    dog_drop, wc_drop = drops(decor_project(x, _bag_of_words(m, ["dog"])))
+    assert dog_drop > 0.15 and wc_drop < 0.05, (dog_drop, wc_drop)
+    for seed in range(5):  # the stub: a random direction
+        stub_dog_drop, _ = drops(decor_project(x, torch.randn(1, 64, generator=G(100 + seed))))
+        assert stub_dog_drop < 0.05 < dog_drop, stub_dog_drop
+
+
+def test_effect_on_the_trained_model():
+    """shapes-tiny: 'a small red circle' minus 'circle' loses more of its preference for circle images (over other
+    shapes) than of its preference for red images (over other colours), and more than a random direction removes."""
+    if "shapes-tiny" not in cliplab.list_pretrained():
+        pytest.skip("needs the trained shapes-tiny model (not in cliplab.list_pretrained() yet)")
+    from cliplab.data.synthetic import SceneWorld, render
+
+    model = cliplab.load("shapes-tiny").eval()
+    world = SceneWorld(model.config.vision.image_size, seed=11, min_objects=1, max_objects=1, clutter_prob=0.0,
+                       word_prob=0.0)
+    scenes = [world.sample(i) for i in range(400)]
+    with torch.no_grad():
+        imgs = model.encode_images([render(s) for s in scenes], normalize=True)
+        text = model.encode_text(model.tokenize(["a small red circle"]))
+        circle = concept_vectors(model, "circle")
+    is_circle = torch.tensor([s.objects[0].shape == "circle" for s in scenes])
+    is_red = torch.tensor([s.objects[0].colour == "red" for s in scenes])
+
+    def prefs(t):
+        sim = imgs @ F.normalize(t, dim=-1).squeeze(0)
+        circle_pref = (sim[is_circle].mean() - sim[~is_circle].mean()).item()
+        return circle_pref, (sim[is_red].mean() - sim[~is_red].mean()).item()
+
+    c0, r0 = prefs(text)
+    c1, r1 = prefs(decor_project(text, circle))
+    cs, _ = prefs(decor_project(text, torch.randn(1, text.shape[1], generator=G(0))))
+    print(f"circle preference {c0:.3f} -> {c1:.3f} (random stub {cs:.3f}); red preference {r0:.3f} -> {r1:.3f}")
+    assert c0 > 0 and r0 > 0  # the trained model prefers circles and red things for this caption
+    assert c1 < c0 and (c0 - c1) > (r0 - r1) and (c0 - c1) > (c0 - cs)

@@ -1,0 +1,199 @@
+"""Token Prepending: causal-dependency tests, vanilla parity, brute-force parity, early exit, a second causal model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cliplab
+from cliplab.models.tokenizer import TruncationWarning
+from cliplab.models.transformer import ResidualBlock
+from cliplab.text_edit.token_prepending import (CausalTextModel, CLIPText, encode_text_tp, insert_slot,
+                                                pst_embedding, token_prepending)
+from conftest import randomize_
+
+TEXTS = ["a small red circle to the left of a big blue square", "two green stars above a yellow triangle and a ring"]
+J = 6  # the content position changed in the dependency tests (in the text without the slot)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = cliplab.get_config("test-tiny")
+    cfg.text.layers = 4  # deep enough to see start/exit in the middle
+    return randomize_(cliplab.create_model(cfg, seed=0), seed=1).eval()
+
+
+def _pair(model):
+    """The batch and a copy whose token at position J differs (same length, same EOT)."""
+    batch = model.tokenizer(TEXTS, context_length=model.config.text.context_length - 1)
+    other = batch.ids.clone()
+    other[:, J] = model.tokenizer.encode("purple")[0]
+    assert not torch.equal(other, batch.ids) and int(batch.eot_index.min()) > J + 2
+    return batch, other
+
+
+def _tp_hidden(model, ids, eot, **kw):
+    lm = CLIPText(model)
+    n = int(eot.max()) + 1
+    with torch.no_grad():
+        return token_prepending(lm, lm.embed(ids[:, :n]), eot, pst_embedding(model), **kw)
+
+
+def test_without_tp_earlier_positions_are_bit_identical(model):
+    batch, other = _pair(model)
+    with torch.no_grad():
+        a = model.encode_text(batch.ids, output="hidden").hidden
+        b = model.encode_text(other, output="hidden").hidden
+    for layer in range(5):
+        assert torch.equal(a[layer][:, :J], b[layer][:, :J])  # causal: i < j never sees token j
+        assert not torch.equal(a[layer][:, J:], b[layer][:, J:])
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_with_tp_earlier_positions_see_later_tokens(model, start):
+    batch, other = _pair(model)
+    a = _tp_hidden(model, batch.ids, batch.eot_index, start=start).hidden
+    b = _tp_hidden(model, other, batch.eot_index, start=start).hidden
+    j = J + 1  # position of the changed token in the sequence with the slot (slot at 1)
+    for layer in range(5):
+        assert torch.equal(a[layer][:, 0], b[layer][:, 0])  # before the slot (SOT): never affected
+    for layer in range(start):  # layers < start: plain causal
+        assert torch.equal(a[layer][:, :j], b[layer][:, :j])
+    # after block start-1 the slot carries the summary (the EOT), which has seen token j
+    assert torch.equal(a[start][:, 2:j], b[start][:, 2:j]) and not torch.equal(a[start][:, 1], b[start][:, 1])
+    for layer in range(start + 1, 5):  # from then on, every position after the slot depends on token j
+        for pos in range(2, j):
+            assert not torch.equal(a[layer][:, pos], b[layer][:, pos]), (layer, pos)
+
+
+def test_start_equal_exit_is_the_vanilla_forward_with_the_slot(model):
+    batch, _ = _pair(model)
+    eot = batch.eot_index
+    n = int(eot.max()) + 1
+    lm = CLIPText(model)
+    with torch.no_grad():
+        x = insert_slot(lm.embed(batch.ids[:, :n]), pst_embedding(model), 1)
+        ref = model.encode_text(inputs_embeds=x, eot_index=eot + 1, output="hidden")
+    for s in (1, 2, 4):
+        out = _tp_hidden(model, batch.ids, eot, start=s, exit=s)
+        assert torch.equal(out.embedding, ref.pooled)
+        assert all(torch.equal(p, q) for p, q in zip(out.hidden, ref.hidden))
+    full = _tp_hidden(model, batch.ids, eot, start=1)
+    assert not torch.equal(full.embedding, ref.pooled)
+
+
+def _brute_force(model, ids, eot, slot, start, exit, readout_layer):
+    """Independent loop over the blocks with the overwrite written out (no hooks, no interventions)."""
+    text = model.text
+    n = int(eot.max()) + 1
+    x = text.token_embed(ids[:, :n])
+    x = torch.cat([x[:, :1], slot.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
+    x = x + text.pos_embed[: n + 1]
+    mask = text.causal_mask(n + 1, x)
+    rows, s = torch.arange(x.shape[0]), eot + 1
+    states = [x]
+    for layer, block in enumerate(text.transformer.blocks):
+        if start <= layer < exit:
+            x = x.clone()
+            x[:, 1] = x[rows, s]
+            states[-1] = x
+        x = block(x, attn_mask=mask)
+        states.append(x)
+    return text.proj(text.ln_final(states[readout_layer][rows, s]))
+
+
+@pytest.mark.parametrize("start,exit,readout", [(1, 4, 4), (1, 3, 4), (2, 4, 3), (1, 4, 2), (3, 3, 4)])
+def test_parity_with_a_brute_force_loop(model, start, exit, readout):
+    batch, _ = _pair(model)
+    slot = pst_embedding(model)
+    with torch.no_grad():
+        ref = _brute_force(model, batch.ids, batch.eot_index, slot, start, exit, readout)
+        got = _tp_hidden(model, batch.ids, batch.eot_index, start=start, exit=exit, readout_layer=readout)
+    assert torch.allclose(got.embedding, ref, atol=1e-5, rtol=0)
+
+
+def test_early_exit_reads_an_intermediate_layer(model):
+    batch, _ = _pair(model)
+    out = _tp_hidden(model, batch.ids, batch.eot_index, start=1)
+    rows = torch.arange(2)
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            early = _tp_hidden(model, batch.ids, batch.eot_index, start=1, readout_layer=k)
+            text = model.text
+            assert torch.equal(early.embedding, text.proj(text.ln_final(out.hidden[k][rows, out.summary_index])))
+        last = _tp_hidden(model, batch.ids, batch.eot_index, start=1, readout_layer=-1)
+    assert torch.equal(last.embedding, out.embedding) and last.readout_layer == 4
+
+
+def test_encode_text_tp_convenience(model):
+    with torch.no_grad():
+        feats = encode_text_tp(model, TEXTS, normalize=True)
+        out = encode_text_tp(model, TEXTS, output=True)
+    assert feats.shape == (2, 64) and torch.allclose(feats.norm(dim=-1), torch.ones(2))
+    assert torch.equal(out.summary_index, out.extras["batch"].eot_index + 1)
+    assert out.extras["batch"].ids.shape[1] == 76  # one position left for the slot
+    with pytest.raises(ValueError):
+        encode_text_tp(model, TEXTS, start=0)
+    with pytest.raises(ValueError):
+        encode_text_tp(model, TEXTS, start=2, exit=5)
+    with pytest.warns(TruncationWarning):
+        full = model.tokenize(["word " * 80])
+    with pytest.raises(ValueError):
+        encode_text_tp(model, full)  # a full 77-token row leaves no room
+    assert not torch.equal(pst_embedding(model, 0), pst_embedding(model, 1))
+    assert torch.equal(pst_embedding(model, 3), pst_embedding(model, 3))
+
+
+# --- a second implementation of the protocol: a tiny decoder LM -----------------------------------------------------
+class ToyDecoder(nn.Module):
+    """A minimal causal LM (learned positions, pre-LN blocks, a final norm and a head) implementing the protocol."""
+
+    def __init__(self, vocab=50, width=32, layers=3, seed=0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.tok = nn.Embedding(vocab, width)
+            self.pos = nn.Parameter(torch.randn(40, width) * 0.1)
+            self.blocks = nn.ModuleList(ResidualBlock(width, 2, 4 * width, "gelu", 1e-5) for _ in range(layers))
+            self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 16)
+        self.n_layers = layers
+
+    def embed(self, ids):
+        return self.tok(ids)
+
+    def run(self, embeds, layer_hooks):
+        n = embeds.shape[1]
+        x = embeds + self.pos[:n]
+        mask = torch.full((n, n), float("-inf")).triu_(1)
+        hidden = [x]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, attn_mask=mask)
+            if layer in layer_hooks:
+                x = layer_hooks[layer](x)
+            hidden.append(x)
+        return hidden
+
+    def readout(self, h):
+        return self.head(self.norm(h))
+
+
+def test_protocol_serves_a_decoder_lm():
+    lm = ToyDecoder().eval()
+    assert isinstance(lm, CausalTextModel) and isinstance(CLIPText(cliplab.create_model("test-tiny", seed=0)),
+                                                          CausalTextModel)
+    ids = torch.randint(1, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[:, 8] = (other[:, 8] % 49) + 1
+    last = torch.full((2,), 11)  # the sentence embedding is the last token, as in an LLM
+    slot = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = token_prepending(lm, lm.embed(ids), last, slot, slot_index=0, start=1)
+        b = token_prepending(lm, lm.embed(other), last, slot, slot_index=0, start=1)
+        v = token_prepending(lm, lm.embed(ids), last, slot, slot_index=0, start=2, exit=2)
+        vb = token_prepending(lm, lm.embed(other), last, slot, slot_index=0, start=2, exit=2)
+    j = 9  # changed token after the slot
+    assert torch.equal(a.hidden[1][:, 1:j], b.hidden[1][:, 1:j])  # layer < start+1: causal
+    assert not torch.equal(a.hidden[2][:, 1:j], b.hidden[2][:, 1:j])  # TP: early tokens see token j
+    assert torch.equal(v.hidden[3][:, :j], vb.hidden[3][:, :j])  # no TP: they never do
+    assert a.embedding.shape == (2, 16)
