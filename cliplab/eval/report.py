@@ -1,0 +1,166 @@
+"""Evaluation reports: ``results.json`` (everything), ``summary.md`` (the headline numbers) and, for zero-shot
+classification, ``confusion.png`` (matplotlib with the Agg backend; a plain Pillow heat map when matplotlib is not
+installed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["write_report", "render_markdown", "save_confusion_png"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    task = results.get("task", "?")
+    ds, model, m = results.get("dataset", {}), results.get("model", {}), results.get("metrics", {})
+    lines = [f"# {task} evaluation: {ds.get('name', '?')}", "",
+             f"- model: `{model.get('source', model.get('name', '?'))}` ({model.get('name', '?')}, id `{model.get('id')}`)"]
+    if ds.get("options"):
+        lines.append(f"- dataset options: `{json.dumps(ds['options'], default=str)}`")
+    if task == "zeroshot":
+        p = results.get("prompts", {})
+        lines += [f"- {results['num_images']} images, {results['num_classes']} classes",
+                  f"- prompts: {p.get('source')}" + (f"#{p['dataset']}" if p.get("dataset") else "")
+                  + (f", {p['templates']} templates" if p.get("templates") else f", {p.get('count')} prompts")
+                  + (f", {p['descriptions']} descriptions ({p['description_mode']})" if p.get("descriptions") else ""),
+                  "", "| metric | value (%) | chance (%) |", "|---|---|---|",
+                  f"| top-1 accuracy | {_pct(m['top1'])} | {_pct(m['chance_top1'])} |",
+                  f"| top-5 accuracy | {_pct(m['top5'])} | {_pct(m['chance_top5'])} |",
+                  f"| mean per-class recall | {_pct(m['mean_per_class_recall'])} | {_pct(m['chance_top1'])} |"]
+        names, rec = results.get("classnames", []), m.get("per_class_recall", [])
+        if names and len(names) <= 50:
+            lines += ["", "| class | recall (%) |", "|---|---|"]
+            lines += [f"| {n} | {_pct(r)} |" for n, r in zip(names, rec)]
+        for note in results.get("notes", []):
+            lines.append(f"\nNote: {note}")
+    elif task == "retrieval":
+        ch = m.get("chance", {})
+        lines += [f"- {results['num_images']} images, {results['num_texts']} captions", "",
+                  "| direction | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
+        for d, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
+            lines.append(f"| {label} | " + " | ".join(_pct(m[d][f'R@{k}']) for k in (1, 5, 10))
+                         + f" | {_fmt(m[d]['median_rank'])} |")
+            lines.append(f"| {label} (chance) | " + " | ".join(_pct(ch[d][f'R@{k}']) for k in (1, 5, 10)) + " | |")
+    elif task == "clipscore":
+        lines += [f"- {results['num_images']} images, {results['num_texts']} captions", "",
+                  "| metric | value |", "|---|---|",
+                  f"| CLIPScore (w={m['w']}) | {_fmt(m['clipscore'])} |",
+                  f"| RefCLIPScore ({m['refclipscore_captions']} captions with references) | {_fmt(m['refclipscore'])} |"]
+    elif task == "winoground":
+        ch = m.get("chance", {})
+        lines += [f"- {results['num_pairs']} pairs", "", "| subset | pairs | text | image | group |",
+                  "|---|---|---|---|---|",
+                  f"| all | {results['num_pairs']} | {_pct(m['text_score'])} | {_pct(m['image_score'])} "
+                  f"| {_pct(m['group_score'])} |"]
+        for kind, r in m.get("by_kind", {}).items():
+            lines.append(f"| {kind} | {r['pairs']} | {_pct(r['text_score'])} | {_pct(r['image_score'])} "
+                         f"| {_pct(r['group_score'])} |")
+        lines.append(f"| chance | | {_pct(ch.get('text_score'))} | {_pct(ch.get('image_score'))} "
+                     f"| {_pct(ch.get('group_score'))} |")
+    cache, timing = results.get("cache", {}), results.get("timing", {})
+    if cache:
+        lines += ["", f"Embeddings: images {cache['image']['cached']} cached / {cache['image']['encoded']} encoded, "
+                      f"texts {cache['text']['cached']} cached / {cache['text']['encoded']} encoded "
+                      f"(cache: `{cache.get('dir')}`)."]
+    if timing:
+        lines.append("Time: " + ", ".join(f"{k} {v:.1f}" for k, v in timing.items()) + " (seconds).")
+    if results.get("files", {}).get("confusion_png"):
+        lines += ["", "![confusion matrix](confusion.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def save_confusion_png(matrix: Sequence[Sequence[int]], classnames: Sequence[str], path: str | Path,
+                       title: str = "confusion matrix (row-normalised)") -> Path:
+    """Row-normalised confusion matrix as a PNG (rows: true class, columns: predicted)."""
+    import numpy as np
+
+    path = Path(path)
+    cm = np.asarray(matrix, dtype=np.float64)
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    try:  # the object API on an explicit Agg canvas: no pyplot global state, no display needed
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return _confusion_png_pil(norm, path)
+
+    n = len(classnames)
+    size = min(4 + 0.35 * n, 20)
+    fig = Figure(figsize=(size, size), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 40:
+        ax.set_xticks(range(n), labels=list(classnames), rotation=90, fontsize=8)
+        ax.set_yticks(range(n), labels=list(classnames), fontsize=8)
+    if n <= 15:
+        for r in range(n):
+            for c in range(n):
+                if cm[r, c]:
+                    ax.text(c, r, str(int(cm[r, c])), ha="center", va="center", fontsize=7,
+                            color="white" if norm[r, c] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _confusion_png_pil(norm, path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    n = norm.shape[0]
+    cell = max(1, min(24, 720 // max(n, 1)))
+    v = (255 * (1 - norm)).astype(np.uint8)  # white = 0, dark blue = 1
+    rgb = np.stack([v, v, np.full_like(v, 255)], axis=-1) if n else np.zeros((1, 1, 3), np.uint8)
+    img = Image.fromarray(rgb, "RGB").resize((max(n, 1) * cell,) * 2, Image.Resampling.NEAREST)
+    img.save(path)
+    return path
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """Write ``results.json``, ``summary.md`` (and ``confusion.png`` for zero-shot) into ``out_dir``; returns the
+    paths, which are also recorded in the JSON under ``files``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / "results.json"), "markdown": str(out / "summary.md")}
+    m = results.get("metrics", {})
+    if results.get("task") == "zeroshot" and m.get("confusion_matrix") is not None:
+        files["confusion_png"] = str(save_confusion_png(m["confusion_matrix"], results["classnames"],
+                                                        out / "confusion.png"))
+    results["files"] = files
+    _write_text(out / "results.json", json.dumps(results, indent=2, default=_json_default, allow_nan=True) + "\n")
+    _write_text(out / "summary.md", render_markdown(results))
+    return files
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (Path, set, tuple)):
+        return str(o) if isinstance(o, Path) else list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
