@@ -45,7 +45,8 @@ def similarity_overlay(image, sim_map, path: str | Path, title: str = "", alpha:
     axes[0].imshow(img)
     axes[0].set_title("image")
     axes[1].imshow(img)
-    heat = axes[1].imshow(sim, cmap="inferno", alpha=alpha, extent=(0, img.shape[1], img.shape[0], 0),
+    h, w = img.shape[:2]  # pixel centres sit at integer coordinates: the extent must cover -0.5 .. size-0.5
+    heat = axes[1].imshow(sim, cmap="inferno", alpha=alpha, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
                           interpolation="bilinear")
     axes[1].set_title(title or "patch-text similarity")
     for ax in axes:
