@@ -21,9 +21,11 @@ from .models import (
     register_config,
 )
 
+from .index import Index  # noqa: E402  (the vector index: Index.build / Index.load / index.search)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CLIP", "CheckpointError", "ModelConfig", "convert", "create_model", "get_config", "list_models",
-    "list_pretrained", "load", "register_config", "__version__",
+    "list_pretrained", "load", "register_config", "Index", "__version__",
 ]

@@ -80,7 +80,7 @@ def test_uniform_api():
     txt = model.encode_texts(CAPTIONS, batch_size=3, normalize=True)
     assert txt.shape == (len(CAPTIONS), 64)
     assert torch.allclose(txt, model.encode_text(model.tokenize(CAPTIONS), normalize=True), atol=1e-6)
-    assert float(model.logit_scale) == pytest.approx(cliplab.get_config("test-tiny").init_logit_scale)
+    assert model.logit_scale.item() == pytest.approx(cliplab.get_config("test-tiny").init_logit_scale)
     logits_img, logits_txt = model(pixels[None], model.tokenize(CAPTIONS[:2]))
     assert logits_img.shape == (1, 2) and torch.equal(logits_txt, logits_img.t())
 

@@ -165,7 +165,7 @@ class CLIP(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return 1.0 / math.exp(float(self.logit_scale))
+        return 1.0 / math.exp(self.logit_scale.item())
 
     def save(self, directory: str | Path) -> Path:
         """Write the native format: ``model.safetensors`` (fp32 as held) + ``cliplab.json`` (config, tokenizer,

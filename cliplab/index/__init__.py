@@ -1,0 +1,7 @@
+"""Vector index and search over embedding-job output (FAISS): ``Index.build(dir)``, ``index.save(path)``,
+``Index.load(path)`` (memory-mapped), ``index.search(vectors)`` / ``search_text`` / ``search_image``.
+See ``docs/search.md``."""
+
+from .core import APPROX_THRESHOLD, KINDS, Hit, Index, faiss_available
+
+__all__ = ["Index", "Hit", "APPROX_THRESHOLD", "KINDS", "faiss_available"]

@@ -1,0 +1,419 @@
+"""A FAISS vector index over a job's embeddings, with the metadata that maps hits back to ids, paths, captions.
+
+* Vectors are L2-normalised and searched by inner product, so scores are cosine similarities.
+* ``kind="auto"``: exact ``IndexFlatIP`` up to ``approx_threshold`` vectors, else IVF-Flat. For an approximate index
+  the search breadth (``nprobe`` for IVF, ``efSearch`` for HNSW) is tuned at build time to the smallest value whose
+  measured recall@10 against exact search reaches ``recall_target``; the measurement is stored and reported.
+* On disk: ``index.faiss``, ``metadata.arrow`` (Arrow IPC, uncompressed) and ``index.json``. :meth:`Index.load`
+  memory-maps both files (``faiss.IO_FLAG_MMAP_IFC`` / ``IO_FLAG_MMAP`` where the index type supports it), so
+  opening a large index is cheap and pages are shared between processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["Index", "Hit", "APPROX_THRESHOLD", "KINDS", "faiss_available"]
+
+APPROX_THRESHOLD = 100_000
+KINDS = ("auto", "flat", "ivf", "hnsw")
+INDEX_FILE = "index.faiss"
+META_FILE = "metadata.arrow"
+INFO_FILE = "index.json"
+FORMAT = "cliplab-index"
+FORMAT_VERSION = 1
+_RECALL_QUERIES = 500
+
+
+def faiss_available() -> tuple[bool, str]:
+    try:
+        import faiss
+    except Exception as e:
+        return False, f"faiss is not importable ({type(e).__name__}: {e}); pip install faiss-cpu"
+    return True, getattr(faiss, "__version__", "?")
+
+
+def _faiss():
+    ok, why = faiss_available()
+    if not ok:
+        raise ImportError(why)
+    import faiss
+
+    return faiss
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.array(x, dtype=np.float32, copy=True, order="C")
+    if x.ndim == 1:
+        x = x[None]
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+@dataclass
+class Hit:
+    """One search result: ``rank`` (0 = best), ``score`` (cosine similarity), and the row's metadata."""
+
+    rank: int
+    score: float
+    id: str
+    path: str | None
+    caption: str | None
+    row: int
+    index: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    k = exact.shape[1]
+    hits = sum(len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) for a, e in zip(approx, exact))
+    return hits / float(exact.shape[0] * k) if exact.size else 1.0
+
+
+class Index:
+    """A searchable collection of normalised vectors plus metadata. Build with :meth:`build`, persist with
+    :meth:`save`, reopen with :meth:`load`; query with :meth:`search` (vectors), :meth:`search_text` or
+    :meth:`search_image`."""
+
+    def __init__(self, faiss_index, metadata, info: dict[str, Any], model=None):
+        self.faiss_index = faiss_index
+        self.metadata = metadata  # pyarrow.Table: id, index, path, caption (row order = vector order)
+        self.info = info
+        self._model = model
+        self._cols: dict[str, list] | None = None
+        self._apply_search_params()
+
+    # --- properties ------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    def __repr__(self) -> str:
+        return f"Index(kind={self.kind!r}, n={len(self)}, dim={self.dim}, field={self.info.get('field')!r})"
+
+    @property
+    def dim(self) -> int:
+        return int(self.faiss_index.d)
+
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    @property
+    def recall_at_10(self) -> float | None:
+        return self.info.get("recall_at_10")
+
+    def _apply_search_params(self) -> None:
+        params = self.info.get("params", {})
+        if "nprobe" in params and hasattr(self.faiss_index, "nprobe"):
+            self.faiss_index.nprobe = int(params["nprobe"])
+        if "ef_search" in params and hasattr(self.faiss_index, "hnsw"):
+            self.faiss_index.hnsw.efSearch = int(params["ef_search"])
+
+    # --- building --------------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, data, *, field: str = "auto", kind: str = "auto", approx_threshold: int = APPROX_THRESHOLD,
+              recall_target: float = 0.95, nlist: int | None = None, hnsw_m: int = 32,
+              queries: np.ndarray | None = None, metadata: dict[str, Sequence] | None = None, seed: int = 0,
+              dedupe: bool = True, model=None) -> "Index":
+        """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, or an array
+        ``[n, dim]`` (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
+        ``text`` or ``auto`` (image vectors when the job has any). ``queries`` (optional ``[q, dim]``) are used to
+        measure recall; by default the other modality's vectors (the realistic queries) or a database sample.
+        ``dedupe``: in an image index, rows that share an image file (one row per caption) are indexed once, with
+        the first row's metadata."""
+        import pyarrow as pa
+
+        faiss = _faiss()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if field not in ("auto", "image", "text"):
+            raise ValueError(f"field must be auto, image or text, got {field!r}")
+        t0 = time.perf_counter()
+        manifest: dict[str, Any] = {}
+        source_dir = None
+        if isinstance(data, (str, os.PathLike)):
+            from ..pipeline import read_embeddings
+
+            source_dir = os.path.abspath(os.fspath(data))
+            data = read_embeddings(data)
+        if isinstance(data, np.ndarray) or (isinstance(data, (list, tuple)) and len(data) and
+                                             not hasattr(data, "ids")):
+            vecs = np.asarray(data, dtype=np.float32)
+            if vecs.ndim != 2:
+                raise ValueError(f"expected vectors [n, dim], got shape {vecs.shape}")
+            md = metadata or {}
+            n = len(vecs)
+            ids = [str(i) for i in md.get("ids", range(n))]
+            paths = list(md.get("paths", [None] * n))
+            captions = list(md.get("captions", [None] * n))
+            item_index = np.arange(n, dtype=np.int64)
+            other = None
+            duplicates = 0
+            field = "vectors" if field == "auto" else field
+        else:
+            emb = data
+            manifest = getattr(emb, "manifest", {}) or {}
+            if len(emb) == 0:
+                raise ValueError(f"nothing to index: {source_dir or 'the embeddings'} holds no embedded rows")
+            if field == "auto":
+                field = "image" if emb.image is not None and emb.image_valid.any() else "text"
+            vec_all = emb.image if field == "image" else emb.text
+            valid = emb.image_valid if field == "image" else emb.text_valid
+            if vec_all is None:
+                raise ValueError(f"the embeddings have no {field} vectors (the job did not embed {field}s)")
+            keep = np.flatnonzero(valid)
+            if field == "image" and dedupe:  # several rows (captions) of one image file: index the image once
+                seen: set[str] = set()
+                first = []
+                for i in keep:
+                    p = emb.paths[i]
+                    if p is None or p not in seen:
+                        first.append(i)
+                        if p is not None:
+                            seen.add(p)
+                duplicates = len(keep) - len(first)
+                keep = np.asarray(first, dtype=np.int64)
+            vecs = vec_all[keep]
+            ids = [emb.ids[i] for i in keep]
+            paths = [emb.paths[i] for i in keep]
+            captions = [emb.captions[i] for i in keep]
+            item_index = np.asarray(emb.index)[keep].astype(np.int64)
+            o_all, o_valid = (emb.text, emb.text_valid) if field == "image" else (emb.image, emb.image_valid)
+            other = o_all[o_valid] if o_all is not None else None
+        n = len(vecs)
+        if n == 0:
+            raise ValueError("nothing to index: no vectors")
+        if len(ids) != n or len(paths) != n or len(captions) != n:
+            raise ValueError("metadata lists must have one entry per vector")
+        x = _normalize(vecs)
+        dim = x.shape[1]
+        if kind == "auto":
+            kind = "flat" if n <= approx_threshold else "ivf"
+
+        info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
+                                "field": field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
+                                "source": source_dir, "duplicates_skipped": duplicates, "params": {}}
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+            index.add(x)
+            info.update(exact=True, recall_at_10=1.0, recall_note="exact search")
+        else:
+            if kind == "ivf":
+                nl = nlist or int(np.clip(round(4 * np.sqrt(n)), 1, max(1, n // 39)))
+                nl = max(1, min(nl, n))
+                quantizer = faiss.IndexFlatIP(dim)
+                index = faiss.IndexIVFFlat(quantizer, dim, nl, faiss.METRIC_INNER_PRODUCT)
+                index.cp.seed = seed
+                rng = np.random.default_rng(seed)
+                train = x if n <= 256 * nl else x[rng.choice(n, 256 * nl, replace=False)]
+                index.train(train)
+                index.add(x)
+                info["params"].update(nlist=nl)
+                grid = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nl] + [nl]
+                param = "nprobe"
+            else:
+                index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efConstruction = max(40, 2 * hnsw_m)
+                index.add(x)
+                info["params"].update(m=hnsw_m)
+                grid = [16, 32, 64, 128, 256, 512, 1024]
+                param = "ef_search"
+            q, qsrc = cls._recall_queries(x, other, queries, seed)
+            k = min(10, n)
+            exact = faiss.IndexFlatIP(dim)
+            exact.add(x)
+            _, truth = exact.search(q, k)
+            curve = []
+            chosen = grid[-1]
+            for value in grid:
+                if param == "nprobe":
+                    index.nprobe = value
+                else:
+                    index.hnsw.efSearch = value
+                _, got = index.search(q, k)
+                r = _recall_at_k(got, truth)
+                curve.append([value, round(r, 4)])
+                if r >= recall_target:
+                    chosen = value
+                    break
+            info["params"][param] = chosen
+            info.update(exact=False, recall_at_10=curve[-1][1], recall_target=recall_target, recall_queries=len(q),
+                        recall_query_source=qsrc, tuning={param: curve})
+        info["build_seconds"] = round(time.perf_counter() - t0, 3)
+        if manifest:
+            info["model"] = {k: v for k, v in manifest.get("model", {}).items() if k != "config"}
+            info["preprocess"] = manifest.get("preprocess")
+            info["embedding_dtype"] = manifest.get("embedding", {}).get("dtype")
+        table = pa.table({"id": pa.array(ids, pa.string()), "index": pa.array(item_index, pa.int64()),
+                          "path": pa.array(paths, pa.string()), "caption": pa.array(captions, pa.string())})
+        return cls(index, table, info, model=model)
+
+    @staticmethod
+    def _recall_queries(x: np.ndarray, other: np.ndarray | None, queries, seed: int) -> tuple[np.ndarray, str]:
+        rng = np.random.default_rng(seed + 1)
+        if queries is not None:
+            q = _normalize(np.asarray(queries, np.float32))
+            return q, "given"
+        if other is not None and len(other):
+            pick = rng.choice(len(other), min(_RECALL_QUERIES, len(other)), replace=False)
+            return _normalize(other[np.sort(pick)]), "other modality (text queries for an image index, or vice versa)"
+        pick = rng.choice(len(x), min(_RECALL_QUERIES, len(x)), replace=False)
+        return x[np.sort(pick)], "database sample"
+
+    # --- persistence ------------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``index.faiss``, ``metadata.arrow`` and ``index.json`` (each atomically) into ``directory``."""
+        import pyarrow as pa
+
+        faiss = _faiss()
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        pid = os.getpid()
+        tmp = d / f".{INDEX_FILE}.tmp-{pid}"
+        faiss.write_index(self.faiss_index, str(tmp))
+        os.replace(tmp, d / INDEX_FILE)
+        tmp = d / f".{META_FILE}.tmp-{pid}"
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.metadata.schema) as w:
+            w.write_table(self.metadata)
+        os.replace(tmp, d / META_FILE)
+        from ..pipeline.shards import atomic_write_json
+
+        import cliplab
+
+        atomic_write_json(d / INFO_FILE, {**self.info, "faiss_version": getattr(_faiss(), "__version__", "?"),
+                                          "cliplab_version": cliplab.__version__})
+        return d
+
+    @classmethod
+    def resolve_dir(cls, path: str | os.PathLike) -> Path:
+        """``path`` itself if it holds an index, else ``path/index`` (the default place next to an embed job)."""
+        p = Path(path)
+        if (p / INFO_FILE).exists():
+            return p
+        if (p / "index" / INFO_FILE).exists():
+            return p / "index"
+        if not p.exists():
+            raise FileNotFoundError(f"no such index directory: {p}")
+        raise FileNotFoundError(f"{p} holds no index ({INFO_FILE}); build one with: cliplab index {p}")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, mmap: bool = True, model=None) -> "Index":
+        """Open a saved index; with ``mmap`` the vectors and metadata are memory-mapped, not read."""
+        import pyarrow as pa
+
+        faiss = _faiss()
+        d = cls.resolve_dir(path)
+        info = json.loads((d / INFO_FILE).read_text())
+        if info.get("format") != FORMAT:
+            raise ValueError(f"{d / INFO_FILE} is not a cliplab index description")
+        index, mode = None, "read"
+        if mmap:
+            for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
+                flag = getattr(faiss, name, None)
+                if flag is None:
+                    continue
+                try:
+                    index, mode = faiss.read_index(str(d / INDEX_FILE), flag), name
+                    break
+                except Exception:  # this index type cannot be mapped: try the next way
+                    continue
+        if index is None:
+            index = faiss.read_index(str(d / INDEX_FILE))
+        if mmap:
+            table = pa.ipc.open_file(pa.memory_map(str(d / META_FILE), "r")).read_all()
+        else:
+            table = pa.ipc.open_file(pa.OSFile(str(d / META_FILE), "rb")).read_all()
+        if table.num_rows != index.ntotal:
+            raise ValueError(f"{d}: metadata has {table.num_rows} rows but the index {index.ntotal} vectors")
+        out = cls(index, table, info, model=model)
+        out.info["loaded_with"] = mode
+        out.path = d
+        return out
+
+    # --- searching --------------------------------------------------------------------------------------------------
+    def _column(self, name: str) -> list:
+        if self._cols is None:
+            self._cols = {}
+        if name not in self._cols:
+            self._cols[name] = self.metadata.column(name).to_pylist()
+        return self._cols[name]
+
+    def row(self, r: int) -> dict[str, Any]:
+        return {"id": self._column("id")[r], "index": self._column("index")[r], "path": self._column("path")[r],
+                "caption": self._column("caption")[r]}
+
+    def search(self, queries: np.ndarray, k: int = 10) -> list[Hit] | list[list[Hit]]:
+        """Nearest rows to one query vector (``[dim]`` -> ``list[Hit]``) or several (``[q, dim]`` -> one list per
+        query), best first. Queries are normalised here; scores are cosine similarities."""
+        q = np.asarray(queries, dtype=np.float32)
+        single = q.ndim == 1
+        q = _normalize(q)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query dimension {q.shape[1]} != index dimension {self.dim}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        kk = min(int(k), len(self))
+        scores, rows = self.faiss_index.search(q, kk)
+        ids, idx, paths, caps = (self._column(c) for c in ("id", "index", "path", "caption"))
+        out = []
+        for srow, rrow in zip(scores, rows):
+            hits = [Hit(rank, float(s), ids[r], paths[r], caps[r], int(r), idx[r])
+                    for rank, (s, r) in enumerate((s, r) for s, r in zip(srow, rrow) if r >= 0)]
+            out.append(hits)
+        return out[0] if single else out
+
+    # --- queries through the model ----------------------------------------------------------------------------------
+    def model(self):
+        """The model that made the vectors (loaded from what the index recorded), or the one given."""
+        if self._model is None:
+            from ..pipeline.modelref import load_model_from_info
+
+            if "model" not in self.info:
+                raise ValueError("this index records no model; pass model=")
+            self._model = load_model_from_info(self.info["model"])
+        return self._model
+
+    def _check_model(self, model) -> None:
+        if model.config.embed_dim != self.dim:
+            raise ValueError(f"model {model.config.name!r} makes {model.config.embed_dim}-d vectors, the index "
+                             f"holds {self.dim}-d ones")
+
+    def search_text(self, texts: str | Sequence[str], k: int = 10, model=None):
+        """Encode text(s) with the model and search; a single string gives ``list[Hit]``."""
+        import torch
+
+        model = model or self.model()
+        self._check_model(model)
+        single = isinstance(texts, str)
+        with torch.inference_mode():
+            q = model.encode_texts([texts] if single else list(texts), normalize=True).float().cpu().numpy()
+        res = self.search(q, k)
+        return res[0] if single else res
+
+    def search_image(self, images, k: int = 10, model=None):
+        """Encode image(s) (paths, bytes or PIL images) and search; a single image gives ``list[Hit]``."""
+        import torch
+
+        model = model or self.model()
+        self._check_model(model)
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        with torch.inference_mode():
+            pixels = model.preprocessor.batch(batch).to(model.device, model.dtype)
+            q = model.encode_image(pixels, normalize=True).float().cpu().numpy()
+        res = self.search(q, k)
+        return res[0] if single else res
+
+
+def iter_hits(results: Iterable[Hit]) -> list[dict[str, Any]]:
+    return [h.to_dict() for h in results]

@@ -1,0 +1,553 @@
+"""The embedding job: a source -> sharded Parquet embeddings + manifest + rejects, resumable after any crash.
+
+::
+
+    from cliplab.pipeline import embed, read_embeddings
+    result = embed("photos/", "out/", model="shapes-tiny")      # or synthetic:500, captions.csv, ...
+    emb = read_embeddings("out/")                                # ids, paths, captions, image/text arrays
+
+How a job is made exactly-once (see ``docs/pipeline.md``):
+
+1. The item list is frozen once into ``plan.parquet`` (then ``job.json``, which names the source, the model
+   fingerprint and the options that change the output). A rerun reads the plan back, so files that appear or
+   vanish later cannot shift rows between shards; a rerun with a different job refuses (``overwrite=True`` starts
+   over).
+2. Shard ``k`` holds the items ``[k * shard_size, (k + 1) * shard_size)``. It is committed by an atomic rename
+   after its rejects file is written; a rerun skips every committed shard and redoes the others from scratch.
+3. The manifest and the merged ``rejects.jsonl`` are recomputed from the committed shards.
+
+Bad input never stops a job: every item ends up either as a row or as a reject with a reason.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import os
+import platform
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .modelref import resolve_model
+from .rejects import REJECTS_DIR, REJECTS_FILE, reject_record, write_jsonl_atomic
+from .shards import (
+    JOB_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR, ShardStore, atomic_write_json, build_shard_table, crashpoint,
+    fixed_list_to_numpy, read_table, shard_schema,
+)
+from .sources import Item, Source, resolve_source
+
+__all__ = ["EmbedOptions", "EmbedJob", "EmbedResult", "Embeddings", "JobMismatchError", "JobLockedError", "embed",
+           "read_embeddings", "read_manifest"]
+
+FORMAT = "cliplab-embeddings"
+FORMAT_VERSION = 1
+ENGINES = ("local", "ray")
+WHAT = ("auto", "image", "text")
+_IDENTITY_OPTIONS = ("what", "dtype", "normalize", "truncate", "shard_size")
+
+
+class JobMismatchError(ValueError):
+    """The output directory holds a different job (source, model or options); resume refused."""
+
+
+class JobLockedError(RuntimeError):
+    """Another process is writing to the same output directory."""
+
+
+@dataclass
+class EmbedOptions:
+    """Job settings. ``what``: ``auto`` embeds every image and caption present, ``image``/``text`` only one kind
+    (items without it are rejected). ``truncate=False`` rejects captions longer than the context instead of cutting
+    them. ``workers``: decode threads (local) or CPUs (ray); default ``min(8, cpu_count)``. ``progress``: a tqdm
+    bar on stderr (``None``: only when stderr is a terminal)."""
+
+    batch_size: int = 64
+    text_batch_size: int = 256
+    shard_size: int = 1000
+    workers: int | None = None
+    dtype: str = "float32"
+    normalize: bool = True
+    truncate: bool = True
+    what: str = "auto"
+    device: str = "cpu"
+    engine: str = "local"
+    progress: bool | None = None
+
+    def __post_init__(self):
+        for name in ("batch_size", "text_batch_size", "shard_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers is None:
+            self.workers = max(1, min(8, os.cpu_count() or 1))
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be float32 or float16, got {self.dtype!r}")
+        if self.what not in WHAT:
+            raise ValueError(f"what must be one of {WHAT}, got {self.what!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# per-shard bookkeeping shared by the engines
+
+
+class ShardBuilder:
+    """Collects the results for the items of one shard, in any order, until every item is a row or a reject."""
+
+    def __init__(self, ctx: "JobContext", k: int):
+        self.ctx, self.k = ctx, k
+        self.items = ctx.shard_items(k)
+        self.by_index = {it.index: it for it in self.items}
+        self.image: dict[int, np.ndarray] = {}
+        self.text: dict[int, tuple[np.ndarray, bool, int]] = {}
+        self.reasons: dict[int, list[tuple[str, str]]] = {}
+        self.outstanding: dict[int, int] = {}
+        self.too_long = 0
+        self.t0 = time.perf_counter()
+        self.initially_done = 0
+        for it in self.items:
+            if it.error:
+                self._reject(it.index, "listing", it.error)
+                continue
+            parts = int(ctx.needs_image(it)) + int(ctx.needs_text(it))
+            if parts == 0:
+                kind = "image" if ctx.options.what == "image" else "caption"
+                self._reject(it.index, "listing", f"nothing to embed: --what {ctx.options.what} and the item has "
+                                                  f"no {kind}")
+                continue
+            self.outstanding[it.index] = parts
+        self.initially_done = len(self.items) - len(self.outstanding)
+
+    def _reject(self, index: int, stage: str, reason: str) -> None:
+        self.reasons.setdefault(index, []).append((stage, reason))
+
+    def _part_done(self, index: int) -> int:
+        left = self.outstanding[index] - 1
+        if left:
+            self.outstanding[index] = left
+            return 0
+        del self.outstanding[index]
+        return 1
+
+    def image_ok(self, index: int, emb: np.ndarray) -> int:
+        self.image[index] = emb
+        return self._part_done(index)
+
+    def image_failed(self, index: int, reason: str) -> int:
+        self._reject(index, "image", reason)
+        return self._part_done(index)
+
+    def text_ok(self, index: int, emb: np.ndarray, truncated: bool, dropped: int) -> int:
+        if truncated and not self.ctx.options.truncate:
+            self.too_long += 1
+            ctx = self.ctx.context_length
+            self._reject(index, "caption", f"caption is {dropped} token(s) longer than the context allows "
+                                           f"({ctx - 2} content tokens); rejected by --no-truncate")
+        else:
+            self.text[index] = (emb, bool(truncated), int(dropped))
+        return self._part_done(index)
+
+    def text_failed(self, index: int, reason: str) -> int:
+        self._reject(index, "caption", reason)
+        return self._part_done(index)
+
+    @property
+    def complete(self) -> bool:
+        return not self.outstanding
+
+    def finish(self):
+        assert self.complete, f"shard {self.k} finished with {len(self.outstanding)} item(s) outstanding"
+        rejected = set(self.reasons)
+        table = build_shard_table(self.items, self.image, self.text, rejected, self.ctx.schema, self.ctx.dim,
+                                  self.ctx.options.dtype)
+        rejects = []
+        for it in self.items:
+            if it.index in self.reasons:
+                stages = self.reasons[it.index]
+                rec = reject_record(it, stages[0][0], "; ".join(r for _, r in stages))
+                rejects.append(rec)
+        kept_text = [v for i, v in self.text.items() if i not in rejected]
+        stats = {
+            "shard": self.k, "first_index": self.items[0].index if self.items else self.k * self.ctx.shard_size,
+            "n_items": len(self.items), "n_rows": table.num_rows, "n_rejects": len(rejects),
+            "n_images": sum(1 for i in self.image if i not in rejected), "n_texts": len(kept_text),
+            "n_truncated": sum(1 for _, t, _ in kept_text if t),
+            "tokens_dropped": int(sum(d for _, t, d in kept_text if t)),
+            "n_too_long_rejected": self.too_long,
+            "seconds": round(time.perf_counter() - self.t0, 4),
+        }
+        return table, rejects, stats
+
+
+class JobContext:
+    """Everything an engine needs: the model, source, plan, options, and ``commit`` for finished shards."""
+
+    def __init__(self, job: "EmbedJob", items: list[Item], with_image: bool, with_text: bool):
+        self.job = job
+        self.model = job.model
+        self.source = job.source
+        self.options = job.options
+        self.items = items
+        self.shard_size = job.options.shard_size
+        self.n_shards = (len(items) + self.shard_size - 1) // self.shard_size
+        self.with_image, self.with_text = with_image, with_text
+        self.dim = self.model.config.embed_dim
+        self.context_length = self.model.config.text.context_length
+        self.schema = shard_schema(self.dim, self.options.dtype, with_image, with_text)
+        self.progress: Any = None
+        self.model_seconds = 0.0  # time the model spent encoding in this run (local engine)
+
+    def shard_items(self, k: int) -> list[Item]:
+        return self.items[k * self.shard_size:(k + 1) * self.shard_size]
+
+    def needs_image(self, it: Item) -> bool:
+        return self.with_image and it.has_image
+
+    def needs_text(self, it: Item) -> bool:
+        return self.with_text and it.caption is not None
+
+    def builder(self, k: int) -> ShardBuilder:
+        b = ShardBuilder(self, k)
+        self.advance(b.initially_done)
+        return b
+
+    def advance(self, n: int) -> None:
+        if n and self.progress is not None:
+            self.progress.update(n)
+
+    def commit(self, builder: ShardBuilder) -> None:
+        table, rejects, stats = builder.finish()
+        self.job.store.commit(builder.k, table, rejects, stats)
+        self.job._shard_committed(builder.k, stats)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass
+class EmbedResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["counts"]["rows"]
+
+    @property
+    def rejects(self) -> int:
+        return self.manifest["counts"]["rejects"]
+
+    def read(self) -> "Embeddings":
+        return read_embeddings(self.out_dir)
+
+
+def _versions(engine: str) -> dict[str, str]:
+    import PIL
+    import pyarrow
+    import torch
+
+    import cliplab
+
+    v = {"cliplab": cliplab.__version__, "python": platform.python_version(), "torch": torch.__version__,
+         "numpy": np.__version__, "pillow": PIL.__version__, "pyarrow": pyarrow.__version__}
+    if engine == "ray":
+        try:
+            import ray
+
+            v["ray"] = ray.__version__
+        except ImportError:  # pragma: no cover
+            pass
+    return v
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class EmbedJob:
+    """One embedding job. ``source``: a SOURCE string / path or a :class:`Source`; ``model``: a ``CLIP``, a
+    pretrained name, a checkpoint path, an architecture name (random weights), or ``None`` for the shipped default
+    (:data:`~cliplab.pipeline.DEFAULT_MODEL`). See :class:`EmbedOptions`."""
+
+    def __init__(self, source, out_dir, model=None, *, source_options: dict[str, Any] | None = None,
+                 overwrite: bool = False, seed: int = 0, on_shard: Callable[[int, dict], None] | None = None,
+                 **options):
+        self.options = EmbedOptions(**options)
+        self.out = Path(out_dir)
+        self.source: Source = resolve_source(source, **(source_options or {}))
+        self.source_spec = source if isinstance(source, str) else None
+        self.overwrite = overwrite
+        self.seed = seed
+        self.on_shard = on_shard
+        self.model, self.model_info = resolve_model(model, device=self.options.device, seed=seed)
+        self.store = ShardStore(self.out)
+        self._done: dict[int, dict[str, Any]] = {}
+        self._lock_fd: int | None = None
+        self.ctx: JobContext | None = None
+        self._job_meta: dict[str, Any] = {}
+        self._t0 = 0.0
+        self._written = 0
+
+    # --- identity, lock, plan -----------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        opts = asdict(self.options)
+        return {"source": self.source.identity(),
+                "model": {"name": self.model_info["name"], "fingerprint": self.model_info["fingerprint"]},
+                "options": {k: opts[k] for k in _IDENTITY_OPTIONS}}
+
+    def _lock(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JobLockedError(f"another cliplab job is writing to {self.out}") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _wipe(self) -> None:
+        for name in (JOB_FILE, PLAN_FILE, MANIFEST_FILE, REJECTS_FILE):
+            (self.out / name).unlink(missing_ok=True)
+        for d in (SHARDS_DIR, REJECTS_DIR):
+            shutil.rmtree(self.out / d, ignore_errors=True)
+
+    def _load_or_make_plan(self) -> list[Item]:
+        import json
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        job_path, plan_path = self.out / JOB_FILE, self.out / PLAN_FILE
+        if self.overwrite:
+            self._wipe()
+        ident = self.identity()
+        if job_path.exists():
+            meta = json.loads(job_path.read_text())
+            old = {k: meta.get(k) for k in ident}
+            if old != ident:
+                diff = [f"{k}: {old[k]} -> {ident[k]}" for k in ident if old[k] != ident[k]]
+                raise JobMismatchError(f"{self.out} holds a different embedding job ({'; '.join(diff)}); use "
+                                       "another output directory, or --overwrite to start over")
+            if not plan_path.exists():
+                raise JobMismatchError(f"{self.out}: {JOB_FILE} exists but {PLAN_FILE} is missing; --overwrite "
+                                       "to start over")
+            self._job_meta = meta
+            rows = pq.read_table(plan_path).to_pylist()
+            return [Item(r["index"], r["id"], r["path"], r["caption"], r["key"], r["error"]) for r in rows]
+        if self.store.committed():
+            raise JobMismatchError(f"{self.out} holds shards but no {JOB_FILE}; --overwrite to start over")
+        items = self.source.items()
+        table = pa.table({
+            "index": pa.array([it.index for it in items], pa.int64()),
+            "id": pa.array([it.id for it in items], pa.string()),
+            "path": pa.array([it.path for it in items], pa.string()),
+            "caption": pa.array([it.caption for it in items], pa.string()),
+            "key": pa.array([it.key for it in items], pa.int64()),
+            "error": pa.array([it.error for it in items], pa.string()),
+        })
+        tmp = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, plan_path)
+        crashpoint("plan:written")
+        self._job_meta = {"format": "cliplab-embed-job", "format_version": FORMAT_VERSION, **ident,
+                          "source_spec": self.source_spec, "source_info": self.source.describe(),
+                          "model_info": self.model_info, "n_items": len(items), "created": _now()}
+        atomic_write_json(job_path, self._job_meta)
+        crashpoint("job:written")
+        return items
+
+    # --- manifest -------------------------------------------------------------------------------------------------
+    def _shard_committed(self, k: int, stats: dict[str, Any]) -> None:
+        stats = dict(stats, file=f"{SHARDS_DIR}/{self.store.shard_path(k).name}")
+        self._done[k] = stats
+        self._written += 1
+        self._write_manifest(complete=False)
+        if self.on_shard is not None:
+            self.on_shard(k, stats)
+
+    def manifest(self, complete: bool) -> dict[str, Any]:
+        ctx = self.ctx
+        assert ctx is not None
+        shards = [self._done[k] for k in sorted(self._done)]
+        total = lambda key: int(sum(s.get(key, 0) for s in shards))  # noqa: E731
+        cfg = self.model.config
+        columns = [f.name for f in ctx.schema]
+        elapsed = time.perf_counter() - self._t0
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "complete": complete, "updated": _now(),
+            "created": self._job_meta.get("created"),
+            "source": self._job_meta.get("source_info", self.source.describe()),
+            "source_spec": self._job_meta.get("source_spec", self.source_spec),
+            "model": {**self.model_info, "config": cfg.to_dict()},
+            "preprocess": dict(cfg.to_dict()["preprocess"]),
+            "tokenizer": {"name": cfg.tokenizer, "context_length": cfg.text.context_length,
+                          "truncate": self.options.truncate,
+                          "policy": "truncate to the context and count" if self.options.truncate
+                          else "reject captions longer than the context"},
+            "embedding": {"dim": ctx.dim, "dtype": self.options.dtype, "normalized": self.options.normalize,
+                          "image_column": "image_embedding" if ctx.with_image else None,
+                          "text_column": "text_embedding" if ctx.with_text else None, "columns": columns},
+            "options": asdict(self.options),
+            "counts": {
+                "items": len(ctx.items), "shards_total": ctx.n_shards, "shards": len(shards),
+                "items_done": total("n_items"), "rows": total("n_rows"), "rejects": total("n_rejects"),
+                "images": total("n_images"), "texts": total("n_texts"),
+                "captions_truncated": total("n_truncated"), "tokens_dropped": total("tokens_dropped"),
+                "captions_too_long_rejected": total("n_too_long_rejected"),
+            },
+            "shards": [{k: s[k] for k in ("file", "shard", "first_index", "n_items", "n_rows", "n_rejects")
+                        if k in s} for s in shards],
+            "rejects_file": REJECTS_FILE,
+            "last_run": {"engine": self.options.engine, "shards_written": self._written,
+                         "seconds": round(elapsed, 3),
+                         # share of the run's wall time the model was computing: ~1 when decoding keeps up
+                         "model_seconds": round(ctx.model_seconds, 3) if self.options.engine == "local" else None,
+                         "model_busy": round(ctx.model_seconds / elapsed, 4)
+                         if self.options.engine == "local" and elapsed > 0 else None},
+            "versions": _versions(self.options.engine),
+        }
+
+    def _write_manifest(self, complete: bool) -> dict[str, Any]:
+        m = self.manifest(complete)
+        atomic_write_json(self.out / MANIFEST_FILE, m)
+        return m
+
+    # --- run --------------------------------------------------------------------------------------------------
+    def run(self) -> EmbedResult:
+        self._t0 = time.perf_counter()
+        self._lock()
+        try:
+            items = self._load_or_make_plan()
+            self.store.ensure()
+            self.store.cleanup()
+            opts = self.options
+            with_image = opts.what in ("auto", "image") and any(it.has_image and not it.error for it in items)
+            with_text = opts.what in ("auto", "text") and any(it.caption is not None and not it.error
+                                                                for it in items)
+            if not with_image and not with_text:  # nothing embeddable: still a valid (empty) job
+                with_image = opts.what != "text"
+                with_text = opts.what == "text"
+            self.ctx = ctx = JobContext(self, items, with_image, with_text)
+            self._done = {k: v for k, v in self.store.committed().items() if k < ctx.n_shards}
+            pending = [k for k in range(ctx.n_shards) if k not in self._done]
+            skipped = ctx.n_shards - len(pending)
+            if pending:
+                self._run_engine(ctx, pending)
+            rejects = self.store.read_rejects(self._done)
+            write_jsonl_atomic(self.out / REJECTS_FILE, rejects)
+            manifest = self._write_manifest(complete=True)
+            n_trunc = manifest["counts"]["captions_truncated"]
+            if n_trunc:
+                from ..models.tokenizer import TruncationWarning
+
+                warnings.warn(f"{n_trunc} caption(s) were truncated to the {ctx.context_length}-token context "
+                              f"({manifest['counts']['tokens_dropped']} tokens dropped; counted in the manifest)",
+                              TruncationWarning, stacklevel=2)
+            return EmbedResult(self.out, manifest, len(pending), skipped, time.perf_counter() - self._t0)
+        finally:
+            self._unlock()
+
+    def _run_engine(self, ctx: JobContext, pending: list[int]) -> None:
+        from ..models.tokenizer import TruncationWarning
+
+        todo = sum(len(ctx.shard_items(k)) for k in pending)
+        show = self.options.progress if self.options.progress is not None else sys.stderr.isatty()
+        if show:
+            from tqdm.auto import tqdm
+
+            ctx.progress = tqdm(total=len(ctx.items), initial=len(ctx.items) - todo, unit="item", desc="embed",
+                                dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+        try:
+            with warnings.catch_warnings():  # truncation is counted per row instead of warned per batch
+                warnings.simplefilter("ignore", TruncationWarning)
+                if self.options.engine == "ray":
+                    from .engines.ray_engine import run_ray
+
+                    run_ray(ctx, pending)
+                else:
+                    from .engines.local import run_local
+
+                    run_local(ctx, pending)
+        finally:
+            if ctx.progress is not None:
+                ctx.progress.close()
+                ctx.progress = None
+
+
+def embed(source, out_dir, model=None, *, source_options: dict[str, Any] | None = None,
+          overwrite: bool = False, seed: int = 0, **options) -> EmbedResult:
+    """Run (or resume) an embedding job; see :class:`EmbedJob` and :class:`EmbedOptions`."""
+    return EmbedJob(source, out_dir, model, source_options=source_options, overwrite=overwrite, seed=seed,
+                    **options).run()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading results
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    import json
+
+    p = Path(out_dir) / MANIFEST_FILE
+    if not p.exists():
+        raise FileNotFoundError(f"no {MANIFEST_FILE} in {out_dir}: not an embedding job output (cliplab embed)")
+    return json.loads(p.read_text())
+
+
+@dataclass
+class Embeddings:
+    """The rows of a job in item order. ``image``/``text`` are float32 ``[n, dim]`` (zeros where the row has none;
+    see ``image_valid``/``text_valid``) or ``None`` when the job did not embed that kind."""
+
+    index: np.ndarray
+    ids: list[str]
+    paths: list[str | None]
+    captions: list[str | None]
+    image: np.ndarray | None
+    image_valid: np.ndarray | None
+    text: np.ndarray | None
+    text_valid: np.ndarray | None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_embeddings(out_dir: str | os.PathLike) -> Embeddings:
+    """Read every committed row of a job (finished or not) into numpy arrays."""
+    manifest = read_manifest(out_dir)
+    table = read_table(out_dir)
+    if table is None:
+        dim = manifest["embedding"]["dim"]
+        empty = np.zeros((0, dim), np.float32)
+        e = manifest["embedding"]
+        return Embeddings(np.zeros(0, np.int64), [], [], [], empty if e["image_column"] else None,
+                          np.zeros(0, bool) if e["image_column"] else None, empty if e["text_column"] else None,
+                          np.zeros(0, bool) if e["text_column"] else None, manifest)
+    img = txt = img_v = txt_v = None
+    if "image_embedding" in table.column_names:
+        img, img_v = fixed_list_to_numpy(table.column("image_embedding"))
+    if "text_embedding" in table.column_names:
+        txt, txt_v = fixed_list_to_numpy(table.column("text_embedding"))
+    return Embeddings(table.column("index").to_numpy(), table.column("id").to_pylist(),
+                      table.column("path").to_pylist(), table.column("caption").to_pylist(), img, img_v, txt, txt_v,
+                      manifest)

@@ -1,0 +1,392 @@
+"""Input sources for the embedding pipeline, and the registry that turns a ``SOURCE`` string into one.
+
+A source lists *items* (an image, a caption, or both) in a deterministic order and knows how to open an item's
+image. Built-in kinds:
+
+``folder``     a directory, walked recursively (sorted, hidden entries skipped). Candidates are the files whose
+               extension Pillow registers for an image format (``--all-files``: every file). Which files *are*
+               images is then decided by their content, never by the extension: a GIF named ``.jpg`` is embedded,
+               a text file named ``.jpg`` is rejected. Files skipped by extension are counted, not lost silently.
+``table``      a ``.csv``/``.tsv``/``.jsonl``/``.ndjson``/``.parquet`` file of image paths and/or captions. Columns are
+               detected (path: ``path``/``image``/``image_path``/``file``/``filename``/``filepath``; caption:
+               ``caption``/``text``/``title``; id: ``id``) or named explicitly. Relative paths resolve against
+               ``image_root`` (default: the table's directory).
+``synthetic``  ``synthetic:N`` scenes of :class:`cliplab.data.SceneWorld`, rendered on the fly; options after a
+               second colon: ``synthetic:500:seed=1,size=64,caption=long,offset=0``.
+
+Add a kind with :func:`register_source`. Sources must be picklable (process/Ray workers rebuild nothing else).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+__all__ = [
+    "Item", "Source", "FolderSource", "TableSource", "SyntheticSource",
+    "register_source", "resolve_source", "list_sources", "image_extensions",
+]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input. ``index`` is its position in the job's frozen plan; ``key`` is a source-specific locator (the scene
+    number for synthetic sources); ``error`` marks an item that is already known to be unusable when listed (it is
+    rejected with that reason, never silently dropped)."""
+
+    index: int
+    id: str
+    path: str | None = None
+    caption: str | None = None
+    key: int | None = None
+    error: str | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.path is not None or self.key is not None
+
+
+class Source:
+    """Base class: subclasses implement :meth:`iter_items` (``Item`` without a meaningful ``index``; the job numbers
+    them) and :meth:`describe`; :meth:`open_image` loads an item's image as RGB (raising ``ImageLoadError``)."""
+
+    kind = "source"
+
+    def iter_items(self) -> Iterator[Item]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs "the same source" for resuming (settings only, nothing found while listing)."""
+        return self.describe()
+
+    def image_input(self, item: Item):
+        """What the preprocessor is given for ``item``: a path (decoded by ``load_image``) or a PIL image."""
+        return item.path
+
+    def open_image(self, item: Item):
+        """The item's image as RGB PIL (``ImageLoadError`` if it cannot be read)."""
+        from ..models.preprocess import load_image
+
+        return load_image(self.image_input(item))
+
+    def items(self) -> list[Item]:
+        """All items, numbered ``0..n-1`` in listing order; ids must be unique."""
+        out: list[Item] = []
+        seen: dict[str, int] = {}
+        for i, it in enumerate(self.iter_items()):
+            if it.id in seen:
+                raise ValueError(f"{self.kind} source: duplicate id {it.id!r} (items {seen[it.id]} and {i}); "
+                                 "ids must be unique (pick another id column, or none to number the rows)")
+            seen[it.id] = i
+            out.append(Item(i, it.id, it.path, it.caption, it.key, it.error))
+        return out
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions (with the dot) that Pillow registers for a format it can open."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# folder
+
+
+@dataclass
+class FolderSource(Source):
+    root: str
+    all_files: bool = False
+    skipped: int = field(default=0, init=False)
+    kind = "folder"
+
+    def __post_init__(self):
+        self.root = os.path.abspath(os.fspath(self.root))
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"no such directory: {self.root}")
+
+    def iter_items(self) -> Iterator[Item]:
+        exts = image_extensions()
+        self.skipped = 0
+
+        def walk_error(err: OSError):  # an unreadable sub-directory becomes a reject, not a crash
+            pending_errors.append(err)
+
+        pending_errors: list[OSError] = []
+        entries: list[tuple[str, str | None]] = []
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=walk_error, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                if not self.all_files and os.path.splitext(name)[1].lower() not in exts:
+                    self.skipped += 1
+                    continue
+                entries.append((os.path.join(dirpath, name), None))
+        for err in pending_errors:
+            entries.append((err.filename or self.root, f"cannot list directory ({err.strerror or err})"))
+        entries.sort(key=lambda e: e[0])
+        for path, error in entries:
+            rel = Path(os.path.relpath(path, self.root)).as_posix()
+            yield Item(0, rel, path, None, None, error)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "root": self.root, "all_files": self.all_files}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.identity(), "skipped_by_extension": self.skipped}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# table
+
+_PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename", "img")
+_CAPTION_COLUMNS = ("caption", "text", "title", "description")
+_ID_COLUMNS = ("id",)
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".pq")
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, table: str) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"{table}: no {what} column {wanted!r} (columns: {columns})")
+        return wanted
+    lower = {c.lower(): c for c in columns}
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    return None
+
+
+@dataclass
+class TableSource(Source):
+    file: str
+    path_column: str | None = None
+    caption_column: str | None = None
+    id_column: str | None = None
+    image_root: str | None = None
+    kind = "table"
+
+    def __post_init__(self):
+        self.file = os.path.abspath(os.fspath(self.file))
+        if not os.path.isfile(self.file):
+            raise FileNotFoundError(f"no such file: {self.file}")
+        if self.image_root is not None:
+            self.image_root = os.path.abspath(os.fspath(self.image_root))
+            if not os.path.isdir(self.image_root):
+                raise FileNotFoundError(f"image root is not a directory: {self.image_root}")
+        self._columns: dict[str, str | None] | None = None
+
+    def _rows(self) -> tuple[list[str], Iterable[dict[str, Any]]]:
+        suffix = os.path.splitext(self.file)[1].lower()
+        if suffix in (".csv", ".tsv"):
+            f = open(self.file, newline="", encoding="utf-8-sig")
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            cols = list(reader.fieldnames or [])
+
+            def gen():
+                with f:
+                    yield from reader
+            return cols, gen()
+        if suffix in (".jsonl", ".ndjson"):
+            rows = []
+            with open(self.file, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        row = {"__error__": f"line {n} is not valid JSON ({e.msg})"}
+                    if not isinstance(row, dict):
+                        row = {"__error__": f"line {n} is a JSON {type(row).__name__}, not an object"}
+                    rows.append(row)
+            cols: list[str] = []
+            for r in rows:
+                cols.extend(k for k in r if k not in cols and k != "__error__")
+            return cols, rows
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(self.file)
+            return list(table.column_names), table.to_pylist()
+        raise ValueError(f"{self.file}: unsupported table type {suffix!r} (known: {', '.join(TABLE_SUFFIXES)})")
+
+    def iter_items(self) -> Iterator[Item]:
+        cols, rows = self._rows()
+        name = os.path.basename(self.file)
+        pcol = _pick(cols, self.path_column, _PATH_COLUMNS, "path", name)
+        ccol = _pick(cols, self.caption_column, _CAPTION_COLUMNS, "caption", name)
+        icol = _pick(cols, self.id_column, _ID_COLUMNS, "id", name)
+        if pcol is None and ccol is None:
+            raise ValueError(f"{name}: found neither an image path column {list(_PATH_COLUMNS)} nor a caption "
+                             f"column {list(_CAPTION_COLUMNS)} among {cols}; name them with --path-column / "
+                             "--caption-column")
+        self._columns = {"path": pcol, "caption": ccol, "id": icol}
+        root = self.image_root or os.path.dirname(self.file)
+        for n, row in enumerate(rows):
+            error = row.get("__error__")
+            rid = row.get(icol) if icol else None
+            item_id = str(n) if rid is None or rid == "" else str(rid)
+            path = row.get(pcol) if pcol else None
+            caption = row.get(ccol) if ccol else None
+            if path is not None and not isinstance(path, str):
+                error = error or f"path is a {type(path).__name__}, not a string"
+                path = None
+            if caption is not None and not isinstance(caption, str):
+                error = error or f"caption is a {type(caption).__name__}, not a string"
+                caption = None
+            path = path if path and path.strip() else None
+            caption = caption if caption and caption.strip() else None
+            if path is not None:
+                path = os.path.normpath(os.path.join(root, os.path.expanduser(path)))
+            if error is None and path is None and caption is None:
+                error = "row has neither an image path nor a caption"
+            yield Item(0, item_id, path, caption, None, error)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "file": self.file, "image_root": self.image_root or os.path.dirname(self.file),
+                "path_column": self.path_column, "caption_column": self.caption_column, "id_column": self.id_column}
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.identity(), "columns_used": self._columns}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# synthetic
+
+
+@dataclass
+class SyntheticSource(Source):
+    n: int
+    seed: int = 0
+    size: int = 64
+    caption: str = "short"
+    offset: int = 0
+    kind = "synthetic"
+
+    def __post_init__(self):
+        if self.n < 0:
+            raise ValueError(f"synthetic source needs N >= 0, got {self.n}")
+        if self.caption not in ("short", "long", "none"):
+            raise ValueError(f"synthetic caption must be short, long or none, got {self.caption!r}")
+        self._world = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_world"] = None
+        return state
+
+    @property
+    def world(self):
+        if self._world is None:
+            from ..data.synthetic import SceneWorld
+
+            self._world = SceneWorld(image_size=self.size, seed=self.seed)
+        return self._world
+
+    def iter_items(self) -> Iterator[Item]:
+        for i in range(self.offset, self.offset + self.n):
+            scene = self.world.sample(i)
+            cap = None if self.caption == "none" else (scene.short_caption if self.caption == "short"
+                                                         else scene.long_caption)
+            yield Item(0, f"scene-{i:07d}", None, cap, i, None)
+
+    def image_input(self, item: Item):
+        return self.world.sample(item.key).render()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "n": self.n, "seed": self.seed, "image_size": self.size, "caption": self.caption,
+                "offset": self.offset}
+
+    @classmethod
+    def parse(cls, spec: str, **options: Any) -> "SyntheticSource":
+        """``synthetic:N[:key=value,...]`` (keys: seed, size, caption, offset); keyword options override."""
+        parts = spec.split(":", 2)
+        try:
+            n = int(parts[1])
+        except (IndexError, ValueError):
+            raise ValueError(f"bad synthetic source {spec!r}: expected synthetic:N, e.g. synthetic:500") from None
+        kw: dict[str, Any] = {}
+        if len(parts) == 3 and parts[2]:
+            for pair in parts[2].split(","):
+                k, sep, v = pair.partition("=")
+                k = k.strip()
+                if not sep or k not in ("seed", "size", "caption", "offset"):
+                    raise ValueError(f"bad synthetic option {pair!r} in {spec!r} (keys: seed, size, caption, offset)")
+                kw[k] = v.strip() if k == "caption" else int(v)
+        kw.update({k: v for k, v in options.items() if v is not None})
+        return cls(n, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass
+class _Entry:
+    name: str
+    match: Callable[[str], bool]
+    factory: Callable[..., Source]
+    help: str
+
+
+_REGISTRY: list[_Entry] = []
+
+
+def register_source(name: str, match: Callable[[str], bool], factory: Callable[..., Source], help: str = "",
+                    first: bool = True) -> None:
+    """Register a source kind: ``match(spec)`` says whether the SOURCE string is one, ``factory(spec, **options)``
+    builds it (unknown options must raise ``TypeError``). New kinds are tried before the built-in ones."""
+    entry = _Entry(name, match, factory, help)
+    _REGISTRY[:] = [e for e in _REGISTRY if e.name != name]
+    if first:
+        _REGISTRY.insert(0, entry)
+    else:
+        _REGISTRY.append(entry)
+
+
+def list_sources() -> list[dict[str, str]]:
+    return [{"name": e.name, "help": e.help} for e in _REGISTRY]
+
+
+def resolve_source(spec: "str | os.PathLike[str] | Source", **options: Any) -> Source:
+    """A :class:`Source` for ``spec`` (a source object is returned as is). Options that are ``None`` are ignored;
+    an option the source kind does not take is a ``ValueError``."""
+    if isinstance(spec, Source):
+        return spec
+    spec = os.fspath(spec)
+    options = {k: v for k, v in options.items() if v is not None and v is not False}
+    for e in _REGISTRY:
+        if e.match(spec):
+            try:
+                return e.factory(spec, **options)
+            except TypeError as exc:
+                if "unexpected keyword" in str(exc) or "got an unexpected" in str(exc):
+                    raise ValueError(f"option(s) {sorted(options)} do not all apply to a {e.name} source "
+                                     f"({exc})") from None
+                raise
+    if not os.path.exists(spec):
+        raise FileNotFoundError(f"no such file or directory: {spec}")
+    raise ValueError(f"cannot tell what kind of source {spec!r} is: expected a directory, a table "
+                     f"({', '.join(TABLE_SUFFIXES)}) or synthetic:N")
+
+
+def _is_table(spec: str) -> bool:
+    return os.path.splitext(spec)[1].lower() in TABLE_SUFFIXES and not os.path.isdir(spec)
+
+
+register_source("synthetic", lambda s: s.startswith("synthetic:"), SyntheticSource.parse,
+                "synthetic:N[:seed=S,size=P,caption=short|long|none,offset=O] generated scenes", first=False)
+register_source("folder", os.path.isdir, lambda s, **kw: FolderSource(s, **kw),
+                "a directory of images (recursive)", first=False)
+register_source("table", _is_table, lambda s, **kw: TableSource(s, **kw),
+                "a CSV/TSV/JSONL/Parquet file of image paths and/or captions", first=False)

@@ -1,0 +1,229 @@
+"""Training data: index-addressable sources (a small registry), caption choice, tokenization and the loader.
+
+Every batch is a pure function of its step: the sampler maps ``step -> indices``, the source maps an index to an image
+and its captions, and the short/long choice of a ``mix`` is drawn from ``default_rng([seed, CAPTION_STREAM, step])``.
+So a resumed run sees exactly the batches the uninterrupted run saw, whatever the number of loader workers.
+
+Sources (``register_source``):
+
+* ``synthetic``: the scene world as an endless (or ``num_scenes``-long) stream. Index ``i`` is
+  ``world.sample(offset + i)``. When the world's image size equals the model input (the usual 64 px), pixels skip the
+  PIL round trip of the preprocessor and are normalised directly, with the same float32 operations in the same
+  order, hence bit-identical to ``model.preprocess(world.render(scene))``.
+* ``folder``: a ``captions.csv`` (columns ``image``, ``caption`` and optionally ``long_caption``; image paths relative
+  to the CSV) as written by ``cliplab.data.write_image_folder``. Images go through the model's preprocessor.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..data import SceneWorld
+from ..models.tokenizer import CLIPTokenizer, TruncationWarning
+from .registry import Registry
+
+__all__ = ["Batch", "DataSource", "SyntheticStream", "CaptionFolder", "TrainBatches", "register_source",
+           "get_source", "list_sources", "make_loader", "CAPTION_MODES", "SOURCES"]
+
+SOURCES: Registry[type] = Registry("data source")
+CAPTION_MODES = ("short", "long", "mix")
+CAPTION_STREAM = 0xCA7  # sub-stream id of the short/long draws
+
+
+def register_source(name: str, overwrite: bool = False):
+    """Class decorator registering a :class:`DataSource` subclass under ``name``."""
+    return SOURCES.register(name, overwrite=overwrite)
+
+
+def list_sources() -> list[str]:
+    return SOURCES.names()
+
+
+def get_source(name: str, preprocessor, **options: Any) -> "DataSource":
+    """Build source ``name`` for a model with the given preprocessor (``model.preprocessor``)."""
+    return SOURCES.build(name, preprocessor, **options)
+
+
+@dataclass
+class Batch:
+    """One training batch. ``pixels`` are normalised model input; ``ids`` are token ids ``[B, context]``."""
+
+    step: int
+    indices: list[int]
+    pixels: torch.Tensor  # [B, 3, S, S] float32
+    ids: torch.Tensor  # [B, L] int64
+    texts: list[str]
+    is_long: torch.Tensor  # [B] bool: the long caption was used
+    truncated: torch.Tensor  # [B] bool: the caption was cut to the context length
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def n_truncated(self) -> int:
+        return int(self.truncated.sum())
+
+
+class DataSource:
+    """Index-addressable examples. ``size`` is the number of items (``None``: endless)."""
+
+    size: int | None = None
+
+    def pixels(self, indices: Sequence[int]) -> torch.Tensor:
+        """Preprocessed images ``[B, 3, S, S]`` float32."""
+        raise NotImplementedError
+
+    def captions(self, indices: Sequence[int]) -> tuple[list[str], list[str | None]]:
+        """Short captions and long captions (``None`` where a row has none)."""
+        raise NotImplementedError
+
+
+def _normalise_uint8(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``[B, S, S, 3]`` uint8 -> ``[B, 3, S, S]`` float32 with exactly the operations of ``Preprocessor._to_array``
+    (x / 255, - mean, / std in float32, elementwise), so the result is bit-identical to the per-image path."""
+    x = np.ascontiguousarray(arr.transpose(0, 3, 1, 2), dtype=np.float32)
+    x /= np.float32(255.0)
+    x -= np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    x /= np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    return torch.from_numpy(x)
+
+
+@register_source("synthetic")
+class SyntheticStream(DataSource):
+    """Scenes from :class:`cliplab.data.SceneWorld`: index ``i`` is scene ``offset + i`` of the world.
+
+    ``image_size`` defaults to the model's input size; ``seed`` is the world's seed; ``num_scenes`` makes the source
+    finite (``None``: endless); ``world`` holds further ``SceneWorld`` keyword arguments (``max_objects``, ...);
+    ``fast=False`` forces the generic PIL preprocessing path.
+    """
+
+    def __init__(self, preprocessor, image_size: int | None = None, seed: int = 0, offset: int = 0,
+                 num_scenes: int | None = None, world: dict[str, Any] | None = None, fast: bool = True):
+        self.preprocessor = preprocessor
+        size = preprocessor.config.image_size if image_size is None else int(image_size)
+        self.world = SceneWorld(image_size=size, seed=seed, **(world or {}))
+        self.offset = int(offset)
+        self.size = None if num_scenes is None else int(num_scenes)
+        self.fast = bool(fast) and size == preprocessor.config.image_size
+
+    def scene(self, index: int):
+        if self.size is not None and not 0 <= index < self.size:
+            raise IndexError(f"scene index {index} outside 0..{self.size - 1}")
+        return self.world.sample(self.offset + int(index))
+
+    def _scenes(self, indices: Sequence[int]) -> list:
+        # The scene cache keeps rendered images; a batch asks for pixels and captions of the same scenes.
+        if getattr(self, "_last", (None,))[0] != list(indices):
+            self._last = (list(indices), [self.scene(i) for i in indices])
+        return self._last[1]
+
+    def pixels(self, indices: Sequence[int]) -> torch.Tensor:
+        scenes = self._scenes(indices)
+        if not self.fast:
+            return self.preprocessor.batch([s.image for s in scenes])
+        arr = np.stack([np.asarray(s.image, dtype=np.uint8) for s in scenes])
+        cfg = self.preprocessor.config
+        return _normalise_uint8(arr, cfg.mean, cfg.std)
+
+    def captions(self, indices: Sequence[int]) -> tuple[list[str], list[str | None]]:
+        scenes = self._scenes(indices)
+        return [s.short_caption for s in scenes], [s.long_caption for s in scenes]
+
+
+@register_source("folder")
+class CaptionFolder(DataSource):
+    """Images listed in a CSV (default ``captions.csv``; columns ``image``, ``caption``, optional ``long_caption``).
+
+    ``path`` is the CSV file or the directory holding it; image paths are relative to the CSV's directory.
+    """
+
+    def __init__(self, preprocessor, path: str, csv_name: str = "captions.csv", image_column: str = "image",
+                 caption_column: str = "caption", long_column: str = "long_caption"):
+        self.preprocessor = preprocessor
+        p = Path(path)
+        csv_path = p / csv_name if p.is_dir() else p
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"no captions file at {csv_path}")
+        self.root = csv_path.parent
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            for c in (image_column, caption_column):
+                if c not in cols:
+                    raise ValueError(f"{csv_path}: missing column {c!r} (columns: {cols})")
+            rows = list(reader)
+        if not rows:
+            raise ValueError(f"{csv_path}: no rows")
+        self.images = [r[image_column] for r in rows]
+        self.short = [r[caption_column] for r in rows]
+        self.long = [r.get(long_column) or None for r in rows] if long_column in cols else [None] * len(rows)
+        self.size = len(rows)
+
+    def pixels(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.preprocessor.batch([os.path.join(self.root, self.images[i]) for i in indices])
+
+    def captions(self, indices: Sequence[int]) -> tuple[list[str], list[str | None]]:
+        return [self.short[i] for i in indices], [self.long[i] for i in indices]
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """``dataset[step]`` is the whole :class:`Batch` of that step (for a ``DataLoader`` with ``batch_size=None``).
+
+    ``caption``: ``"short"``, ``"long"`` or ``"mix"`` (long with probability ``long_prob``; a row without a long
+    caption falls back to its short one). Long captions are truncated to the context length by the tokenizer, as
+    intended; its warning is silenced here and the cut rows are counted in ``Batch.truncated`` instead.
+    """
+
+    def __init__(self, source: DataSource, sampler, tokenizer: CLIPTokenizer, steps: int, caption: str = "short",
+                 long_prob: float = 0.5, seed: int = 0):
+        if caption not in CAPTION_MODES:
+            raise ValueError(f"caption must be one of {list(CAPTION_MODES)}, got {caption!r}")
+        if not 0.0 <= long_prob <= 1.0:
+            raise ValueError(f"long_prob must be in [0, 1], got {long_prob}")
+        self.source, self.sampler, self.tokenizer = source, sampler, tokenizer
+        self.steps, self.caption, self.long_prob, self.seed = int(steps), caption, float(long_prob), int(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def choose_long(self, step: int, n: int) -> np.ndarray:
+        if self.caption == "short":
+            return np.zeros(n, dtype=bool)
+        if self.caption == "long":
+            return np.ones(n, dtype=bool)
+        return np.random.default_rng([self.seed, CAPTION_STREAM, int(step)]).random(n) < self.long_prob
+
+    def __getitem__(self, step: int) -> Batch:
+        indices = [int(i) for i in self.sampler.batch(int(step))]
+        pixels = self.source.pixels(indices)
+        short, long = self.source.captions(indices)
+        want_long = self.choose_long(step, len(indices))
+        is_long = [bool(w) and lc is not None for w, lc in zip(want_long, long)]
+        texts = [lc if use else sc for use, sc, lc in zip(is_long, short, long)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)
+            tokens = self.tokenizer(texts)
+        return Batch(step=int(step), indices=indices, pixels=pixels, ids=tokens.ids, texts=texts,
+                     is_long=torch.tensor(is_long, dtype=torch.bool), truncated=tokens.truncated)
+
+
+def _identity(x):
+    return x
+
+
+def make_loader(batches: TrainBatches, start_step: int, num_workers: int = 0, prefetch: int = 2):
+    """Iterate the batches of steps ``start_step .. len(batches)-1`` in order."""
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": prefetch, "persistent_workers": False}
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start_step, len(batches)),
+                                       num_workers=num_workers, collate_fn=_identity, **kwargs)
