@@ -160,3 +160,14 @@ def test_loaded_model_gives_bit_identical_features(tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(back.encode_text(batch), tiny.encode_text(batch))
         assert torch.equal(back.encode_image(pixels), tiny.encode_image(pixels))
+
+
+def test_save_in_fp16_halves_the_file_and_loads_as_fp32(tiny, tmp_path):
+    tiny.save(tmp_path / "full")
+    tiny.save(tmp_path / "half", dtype=torch.float16)
+    full, half = (tmp_path / d / "model.safetensors" for d in ("full", "half"))
+    assert half.stat().st_size < 0.51 * full.stat().st_size
+    back = cliplab.load(tmp_path / "half")
+    assert back.dtype == torch.float32
+    for k, v in tiny.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v.half().float()), k

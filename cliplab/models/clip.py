@@ -167,14 +167,16 @@ class CLIP(nn.Module):
     def temperature(self) -> float:
         return 1.0 / math.exp(self.logit_scale.item())
 
-    def save(self, directory: str | Path) -> Path:
-        """Write the native format: ``model.safetensors`` (fp32 as held) + ``cliplab.json`` (config, tokenizer,
-        preprocessing). ``cliplab.load(directory)`` reads it back bit-exactly."""
+    def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the native format: ``model.safetensors`` + ``cliplab.json`` (config, tokenizer, preprocessing).
+        ``cliplab.load(directory)`` reads it back bit-exactly. ``dtype`` (e.g. ``torch.float16``) stores floating
+        tensors in a smaller type (loading always gives fp32 weights unless asked otherwise)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in self.state_dict().items()}
         save_file(state, str(directory / NATIVE_WEIGHTS_FILE), metadata={"format": "cliplab"})
         meta = {"format": "cliplab", "format_version": NATIVE_FORMAT_VERSION, "config": self.config.to_dict()}
         (directory / NATIVE_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
