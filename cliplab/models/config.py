@@ -24,6 +24,14 @@ class ConfigError(ValueError):
     """A configuration is malformed (unknown keys, bad values)."""
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON config file's content; malformed JSON is a :class:`ConfigError` naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
 def _from_dict(cls, data: dict[str, Any], where: str):
     """Build dataclass ``cls`` from ``data``, refusing unknown keys so a typo never passes silently."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -132,11 +140,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import ConfigError, ModelConfig, get_config
+from ..models.config import read_json
 
 __all__ = ["DataConfig", "TrainConfig", "PRECISIONS"]
 
@@ -122,11 +123,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path))
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return self.from_dict({**self.to_dict(), **{k: v for k, v in changes.items()}})
