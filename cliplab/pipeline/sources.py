@@ -19,6 +19,8 @@ Add a kind with :func:`register_source`. Sources must be picklable (process/Ray 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import csv
 import json
 import os
@@ -50,17 +52,19 @@ class Item:
         return self.path is not None or self.key is not None
 
 
-class Source:
+class Source(ABC):
     """Base class: subclasses implement :meth:`iter_items` (``Item`` without a meaningful ``index``; the job numbers
     them) and :meth:`describe`; :meth:`open_image` loads an item's image as RGB (raising ``ImageLoadError``)."""
 
     kind = "source"
 
-    def iter_items(self) -> Iterator[Item]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def iter_items(self) -> Iterator[Item]:
+        """The items of the source, in a stable order."""
 
-    def describe(self) -> dict[str, Any]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description for the manifest."""
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs "the same source" for resuming (settings only, nothing found while listing)."""

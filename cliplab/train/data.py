@@ -16,6 +16,8 @@ Sources (``register_source``):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import csv
 import os
 import warnings
@@ -73,18 +75,18 @@ class Batch:
         return int(self.truncated.sum())
 
 
-class DataSource:
+class DataSource(ABC):
     """Index-addressable examples. ``size`` is the number of items (``None``: endless)."""
 
     size: int | None = None
 
+    @abstractmethod
     def pixels(self, indices: Sequence[int]) -> torch.Tensor:
         """Preprocessed images ``[B, 3, S, S]`` float32."""
-        raise NotImplementedError
 
+    @abstractmethod
     def captions(self, indices: Sequence[int]) -> tuple[list[str], list[str | None]]:
         """Short captions and long captions (``None`` where a row has none)."""
-        raise NotImplementedError
 
 
 def _normalise_uint8(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

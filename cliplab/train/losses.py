@@ -17,6 +17,8 @@ them (no weight decay) and stores ``loss.state_dict()`` in every checkpoint.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -68,11 +70,12 @@ class BatchOutput:
         return self.scale * self.similarity()
 
 
-class Loss(nn.Module):
+class Loss(nn.Module, metaclass=ABCMeta):
     """Base class: ``forward(out: BatchOutput) -> (scalar loss, {name: float})``."""
 
-    def forward(self, out: BatchOutput) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, out: BatchOutput) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss and the values to log."""
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -17,6 +17,8 @@ positions to indices, with epochs running across batch boundaries (no sample is 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Any
 
 import numpy as np
@@ -46,7 +48,7 @@ def get_sampler(name: str, size: int | None, batch_size: int, seed: int = 0, **k
     return SAMPLERS.build(name, size, batch_size, seed=seed, **kwargs)
 
 
-class BatchSampler:
+class BatchSampler(ABC):
     def __init__(self, size: int | None, batch_size: int, seed: int = 0):
         if size is not None and size <= 0:
             raise ValueError(f"the data source is empty (size {size})")
@@ -56,8 +58,9 @@ class BatchSampler:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
 
-    def batch(self, step: int) -> list[int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def batch(self, step: int) -> list[int]:
+        """The item indices of training step ``step``."""
 
     def epoch(self, step: int) -> float:
         """Fractional number of passes over the source completed before ``step``."""
