@@ -62,10 +62,9 @@ def tiny_smoke() -> TrainConfig:
     )
 
 
-#: Measured with short runs of this recipe on the 2-core development machine (one torch thread, batch 256, bf16):
-#: 0.31 steps/s with the machine lightly shared (load ~2-3), 0.255 steps/s at load ~4, 0.15 steps/s at load 6-8.
-#: 400 steps: ~21.5 min at 0.31 steps/s, ~26 min at 0.255 steps/s.
-SHAPES_TINY_STEPS = 400
+#: The shipped model's run: 600 steps at 0.41-0.47 steps/s with two torch threads on the otherwise quiet 2-core
+#: development machine (OMP_WAIT_POLICY=PASSIVE), 24.5 minutes. With one thread: 0.31 steps/s at load ~2-3.
+SHAPES_TINY_STEPS = 600
 
 
 @register_preset("shapes-tiny")
@@ -82,9 +81,10 @@ def shapes_tiny() -> TrainConfig:
         warmup_steps=30,
         weight_decay=0.1,
         precision="bf16",
-        # One thread: with two, PyTorch's OpenMP threads spin-wait and a busy 2-core machine runs 3x slower
-        # (0.05 vs 0.15 steps/s measured; 0.14 vs 0.31 at load ~2).
-        threads=1,
+        # Two threads on a quiet machine (the shipped run). On a busy 2-core machine PyTorch's OpenMP threads
+        # spin-wait and run up to 3x slower: set OMP_WAIT_POLICY=PASSIVE or pass --set threads=1 there.
+        # (two vs one thread under load: 0.05 vs 0.15 steps/s at load 6-8; 0.14 vs 0.31 at load ~2).
+        threads=2,
         log_every=10,
         checkpoint_every=50,
         out_dir="runs/shapes-tiny",
