@@ -145,7 +145,7 @@ def test_attention_maps_are_differentiable(model, batch):
         moved = m64.encode_text(batch, hooks=InterventionSet([Intervention(f"text.layer[{layer}].attn", bump)]))
     g = float(grads[layer][b, h, i, j])
     assert g != 0
-    assert float(moved.pooled[:, 0].sum() - out.pooled[:, 0].sum()) == pytest.approx(eps * g, rel=1e-4)
+    assert (moved.pooled[:, 0].sum() - out.pooled[:, 0].sum()).item() == pytest.approx(eps * g, rel=1e-4)
 
 
 def test_intervene_context_stacks_and_restores(model, batch):

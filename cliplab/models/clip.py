@@ -142,7 +142,7 @@ class CLIP(nn.Module):
 
     def tokenize(self, texts: str | Sequence[str], truncate: bool = True) -> "TokenizedBatch":
         """Tokenize to this model's context length; truncation is reported (warning + flags), or refused."""
-        return self.tokenizer(texts, context_length=self.config.text.context_length, truncate=truncate)
+        return self.tokenizer(texts, context_length=self.config.text.context_length, truncate=truncate, stacklevel=3)
 
     @cached_property
     def preprocessor(self) -> "Preprocessor":

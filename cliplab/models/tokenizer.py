@@ -943,8 +943,10 @@ class CLIPTokenizer:
         texts: str | Sequence[str],
         context_length: int | None = None,
         truncate: bool = True,
+        stacklevel: int = 2,
     ) -> TokenizedBatch:
-        """Tokenize a text or list of texts into a padded :class:`TokenizedBatch`."""
+        """Tokenize a text or list of texts into a padded :class:`TokenizedBatch`. ``stacklevel`` places the
+        truncation warning (wrappers pass theirs + 1 so it points at their caller)."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -989,7 +991,7 @@ class CLIPTokenizer:
                 f"{len(too_long)} of {B} text(s) truncated to context_length={L} "
                 f"({int(n_dropped.sum())} content token(s) dropped): " + _describe_rows(too_long),
                 TruncationWarning,
-                stacklevel=2,
+                stacklevel=stacklevel,
             )
         return TokenizedBatch(ids=ids, lengths=lengths, spans=spans, truncated=truncated, n_dropped=n_dropped, texts=texts)
 

@@ -37,13 +37,17 @@ class DemoResult:
 
 
 def _retrieval_metrics(img: np.ndarray, txt: np.ndarray, ks=(1, 5, 10)) -> dict[str, Any]:
-    """Caption i describes image i: recall@k both ways, and the cosine of matching vs other pairs."""
+    """Caption i describes image i: recall@k both ways (ranks from the evaluation harness, so ties are broken the
+    same way as in ``cliplab eval``), and the cosine of matching vs other pairs."""
+    import torch
+
+    from ...eval.metrics import retrieval_ranks
+
     sims = txt @ img.T  # [captions, images]
     n = len(sims)
     diag = np.diag(sims)
-    # rank of the true match = number of candidates scoring strictly higher
-    t2i_rank = (sims > diag[:, None]).sum(axis=1)
-    i2t_rank = (sims.T > diag[:, None]).sum(axis=1)
+    i2t, t2i = retrieval_ranks(torch.from_numpy(sims.T.copy()), torch.arange(n))
+    i2t_rank, t2i_rank = i2t.numpy(), t2i.numpy()
     out = {"n": n}
     for k in ks:
         out[f"text_to_image_r@{k}"] = float((t2i_rank < k).mean())
