@@ -113,10 +113,19 @@ class CLIP(nn.Module):
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
-        """Tokenize and encode a list of strings in batches; rows come back in input order."""
-        out = [self.encode_text(self.tokenize(list(texts[i : i + batch_size])), normalize)
-               for i in range(0, len(texts), batch_size)]
-        return torch.cat(out) if out else torch.empty(0, self.config.embed_dim)
+        """Tokenize and encode a list of strings; rows come back in input order.
+
+        Texts are sorted by token length before batching, so each batch is padded only to its own longest text (an
+        exact saving: causal attention and EOT pooling make padding irrelevant to the result)."""
+        if not texts:
+            return torch.empty(0, self.config.embed_dim)
+        batch = self.tokenizer(list(texts), context_length=self.config.text.context_length, stacklevel=3)
+        order = torch.argsort(batch.lengths, stable=True)
+        out = torch.empty(len(texts), self.config.embed_dim)
+        for i in range(0, len(texts), batch_size):
+            rows = order[i : i + batch_size]
+            out[rows] = self.encode_text(batch.ids[rows], normalize).float().cpu()
+        return out
 
     @torch.no_grad()
     def encode_images(self, images: Iterable, batch_size: int = 64, normalize: bool = False) -> torch.Tensor:
