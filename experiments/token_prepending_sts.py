@@ -22,7 +22,6 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import cliplab
 from cliplab.data.synthetic import SceneWorld, caption_diff, make_foils, parse_caption, short_caption_content

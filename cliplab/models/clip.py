@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .hooks import NO_HOOKS, Hooks, TowerOutput, parse_output
+from .hooks import NO_HOOKS, Hooks, parse_output
 from .towers import TextTower, VisionTower
 
 if TYPE_CHECKING:  # imported lazily at run time: the model works on tensors without them
