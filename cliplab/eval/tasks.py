@@ -71,10 +71,8 @@ def load_model(spec: str, random_init: bool = False, seed: int = 0, device: str 
     """``(model, identity)`` from a loadable source (``cliplab.load``, with ``arch`` when it cannot be inferred) or,
     with ``random_init``, an architecture name (``cliplab.create_model(name, seed=seed)``)."""
     from ..models import create_model, load
-    from ..models.loading import PRECISIONS
-
     if random_init:
-        model = create_model(spec, seed=seed).to(device=device, dtype=PRECISIONS[precision]).eval()
+        model = create_model(spec, seed=seed).to(device=device).set_precision(precision).eval()
         return model, model_identity(model)
     model = load(spec, arch=arch, precision=precision, device=device)
     source = spec if Path(spec).exists() else None

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .transformer import attention, match_dtype
+
 
 class Hooks:
     """No-op hook set. Subclasses override the sites they act on."""
@@ -107,9 +109,10 @@ def _attend(block_attn, x: torch.Tensor, mask: torch.Tensor | None, tower: str, 
     bias = hooks.attn_bias(tower, layer, x.shape[1])
     if bias is not None:
         mask = bias if mask is None else mask + bias
+    mask = match_dtype(mask, q)
     edits = hooks.edits_attn(tower, layer)
     if not (record or edits):
-        return block_attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), None
+        return block_attn.merge_heads(attention(q, k, v, mask)), None
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores + mask
@@ -117,7 +120,7 @@ def _attend(block_attn, x: torch.Tensor, mask: torch.Tensor | None, tower: str, 
     new = hooks.attn_probs(tower, layer, probs) if edits else probs
     if new is probs and not torch.is_grad_enabled():
         # reading only: the fused kernel gives the output, so it stays bit-identical to the plain path
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attention(q, k, v, mask)
     else:
         y = new @ v  # the probabilities are in the graph: gradients w.r.t. attention maps flow
     return block_attn.merge_heads(y), new

@@ -22,14 +22,14 @@ from typing import Callable
 
 import torch
 
-from .clip import NATIVE_CONFIG_FILE, NATIVE_WEIGHTS_FILE, CLIP
+from .clip import PRECISIONS, NATIVE_CONFIG_FILE, NATIVE_WEIGHTS_FILE, CLIP
 from .config import ModelConfig
 from .layouts import CheckpointError, detect_layout, get_layout
 from .layouts.base import describe_key_problems
 from .layouts.hf import config_from_hf, config_to_hf, preprocessor_to_hf
 from .registry import find_matching_config, get_config
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 # Models shipped inside the package: every ``pretrained/<name>/`` holding a cliplab.json is loadable by name.
@@ -175,12 +175,13 @@ def load(source: str | Path, arch=None, precision: str = "fp32", device: str | t
     """Load a CLIP model from a pretrained name, a directory or a weights file (see the module docstring).
 
     ``arch`` overrides the architecture; ``layout`` forces a layout instead of detecting it; ``precision`` is
-    ``"fp32"`` (default, exact), ``"bf16"`` or ``"fp16"`` (weights cast). The model is returned in eval mode.
+    ``"fp32"`` (default, exact) or the fast mode ``"bf16"`` (``"fp16"``): matmul weights in that type, the residual
+    stream, LayerNorms and features in fp32 (:meth:`CLIP.set_precision`). The model is returned in eval mode.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     model = _load_any(source, arch, layout)
-    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    return model.to(device=device).set_precision(precision).eval()
 
 
 def _load_any(source, arch, layout) -> CLIP:
@@ -188,6 +189,8 @@ def _load_any(source, arch, layout) -> CLIP:
         return _load_native_dir(_PRETRAINED[source]())
     path = Path(source)
     if path.is_dir():
+        if (path / "onnx_export.json").exists() and not (path / NATIVE_WEIGHTS_FILE).exists():
+            raise CheckpointError(f"{path} is an ONNX export: open it with cliplab.export.load_onnx({str(path)!r})")
         if (path / NATIVE_CONFIG_FILE).exists():
             return _load_native_dir(path)
         if (path / "config.json").exists():

@@ -158,11 +158,13 @@ def _to_rgb(im: Image.Image, alpha: str) -> Image.Image:
     return rgba.convert("RGB")  # OpenAI: convert("RGB") discards alpha; going via RGBA avoids Pillow's palette warnings
 
 
-def load_image(src: ImageSource, *, alpha: str = "drop") -> Image.Image:
+def load_image(src: ImageSource, *, alpha: str = "drop", draft: int | None = None) -> Image.Image:
     """Open ``src`` (path, bytes, binary file object or PIL image) as an RGB image, upright per EXIF orientation.
 
     ``alpha``: ``"drop"`` (default, OpenAI: ``convert("RGB")`` ignores alpha/transparency) or ``"white"``
-    (transformers 5: composite over white). Raises :class:`ImageLoadError` for missing/empty files, non-images,
+    (transformers 5: composite over white). ``draft``: for JPEG files, let the decoder scale by 1/2, 1/4 or 1/8 (in
+    the DCT, much faster than a full decode) while both sides stay at least ``draft`` pixels (Pillow's draft mode);
+    not exact, so only the fast mode uses it. Raises :class:`ImageLoadError` for missing/empty files, non-images,
     truncated or corrupt data (the image is fully decoded here) and decompression bombs.
     """
     if alpha not in _ALPHA_POLICIES:
@@ -208,6 +210,8 @@ def load_image(src: ImageSource, *, alpha: str = "drop") -> Image.Image:
     try:
         with Image.open(fp) as im:
             _check_pixels(im, desc)
+            if draft and im.format == "JPEG" and min(im.size) >= 2 * draft:  # else draft would only change the IDCT
+                im.draft("RGB", (int(draft), int(draft)))
             im.load()  # force the full decode so truncation/corruption surfaces here
             return _finish(im, alpha, desc)
     except ImageLoadError:
@@ -273,10 +277,13 @@ def crop_offset(length: int, size: int, rounding: str) -> int:
 class Preprocessor:
     """Image -> normalised ``float32`` tensor ``[3, S, S]`` (``batch``: ``[B, 3, S, S]``).
 
-    ``alpha`` is forwarded to :func:`load_image` (``"drop"`` = OpenAI, ``"white"`` = transformers 5).
+    ``alpha`` is forwarded to :func:`load_image` (``"drop"`` = OpenAI, ``"white"`` = transformers 5). ``fast``
+    decodes JPEGs of at least 4x the input size at 1/2, 1/4 or 1/8 scale, keeping both sides >= 2x the input so
+    the bicubic resize still antialiases (Pillow draft mode, see :func:`load_image`). Not bit-exact, so models
+    turn it on only in their fast mode (``precision="bf16"``); ``benchmarks/suite.py`` measures its effect.
     """
 
-    def __init__(self, config: PreprocessConfig | None = None, *, alpha: str = "drop"):
+    def __init__(self, config: PreprocessConfig | None = None, *, alpha: str = "drop", fast: bool = False):
         if config is None:
             config = PreprocessConfig()
         if not isinstance(config, PreprocessConfig):
@@ -285,16 +292,17 @@ class Preprocessor:
             raise ValueError(f"alpha must be one of {list(_ALPHA_POLICIES)}, got {alpha!r}")
         self.config = config
         self.alpha = alpha
+        self.fast = bool(fast)
         self._resample = _INTERPOLATIONS[config.interpolation]
         self._mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
         self._std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
 
     def __repr__(self) -> str:
-        return f"Preprocessor({self.config!r}, alpha={self.alpha!r})"
+        return f"Preprocessor({self.config!r}, alpha={self.alpha!r}, fast={self.fast})"
 
     def resize_crop(self, image: ImageSource) -> Image.Image:
         """Load, resize (short side S) and centre-crop: the RGB ``S x S`` image before scaling/normalisation."""
-        img = load_image(image, alpha=self.alpha)
+        img = load_image(image, alpha=self.alpha, draft=2 * self.config.image_size if self.fast else None)
         return self._resize_crop_rgb(img)
 
     def _resize_crop_rgb(self, img: Image.Image) -> Image.Image:

@@ -10,6 +10,17 @@ from .hooks import NO_HOOKS, Hooks, TowerOutput, run_blocks
 from .transformer import Transformer
 
 
+#: At inference, a large batch runs through a tower in slices of about this many tokens (``rows x sequence``), one
+#: slice after the other. Smaller working sets stay in cache: on the 2-core development CPU, ViT-B/32 encoded real
+#: captions at 133 vs 94 texts/s (fp32) and 252 vs 198 (bf16) against whole batches of 256, and images at 19.0 vs
+#: 17.4 per s (fp32; bf16 unchanged) against a batch of 64. Under autograd (training) the batch runs whole.
+SLICE_TOKENS = 512
+
+
+def _slices(rows: int, tokens_per_row: int) -> int:
+    return rows if torch.is_grad_enabled() else max(1, SLICE_TOKENS // max(1, tokens_per_row))
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, eps: float):
         super().__init__()
@@ -35,6 +46,12 @@ class VisionTower(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        step = _slices(pixels.shape[0], self.cfg.num_positions)
+        if pixels.shape[0] > step:
+            return torch.cat([self._forward(chunk) for chunk in pixels.split(step)])
+        return self._forward(pixels)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.embed_patches(pixels) + self.pos_embed.to(self.patch_embed.weight.dtype)
         x = self.transformer(self.ln_pre(x))
         return self.proj(self.ln_post(x[:, 0]))
@@ -119,6 +136,15 @@ class TextTower(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, eot = self._cut(ids)
+        step = _slices(ids.shape[0], ids.shape[1])
+        if ids.shape[0] > step:  # each slice is cut again, to its own longest text
+            return torch.cat([self.forward_padded(*self._cut(chunk)) for chunk in ids.split(step)])
+        return self.forward_padded(ids, eot)
+
+    def forward_padded(self, ids: torch.Tensor, eot: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward pass on ``ids`` as given, without cutting the padding (the shape stays static, as ONNX export
+        needs). Exact for any padding after EOT, only slower than :meth:`forward`."""
+        eot = self.eot_index(ids) if eot is None else eot
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
         x = self.ln_final(self.transformer(x, attn_mask=self.causal_mask(ids.shape[1], x)))
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])

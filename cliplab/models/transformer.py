@@ -15,7 +15,9 @@ class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the activation OpenAI's CLIP was trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled():
+            return x * torch.sigmoid(1.702 * x)
+        return torch.sigmoid(1.702 * x).mul_(x)  # inference: the same bits, one buffer fewer
 
 
 def make_activation(name: str) -> nn.Module:
@@ -24,6 +26,32 @@ def make_activation(name: str) -> nn.Module:
     if name == "gelu":
         return nn.GELU()
     raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu' or 'gelu'")
+
+
+def match_dtype(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """A float attention mask in the dtype of the queries (SDPA wants them equal; a hook's bias may come in fp32
+    while the model runs in bf16)."""
+    if mask is None or mask.dtype == torch.bool or mask.dtype == like.dtype:
+        return mask
+    return mask.to(like.dtype)
+
+
+#: In low precision, sequences up to this length run attention as two plain matmuls and a softmax: measured 1.9x
+#: faster than PyTorch's fused CPU kernel for ViT-B/32's 50 tokens and 20-token captions in bf16 (2 cores), while the
+#: fused kernel wins at 197 tokens. fp32 always uses the fused kernel (the exact path).
+SHORT_SEQUENCE = 96
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention over ``[B, H, n, d]``; the kernel is chosen by dtype and length (see above)."""
+    mask = match_dtype(mask, q)
+    if q.dtype == torch.float32 or q.shape[-2] > SHORT_SEQUENCE or (causal and mask is None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(-1) @ v
 
 
 class Attention(nn.Module):
@@ -45,8 +73,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self.split_heads(x)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
-        return self.merge_heads(y)
+        return self.merge_heads(attention(q, k, v, attn_mask, causal))
 
 
 class MLP(nn.Module):
