@@ -9,6 +9,9 @@ single-object scenes (8 shapes, chance 12.5%) and prints held-out accuracy as tr
 * ``hf-vit``: `transformers`' CLIPVisionModel with the same configuration (to rule out a bug in our tower).
 
     python experiments/shape_learnability.py [--models cnn,vit,hf-vit] [--steps 300] [--batch 64]
+
+Measured 2026-11-24 (``--steps 300 --every 100``, 2 cores): after 19,200 scenes the CNN reaches 0.95, our ViT 0.14 and
+transformers' ViT 0.12 (see docs/training.md).
 """
 
 from __future__ import annotations
