@@ -140,3 +140,20 @@ def test_flop_counts_match_torch_counter(arch):
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model.encode_text(ids)
     assert text_flops(model.config, n) - counter.get_total_flops() == t.layers * 2 * n * n * t.width
+
+
+def test_inference_slices_match_the_whole_batch():
+    """Large inference batches run slice by slice (``SLICE_TOKENS``); rows must equal the whole-batch computation,
+    which is what runs under autograd."""
+    from cliplab.models import towers
+
+    model = cliplab.create_model("test-tiny", seed=0).eval()
+    s = model.config.vision.image_size
+    px = torch.randn(3 * towers.SLICE_TOKENS // model.config.vision.num_positions, 3, s, s)
+    ids = model.tokenize([f"caption number {i} " + "word " * (i % 9) for i in range(200)])
+    with torch.inference_mode():
+        sliced_img, sliced_txt = model.encode_image(px), model.encode_text(ids)
+    with torch.enable_grad():
+        whole_img, whole_txt = model.encode_image(px).detach(), model.encode_text(ids).detach()
+    assert (sliced_img - whole_img).abs().max() < 1e-5
+    assert (sliced_txt - whole_txt).abs().max() < 1e-5

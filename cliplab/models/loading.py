@@ -29,7 +29,6 @@ from .layouts.base import describe_key_problems
 from .layouts.hf import config_from_hf, config_to_hf, preprocessor_to_hf
 from .registry import find_matching_config, get_config
 
-
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 # Models shipped inside the package: every ``pretrained/<name>/`` holding a cliplab.json is loadable by name.
@@ -175,8 +174,8 @@ def load(source: str | Path, arch=None, precision: str = "fp32", device: str | t
     """Load a CLIP model from a pretrained name, a directory or a weights file (see the module docstring).
 
     ``arch`` overrides the architecture; ``layout`` forces a layout instead of detecting it; ``precision`` is
-    ``"fp32"`` (default, exact) or the fast mode ``"bf16"`` (``"fp16"``): matmul weights in that type, the residual
-    stream, LayerNorms and features in fp32 (:meth:`CLIP.set_precision`). The model is returned in eval mode.
+    ``"fp32"`` (default, exact) or the fast mode ``"bf16"`` (``"fp16"``): weights and compute in that type, features
+    returned in fp32 (:meth:`CLIP.set_precision`). The model is returned in eval mode.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")

@@ -17,7 +17,7 @@ from .transformer import Transformer
 SLICE_TOKENS = 512
 
 
-def _slices(rows: int, tokens_per_row: int) -> int:
+def _slice_rows(rows: int, tokens_per_row: int) -> int:
     return rows if torch.is_grad_enabled() else max(1, SLICE_TOKENS // max(1, tokens_per_row))
 
 
@@ -46,7 +46,7 @@ class VisionTower(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        step = _slices(pixels.shape[0], self.cfg.num_positions)
+        step = _slice_rows(pixels.shape[0], self.cfg.num_positions)
         if pixels.shape[0] > step:
             return torch.cat([self._forward(chunk) for chunk in pixels.split(step)])
         return self._forward(pixels)
@@ -136,7 +136,7 @@ class TextTower(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, eot = self._cut(ids)
-        step = _slices(ids.shape[0], ids.shape[1])
+        step = _slice_rows(ids.shape[0], ids.shape[1])
         if ids.shape[0] > step:  # each slice is cut again, to its own longest text
             return torch.cat([self.forward_padded(*self._cut(chunk)) for chunk in ids.split(step)])
         return self.forward_padded(ids, eot)
