@@ -13,10 +13,7 @@ unless given one).
 from __future__ import annotations
 
 import argparse
-import csv
-import random
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,31 +22,14 @@ import torch.nn.functional as F
 
 import cliplab
 from cliplab.export import export_onnx, load_onnx
-from cliplab.export.parity import random_captions
+from suite import DATA, best_rate, load_captions  # the suite's caption sample and timer (same directory)
 
-CAPTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k" / "all_captions.csv"
-
-
-def load_captions(n: int, seed: int = 0) -> list[str]:
-    """``n`` shuffled Flickr8k captions (their real length distribution), or synthetic ones when the data is absent."""
-    if CAPTIONS.exists():
-        with CAPTIONS.open(newline="") as f:
-            captions = [row["caption"] for row in csv.DictReader(f)]
-    else:
-        captions = random_captions(n, seed=seed, max_words=25)
-    random.Random(seed).shuffle(captions)
-    return captions[:n]
+CAPTIONS = DATA / "all_captions.csv"
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Best wall time of ``repeats`` calls after one warm-up call (the least disturbed run on a shared machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return 1.0 / best_rate(fn, 1.0, repeats)
 
 
 def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:

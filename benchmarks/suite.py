@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import cliplab
+from cliplab.export.parity import random_captions
 from cliplab.models.flops import image_flops, text_flops
 from cliplab.models.layouts.hf import config_to_hf
 
@@ -60,9 +61,7 @@ def load_captions(n: int, seed: int = 0) -> list[str]:
         with path.open(newline="", encoding="utf-8") as f:
             caps = [row["caption"] for row in csv.DictReader(f)]
     else:  # keeps the suite runnable without the shared data; the report says which
-        words = "a the dog cat man woman runs sits on in red blue field street with two three small".split()
-        rng = random.Random(seed)
-        caps = [" ".join(rng.choices(words, k=rng.randint(4, 25))) for _ in range(n)]
+        caps = random_captions(n, seed=seed, max_words=25)
     random.Random(seed).shuffle(caps)
     return caps[:n]
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.clip import encode_in_length_order
 from .deps import require
 from .graphs import IMAGE_INPUT, TEXT_INPUT
 from .manifest import OnnxExportError, read_config, read_manifest
@@ -148,15 +149,7 @@ class OnnxCLIP:
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, normalize: bool = False) -> torch.Tensor:
         """Tokenize and encode a list of strings; rows come back in input order (batches sorted by length, each
         cut to its own longest text, as :meth:`cliplab.CLIP.encode_texts`)."""
-        if not texts:
-            return torch.empty(0, self.config.embed_dim)
-        batch = self.tokenizer(list(texts), context_length=self.config.text.context_length, stacklevel=3)
-        order = torch.argsort(batch.lengths, stable=True)
-        out = torch.empty(len(texts), self.config.embed_dim)
-        for i in range(0, len(texts), batch_size):
-            rows = order[i : i + batch_size]
-            out[rows] = self.encode_text(batch.ids[rows], normalize)
-        return out
+        return encode_in_length_order(self, texts, batch_size, normalize)
 
     def encode_images(self, images: Iterable, batch_size: int = 64, normalize: bool = False) -> torch.Tensor:
         """Preprocess and encode PIL images or paths in batches."""

@@ -31,6 +31,24 @@ def _maybe_normalize(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def encode_in_length_order(encoder, texts: Sequence[str], batch_size: int, normalize: bool,
+                           stacklevel: int = 4) -> torch.Tensor:
+    """``encoder.encode_texts`` for any backend with ``tokenizer``, ``config`` and ``encode_text(ids, normalize)``:
+    tokenize, sort by token length, encode in batches (each padded only to its own longest text), restore the
+    input order. Exact: causal attention and EOT pooling make padding irrelevant to the result. ``stacklevel`` makes
+    a truncation warning point at the code that called ``encode_texts``."""
+    if not texts:
+        return torch.empty(0, encoder.config.embed_dim)
+    batch = encoder.tokenizer(list(texts), context_length=encoder.config.text.context_length,
+                              stacklevel=stacklevel)
+    order = torch.argsort(batch.lengths, stable=True)
+    out = torch.empty(len(texts), encoder.config.embed_dim)
+    for i in range(0, len(texts), batch_size):
+        rows = order[i : i + batch_size]
+        out[rows] = encoder.encode_text(batch.ids[rows], normalize).float().cpu()
+    return out
+
+
 class CLIP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -118,15 +136,7 @@ class CLIP(nn.Module):
 
         Texts are sorted by token length before batching, so each batch is padded only to its own longest text (an
         exact saving: causal attention and EOT pooling make padding irrelevant to the result)."""
-        if not texts:
-            return torch.empty(0, self.config.embed_dim)
-        batch = self.tokenizer(list(texts), context_length=self.config.text.context_length, stacklevel=3)
-        order = torch.argsort(batch.lengths, stable=True)
-        out = torch.empty(len(texts), self.config.embed_dim)
-        for i in range(0, len(texts), batch_size):
-            rows = order[i : i + batch_size]
-            out[rows] = self.encode_text(batch.ids[rows], normalize).float().cpu()
-        return out
+        return encode_in_length_order(self, texts, batch_size, normalize, stacklevel=5)  # + torch.no_grad's frame
 
     @torch.no_grad()
     def encode_images(self, images: Iterable, batch_size: int = 64, normalize: bool = False) -> torch.Tensor:
