@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import cliplab
 from cliplab.data.synthetic import SceneWorld, make_foils
@@ -45,6 +46,35 @@ def foil_accuracy(model, n_scenes: int = 1500) -> dict[str, dict]:
     return out
 
 
+def linear_probe(model, kind: str = "shape", n_train_per_class: int = 125) -> dict:
+    """How much of ``kind`` the image features hold, whatever the text side does: a logistic-regression probe on the
+    normalised image features of single-object scenes (training scenes from world seed 3, tested on the zero-shot
+    test's held-out scenes of seed 1). Far above the zero-shot figure means the image tower knows more than the
+    joint space shows."""
+    from cliplab.data.synthetic import zero_shot_task
+
+    train = zero_shot_task(kind, n_train_per_class, seed=3)
+    test = zero_shot_task(kind, 50, seed=HELD_OUT_SEED)
+    with torch.no_grad():
+        x_train, x_test = (model.encode_images(t.images, normalize=True) for t in (train, test))
+    y_train, y_test = torch.tensor(train.labels), torch.tensor(test.labels)
+    torch.manual_seed(0)
+    weight = torch.zeros(x_train.shape[1], len(train.classnames), requires_grad=True)
+    bias = torch.zeros(len(train.classnames), requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=500)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x_train @ weight + bias, y_train) + 1e-4 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    acc = float(((x_test @ weight + bias).argmax(1) == y_test).float().mean())
+    return {"accuracy": round(acc, 4), "train_images": len(y_train), "test_images": len(y_test),
+            "chance": round(1 / len(train.classnames), 4)}
+
+
 def measure(model) -> dict:
     t0 = time.perf_counter()
     ev = dict(cache_dir=None, batch_size=256)
@@ -67,26 +97,31 @@ def measure(model) -> dict:
     r = evaluate("winoground", model, "synthetic-winoground", dataset_options={"n": 400, "seed": HELD_OUT_SEED}, **ev)
     res["winoground"] = r["metrics"]
     res["foils"] = foil_accuracy(model)
+    res["linear_probe"] = {"shape": linear_probe(model, "shape")}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
+
+
+#: The issue's bar for single-object zero-shot colour and shape.
+TARGET = 0.95
 
 
 def weaknesses(res: dict) -> list[str]:
     """Plain statements of what the numbers show; nothing here is hard-coded praise."""
     zs, wg, fo = res["zeroshot"], res["winoground"]["by_kind"], res["foils"]
-    learned = [k for k, v in zs.items() if k != "colour_shape" and v["top1"] >= 0.9]
-    weak = [k for k, v in zs.items() if k != "colour_shape" and v["top1"] < 0.9]
+    single = {k: v for k, v in zs.items() if k != "colour_shape"}
+    learned = [k for k, v in single.items() if v["top1"] >= TARGET]
     lines = []
     if learned:
-        shown = ", ".join(f"{zs[k]['top1']:.0%}" for k in learned)
-        lines.append(f"Learned: single-object {' and '.join(learned)} ({shown}).")
-    for k in weak:
-        lines.append(f"**Not learned by this recipe: single-object {k}** ({zs[k]['top1']:.1%} against {zs[k]['chance']:.1%} "
-                     "chance), and the image tower is the bottleneck, not the contrastive objective: trained directly on "
-                     "the shape labels of single-object scenes (`experiments/shape_learnability.py`), this ViT and "
-                     "`transformers`' CLIPVisionModel of the same size stay near chance after 19,200 scenes, while a "
-                     "3-layer CNN reaches 95%. More steps (950 gave 23%) or shape hard negatives alone will not close "
-                     "that within the 30-minute budget (the issue's target of 95% is not met).")
+        shown = ", ".join(f"{zs[k]['top1']:.1%}" for k in learned)
+        lines.append(f"Learned (at or above the {TARGET:.0%} bar): single-object {' and '.join(learned)} ({shown}).")
+    for k, v in single.items():
+        if k not in learned:
+            probe = res.get("linear_probe", {}).get(k)
+            known = (f" A linear probe on the image features gets {probe['accuracy']:.1%}, so the image tower holds "
+                     "more than the joint space shows." if probe and probe["accuracy"] > v["top1"] + 0.1 else "")
+            lines.append(f"**Below the {TARGET:.0%} bar: single-object {k}** ({v['top1']:.1%} against "
+                         f"{v['chance']:.1%} chance).{known} `docs/training.md` records what was tried.")
     binding = [k for k, v in wg.items() if v["group_score"] <= 0.2]
     if binding:
         lines.append(f"Attribute binding and relations are at or below chance in Winoground-style swaps ({', '.join(binding)}); "
@@ -94,6 +129,22 @@ def weaknesses(res: dict) -> list[str]:
                      "of the time. Long captions lose detail past token 77. These are the weaknesses later methods are "
                      "measured against (Long-CLIP, CLIP4DM, token-level edits).")
     return lines
+
+
+def variants_phrase(train_cfg: dict) -> str:
+    k = train_cfg["data"].get("options", {}).get("shape_variants", 1)
+    if k <= 1:
+        return ""
+    return (f", in groups of {k} that differ only in their objects' shapes (`data.options.shape_variants`, "
+            f"`{train_cfg['sampler']}` sampler, so a group's members are each other's in-batch hard negatives for "
+            "shape)")
+
+
+def stem_phrase(channels) -> str:
+    if not channels:
+        return ""
+    return (f" with a convolutional stem (stages of {'-'.join(map(str, channels))} channels, each 3x3 conv, ReLU, "
+            "2x2 max-pool, then a 1x1 projection to the width; `cliplab/models/stem.py`)")
 
 
 def card(model, res: dict, train_cfg: dict | None, train_log: list[dict]) -> str:
@@ -112,7 +163,8 @@ def card(model, res: dict, train_cfg: dict | None, train_log: list[dict]) -> str
         "Load it offline: `cliplab.load(\"shapes-tiny\")`.",
         "",
         "## Architecture",
-        f"ViT image tower {model.config.vision.image_size}px / patch {model.config.vision.patch_size}, width "
+        f"ViT image tower {model.config.vision.image_size}px / patch {model.config.vision.patch_size}"
+        f"{stem_phrase(model.config.vision.stem_channels)}, width "
         f"{model.config.vision.width} x {model.config.vision.layers} layers; causal text tower width "
         f"{model.config.text.width} x {model.config.text.layers} layers, vocabulary {model.config.text.vocab_size}; "
         f"joint space {model.config.embed_dim}; activation {model.config.vision.act}. Config: "
@@ -124,8 +176,9 @@ def card(model, res: dict, train_cfg: dict | None, train_log: list[dict]) -> str
         lines += [
             f"`cliplab train --preset shapes-tiny` (seed {train_cfg['seed']}): {train_cfg['steps']} steps of batch "
             f"{train_cfg['batch_size']} ({train_cfg['steps'] * train_cfg['batch_size']:,} image-caption pairs from an "
-            f"endless stream of scenes of world seed 0, captions short or long with probability "
-            f"{train_cfg['data']['long_prob']}; long ones truncated at 77 tokens), AdamW lr {train_cfg['lr']} "
+            f"endless stream of scenes of world seed 0{variants_phrase(train_cfg)}, captions short or long with "
+            f"probability {train_cfg['data']['long_prob']}; long ones truncated at 77 tokens), AdamW lr "
+            f"{train_cfg['lr']} "
             f"(warm-up {train_cfg['warmup_steps']}, cosine to {train_cfg['min_lr']}), weight decay "
             f"{train_cfg['weight_decay']}, gradient clip {train_cfg['clip_norm']}, {train_cfg['precision']} autocast, "
             f"{train_cfg['threads']} threads.",
@@ -158,6 +211,9 @@ def card(model, res: dict, train_cfg: dict | None, train_log: list[dict]) -> str
     for kind, v in fo.items():
         lines.append(f"| true caption beats {kind.replace('_', ' ')} foil ({v['pairs']} pairs) | {v['accuracy']:.1%} "
                      f"| 50% |")
+    for kind, v in res.get("linear_probe", {}).items():
+        lines.append(f"| linear probe on image features: {kind}, single object ({v['train_images']} training / "
+                     f"{v['test_images']} test images; not zero-shot) | {v['accuracy']:.1%} | {v['chance']:.1%} |")
     lines += [
         "",
         "## Weaknesses, on purpose visible",

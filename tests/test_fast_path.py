@@ -120,11 +120,12 @@ def test_draft_decoding_only_for_large_jpegs():
     assert (a - b).abs().mean() < 0.05 and F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
 
 
-@pytest.mark.parametrize("arch", ["test-tiny", "ViT-B-32"])
+@pytest.mark.parametrize("arch", ["test-tiny", "ViT-B-32", "shapes-tiny-stem"])
 def test_flop_counts_match_torch_counter(arch):
     """The closed-form counts against PyTorch's FLOP counter on the plain forward (fp32). The counter sees the
-    convolution and every linear layer but not the fused attention kernel, so the difference must be exactly the
-    attention term: ``4 n^2 W`` per layer for images, the causal half ``2 n^2 W`` for text."""
+    convolutions (shapes-tiny-stem: its stem's too) and every linear layer but not the fused attention kernel, so
+    the difference must be exactly the attention term: ``4 n^2 W`` per layer for images, the causal half
+    ``2 n^2 W`` for text."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = cliplab.create_model(arch, seed=0).eval()

@@ -481,3 +481,29 @@ def test_roundtrip_property_over_seeds_and_indices():
         assert s.masks.sum(0).max() <= 1 and all(m.any() for m in s.masks)
 
     check()
+
+
+# ------------------------------------------------------------------ shape variants (minimal groups)
+
+
+def test_shape_variants_differ_only_in_shapes(scenes):
+    def without_shapes(scene):
+        return scene.replace(objects=tuple(o.with_attrs(64, shape="circle") for o in scene.objects))
+
+    complete = 0
+    for i, scene in enumerate(scenes[:300]):
+        group = WORLD.shape_variants(scene, 4, np.random.default_rng(i))
+        assert group[0] is scene and 2 <= len(group) <= 4
+        complete += len(group) == 4
+        for v in group:
+            assert without_shapes(v) == without_shapes(scene)  # colours, sizes, textures, positions, word, brightness
+            assert WORLD.layout_ok(v)
+            parsed = parse_short_caption(v.short_caption)
+            assert {p["shape"]: p["count"] for p in parsed["objects"]} == v.attributes["counts"]
+        for k in range(len(scene.objects)):  # every object has a different shape in every variant
+            assert len({v.objects[k].shape for v in group}) == len(group)
+    assert complete >= 290  # a layout that no redraw fits is rare
+    again = WORLD.shape_variants(scenes[5], 4, np.random.default_rng(5))
+    assert again == WORLD.shape_variants(scenes[5], 4, np.random.default_rng(5))
+    with pytest.raises(ValueError, match="between 1 and the number of shapes"):
+        WORLD.shape_variants(scenes[0], 9, np.random.default_rng(0))

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import cliplab
 from cliplab.data import SceneWorld, write_image_folder
+from cliplab.models import ConfigError
 from cliplab.models.tokenizer import TruncationWarning
 from cliplab.train import (BatchOutput, DataConfig, TrainConfig, Trainer, WarmupCosine, get_loss, get_preset,
                            get_sampler, get_source, list_losses, list_presets, list_samplers, param_groups,
@@ -222,6 +223,31 @@ def test_synthetic_pixels_equal_model_preprocess():
     short, long = src.captions(idx)
     assert short == [world.sample(100 + i).short_caption for i in idx]
     assert long == [world.sample(100 + i).long_caption for i in idx]
+
+
+def test_shape_variant_stream_keeps_groups_in_one_batch(tmp_path):
+    model = cliplab.create_model(TrainConfig(model=micro_model()).model_config(), seed=0)
+    src = get_source("synthetic", model.preprocessor, seed=3, shape_variants=4)
+    world = SceneWorld(image_size=64, seed=3)
+    batch = get_sampler("sequential", None, 16, seed=0).batch(5)
+    scenes = [src.scene(i) for i in batch]
+    for g in range(4):
+        group = scenes[4 * g: 4 * g + 4]
+        assert group[0] == world.sample(batch[4 * g] // 4)  # the group's first member is the stream's scene
+        layout = {(s.brightness, s.background, s.clutter, s.word, s.word_pos,
+                   tuple((o.colour, o.size, o.texture, o.x, o.y) for o in s.objects)) for s in group}
+        assert len(layout) == 1  # ... and the others differ from it in shapes alone
+        assert len({s.short_caption for s in group}) == 4
+    fresh = get_source("synthetic", model.preprocessor, seed=3, shape_variants=4)
+    assert [fresh.scene(i) for i in reversed(batch)] == scenes[::-1]  # any item builds on its own
+    with pytest.raises(ValueError, match="shape_variants"):
+        get_source("synthetic", model.preprocessor, shape_variants=0)
+    base = TrainConfig(model=micro_model(), data={"options": {"shape_variants": 4}}, sampler="sequential",
+                       batch_size=16, steps=2, progress=False)
+    for change, message in [({"sampler": "random"}, "use sampler 'sequential'"), ({"batch_size": 18}, "multiple of 4"),
+                            ({"data": {"options": {"shape_variants": 4, "num_scenes": 30}}}, "size 30")]:
+        with pytest.raises(ConfigError, match=message):
+            Trainer(base.replace(out_dir=str(tmp_path / "x"), **change))
 
 
 def test_caption_choice_and_truncation_counting():

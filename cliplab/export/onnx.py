@@ -110,7 +110,8 @@ def quantize_onnx(directory: str | Path, towers: Iterable[str] | str | None = No
 
     Weights of ``MatMul`` / ``Gemm`` are stored as int8; activations are quantised per call at run time
     (``onnxruntime.quantization.quantize_dynamic``). Everything else (LayerNorm, softmax, embeddings, the patch
-    convolution) stays fp32. The manifest records it. ``per_channel`` / ``reduce_range`` are passed through.
+    convolution or convolutional stem) stays fp32. The manifest records it. ``per_channel`` / ``reduce_range`` are
+    passed through.
     """
     require("onnx")
     quantization = require("onnxruntime.quantization")

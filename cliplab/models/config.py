@@ -50,6 +50,15 @@ class VisionConfig:
     heads: int = 12
     mlp_dim: int = 3072
     act: str = "quick_gelu"
+    #: Empty: the standard CLIP patch embedding. Otherwise the channels of a convolutional stem's stages (one 2x2
+    #: max-pool each, so ``2 ** len(stem_channels) == patch_size``; see :mod:`cliplab.models.stem`).
+    stem_channels: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.stem_channels, (str, bytes, int)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in self.stem_channels):
+            raise ConfigError(f"vision: stem_channels must be a list of channel counts, got {self.stem_channels!r}")
+        self.stem_channels = tuple(self.stem_channels)
 
     @property
     def grid_size(self) -> int:
@@ -66,6 +75,11 @@ class VisionConfig:
             raise ConfigError(f"vision: width {self.width} is not divisible by heads {self.heads}")
         if self.act not in ACTIVATIONS:
             raise ConfigError(f"vision: act {self.act!r} not in {ACTIVATIONS}")
+        if self.stem_channels and 2 ** len(self.stem_channels) != self.patch_size:
+            raise ConfigError(f"vision: a conv stem of {len(self.stem_channels)} stages pools by "
+                              f"{2 ** len(self.stem_channels)}, not patch_size {self.patch_size}")
+        if any(c < 1 for c in self.stem_channels):
+            raise ConfigError(f"vision: stem_channels must be positive, got {list(self.stem_channels)}")
 
 
 @dataclass
@@ -122,6 +136,9 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["preprocess"]["mean"] = list(self.preprocess.mean)
         d["preprocess"]["std"] = list(self.preprocess.std)
+        d["vision"]["stem_channels"] = list(self.vision.stem_channels)
+        if not self.vision.stem_channels:
+            del d["vision"]["stem_channels"]  # the standard patch stem: configs stay as they were
         return d
 
     @classmethod

@@ -1,6 +1,7 @@
 """Matmul FLOP counts of the two towers (2 x multiply-adds), for throughput -> utilisation figures.
 
-Counted: patch embedding, q/k/v/out projections, attention scores and weighted sums, the MLP, the output projection.
+Counted: patch embedding (or the convolutional stem and its 1x1 projection), q/k/v/out projections, attention scores
+and weighted sums, the MLP, the output projection.
 Not counted: LayerNorms, softmax, activations and additions (a few percent of the total at CLIP sizes). ViT-B/32 comes
 to 8.82 GFLOPs per 224 px image, the figure usually quoted for it.
 """
@@ -25,6 +26,11 @@ def image_flops(config: ModelConfig) -> int:
     v = config.vision
     patches = v.grid_size**2
     embed = 2 * patches * 3 * v.patch_size**2 * v.width
+    if v.stem_channels:
+        embed, side, c_in = 2 * patches * v.stem_channels[-1] * v.width, v.image_size, 3
+        for c_out in v.stem_channels:  # a 3x3 convolution at each stage's input resolution, then a 2x2 pool
+            embed += 2 * side * side * c_in * c_out * 9
+            side, c_in = side // 2, c_out
     return embed + _blocks(patches + 1, v.width, v.mlp_dim, v.layers) + 2 * v.width * config.embed_dim
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from .config import TextConfig, VisionConfig
 from .hooks import NO_HOOKS, Hooks, TowerOutput, run_blocks
+from .stem import ConvStem
 from .transformer import Transformer
 
 
@@ -26,7 +27,12 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        if cfg.stem_channels:  # hybrid ViT: CNN features, then a per-token linear map to the width
+            self.stem = ConvStem(cfg.stem_channels)
+            self.patch_embed = nn.Conv2d(self.stem.out_channels, w, kernel_size=1, bias=False)
+        else:
+            self.stem = nn.Identity()
+            self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(w))
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_positions, w))
         self.ln_pre = nn.LayerNorm(w, eps=eps)
@@ -41,7 +47,7 @@ class VisionTower(nn.Module):
                 f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {tuple(pixels.shape[-2:])}; "
                 "use model.preprocess(...) to resize"
             )
-        x = self.patch_embed(pixels.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        x = self.patch_embed(self.stem(pixels.to(self.patch_embed.weight.dtype))).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1)
 
@@ -94,6 +100,8 @@ class VisionTower(nn.Module):
     def init_weights(self) -> None:
         scale = self.cfg.width**-0.5
         nn.init.normal_(self.patch_embed.weight, std=0.02)
+        if isinstance(self.stem, ConvStem):
+            self.stem.init_weights()
         nn.init.normal_(self.class_embedding, std=scale)
         nn.init.normal_(self.pos_embed, std=scale)
         nn.init.normal_(self.proj.weight, std=scale)

@@ -76,9 +76,12 @@ class Batch:
 
 
 class DataSource(ABC):
-    """Index-addressable examples. ``size`` is the number of items (``None``: endless)."""
+    """Index-addressable examples. ``size`` is the number of items (``None``: endless). ``group_size`` > 1 says
+    items come in groups of consecutive indices that must share a batch (the trainer checks the sampler keeps them
+    together)."""
 
     size: int | None = None
+    group_size: int = 1
 
     @abstractmethod
     def pixels(self, indices: Sequence[int]) -> torch.Tensor:
@@ -99,6 +102,12 @@ def _normalise_uint8(arr: np.ndarray, mean: Sequence[float], std: Sequence[float
     return torch.from_numpy(x)
 
 
+#: Sub-stream of a scene's generator that draws its shape variants; fallback scenes come from indices far past any
+#: stream position a run reaches.
+VARIANT_STREAM = 7
+VARIANT_FALLBACK = 1 << 40
+
+
 @register_source("synthetic")
 class SyntheticStream(DataSource):
     """Scenes from :class:`cliplab.data.SceneWorld`: index ``i`` is scene ``offset + i`` of the world.
@@ -106,21 +115,46 @@ class SyntheticStream(DataSource):
     ``image_size`` defaults to the model's input size; ``seed`` is the world's seed; ``num_scenes`` makes the source
     finite (``None``: endless); ``world`` holds further ``SceneWorld`` keyword arguments (``max_objects``, ...);
     ``fast=False`` forces the generic PIL preprocessing path.
+
+    ``shape_variants=k`` (> 1) turns the stream into minimal groups (``num_scenes`` then counts items, not groups):
+    items ``k*g .. k*g + k - 1`` are scene ``offset + g`` and ``k - 1`` copies of it that differ only in their
+    objects' shapes (:meth:`SceneWorld.shape_variants`; a copy that cannot be laid out is replaced by an independent
+    scene). With a sampler that keeps consecutive items together (``sequential``; the stream's scenes are
+    independent draws anyway) and a batch size divisible by ``k``, every batch holds ``B / k`` such groups, so the
+    contrastive loss can only tell a group's images and captions apart by shape: in-batch hard negatives for the
+    attribute a from-scratch model learns last.
     """
 
     def __init__(self, preprocessor, image_size: int | None = None, seed: int = 0, offset: int = 0,
-                 num_scenes: int | None = None, world: dict[str, Any] | None = None, fast: bool = True):
+                 num_scenes: int | None = None, world: dict[str, Any] | None = None, fast: bool = True,
+                 shape_variants: int = 1):
         self.preprocessor = preprocessor
         size = preprocessor.config.image_size if image_size is None else int(image_size)
         self.world = SceneWorld(image_size=size, seed=seed, **(world or {}))
         self.offset = int(offset)
         self.size = None if num_scenes is None else int(num_scenes)
         self.fast = bool(fast) and size == preprocessor.config.image_size
+        self.shape_variants = self.group_size = int(shape_variants)
+        if not 1 <= self.shape_variants <= len(self.world.shapes):
+            raise ValueError(f"shape_variants must be between 1 and {len(self.world.shapes)}, got {shape_variants}")
+        self._group: tuple[int, list] = (-1, [])  # the last group built (a batch asks for its members in a row)
 
     def scene(self, index: int):
         if self.size is not None and not 0 <= index < self.size:
             raise IndexError(f"scene index {index} outside 0..{self.size - 1}")
-        return self.world.sample(self.offset + int(index))
+        k = self.shape_variants
+        if k == 1:
+            return self.world.sample(self.offset + int(index))
+        group, member = divmod(int(index), k)
+        if self._group[0] != group:
+            # a pure function of the group index (its own generator), so any item can also be built on its own
+            base = self.world.sample(self.offset + group)
+            self._group = (group, self.world.shape_variants(base, k, self.world.rng(self.offset + group,
+                                                                                   VARIANT_STREAM)))
+        variants = self._group[1]
+        if member < len(variants):
+            return variants[member]
+        return self.world.sample(VARIANT_FALLBACK + k * (self.offset + group) + member)
 
     def _scenes(self, indices: Sequence[int]) -> list:
         # The scene cache keeps rendered images; a batch asks for pixels and captions of the same scenes.

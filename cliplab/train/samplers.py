@@ -66,6 +66,9 @@ class BatchSampler(ABC):
         """Fractional number of passes over the source completed before ``step``."""
         return 0.0 if self.size is None else step * self.batch_size / self.size
 
+    #: True when consecutive positions get consecutive indices (groups of items stay together in a batch).
+    keeps_order = False
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -79,6 +82,8 @@ class BatchSampler(ABC):
 @register_sampler("sequential")
 class SequentialSampler(BatchSampler):
     """Indices in order, wrapping around at the end of a finite source."""
+
+    keeps_order = True
 
     def batch(self, step: int) -> list[int]:
         if self.size is None:

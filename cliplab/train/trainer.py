@@ -202,6 +202,25 @@ class TrainResult:
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics records written in this call
 
 
+def check_groups(source, sampler) -> None:
+    """A source whose items come in groups (``group_size`` > 1, e.g. shape variants) needs every group whole in one
+    batch: an order-keeping sampler, and a batch size and source size divisible by the group size."""
+    k = getattr(source, "group_size", 1)
+    if k <= 1:
+        return
+    problems = []
+    if not getattr(sampler, "keeps_order", False):
+        problems.append(f"the {type(sampler).__name__} does not keep consecutive items together (use sampler "
+                        "'sequential')")
+    if sampler.batch_size % k:
+        problems.append(f"batch_size {sampler.batch_size} is not a multiple of {k}")
+    if source.size is not None and source.size % k:
+        problems.append(f"the source's size {source.size} is not a multiple of {k}")
+    if problems:
+        raise ConfigError(f"the data source yields groups of {k} items that must share a batch, but " +
+                          "; ".join(problems))
+
+
 class Trainer:
     """Build everything a run needs from a :class:`TrainConfig` (or its dict / JSON path) and train with ``fit``.
 
@@ -229,6 +248,7 @@ class Trainer:
         self.schedule = WarmupCosine(c.lr, c.steps, c.warmup_steps, c.min_lr)
         self.source = get_source(c.data.source, self.model.preprocessor, **c.data.options)
         self.sampler = get_sampler(c.sampler, self.source.size, c.batch_size, seed=c.seed, **c.sampler_kwargs)
+        check_groups(self.source, self.sampler)
         self.batches = TrainBatches(self.source, self.sampler, self.model.tokenizer, c.steps, caption=c.data.caption,
                                     long_prob=c.data.long_prob, seed=c.seed)
         self.step = 0  # updates done

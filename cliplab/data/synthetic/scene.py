@@ -305,6 +305,33 @@ class SceneWorld:
     def __getitem__(self, index: int) -> Scene:
         return self.sample(index)
 
+    def shape_variants(self, scene: Scene, k: int, rng: np.random.Generator, tries: int = 20) -> list[Scene]:
+        """``k`` scenes that differ from each other only in their objects' shapes (a minimal group).
+
+        The first is ``scene`` itself. In the others every object takes a shape it has in no other variant (so any
+        two variants differ in the shape of every object), drawn from this world's shapes and allowed colour/shape
+        combinations. A draw whose shapes break the layout (shapes have different bounding circles) is redrawn, up to
+        ``tries`` times; a variant that still does not fit is left out, so fewer than ``k`` may come back.
+        """
+        if not 1 <= k <= len(self.shapes):
+            raise ValueError(f"k must be between 1 and the number of shapes ({len(self.shapes)}), got {k}")
+        variants = [scene]
+        for _ in range(k - 1):
+            for _ in range(tries):
+                objects = []
+                for i, obj in enumerate(scene.objects):
+                    used = {v.objects[i].shape for v in variants}
+                    free = [s for s in self.shapes if s not in used and (obj.colour, s) not in self.exclude_combos]
+                    if not free:  # this object has run out of allowed shapes: no further variant can exist
+                        return variants
+                    objects.append(obj.with_attrs(self.image_size, shape=_choice(rng, free)))
+                else:
+                    candidate = scene.replace(objects=tuple(objects))
+                    if self.layout_ok(candidate):
+                        variants.append(candidate)
+                        break
+        return variants
+
     def _sample_texture(self, rng: np.random.Generator) -> str:
         return self.textures[int(np.searchsorted(self._texture_cdf, rng.random(), side="right").clip(max=len(self.textures) - 1))]
 

@@ -70,6 +70,8 @@ class Layout(ABC):
     ignored_keys: ClassVar[tuple[str, ...]] = ()
     #: the centre-crop convention of checkpoints in this layout (``None``: recorded in the checkpoint's own config).
     crop_rounding: ClassVar[str | None] = None
+    #: whether the layout can hold a ViT with a convolutional stem (``vision.stem_channels``; cliplab's own only).
+    has_conv_stem: ClassVar[bool] = False
 
     @abstractmethod
     def detect(self, state: dict[str, torch.Tensor]) -> bool:
@@ -85,7 +87,13 @@ class Layout(ABC):
     def _is_ignored(self, key: str) -> bool:
         return any(key == k or key.endswith("." + k) for k in self.ignored_keys)
 
+    def check_architecture(self, cfg: ModelConfig) -> None:
+        if cfg.vision.stem_channels and not self.has_conv_stem:
+            raise CheckpointError(f"{cfg.name}: its image tower has a convolutional stem, which the {self.name} layout "
+                                  "has no place for (only the cliplab layout holds one)")
+
     def to_cliplab(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        self.check_architecture(cfg)
         rules = self.rules(cfg)
         state = {k: v for k, v in state.items() if not self._is_ignored(k)}
         missing = sorted(k for r in rules for k in r.theirs if k not in state)
@@ -96,6 +104,7 @@ class Layout(ABC):
         return {r.ours: r.gather(state) for r in rules}
 
     def from_cliplab(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        self.check_architecture(cfg)
         out: dict[str, torch.Tensor] = {}
         for r in self.rules(cfg):
             out.update(r.scatter(state[r.ours]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig, PreprocessSettings, TextConfig, VisionConfig
-from .base import CheckpointError, Layout, Rule, block_rules, count_blocks, register_layout
+from .base import CheckpointError, Layout, Rule, block_rules, count_blocks, get_layout, register_layout
 from .shapes import config_from_shapes
 
 BLOCK = [
@@ -142,6 +142,7 @@ def preprocess_from_hf(pre: dict[str, Any] | None, image_size: int) -> Preproces
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A ``config.json`` that ``transformers.CLIPModel.from_pretrained`` reads into the same network."""
     v, t = cfg.vision, cfg.text
+    get_layout("hf").check_architecture(cfg)  # transformers' CLIP has no convolutional stem
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",

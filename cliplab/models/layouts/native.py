@@ -18,6 +18,7 @@ def native_keys(cfg: ModelConfig) -> list[str]:
 @register_layout
 class NativeLayout(Layout):
     name = "cliplab"
+    has_conv_stem = True
 
     def detect(self, state) -> bool:
         return "visual.patch_embed.weight" in state and "text.token_embed.weight" in state

@@ -1,0 +1,89 @@
+"""The hybrid ViT: a convolutional stem in front of the CLIP vision transformer (``vision.stem_channels``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import cliplab
+from cliplab.models import ConfigError, ModelConfig
+from cliplab.models.layouts import CheckpointError
+from cliplab.models.loading import config_to_hf, export_state
+from cliplab.models.stem import ConvStem
+
+
+def stem_config(channels=(8, 16, 32)) -> ModelConfig:
+    cfg = cliplab.get_config("test-tiny")
+    vision = dataclasses.replace(cfg.vision, image_size=64, patch_size=2 ** len(channels), stem_channels=channels)
+    return cfg.replace(name="stem-tiny", vision=vision)
+
+
+def stem_of(cfg: ModelConfig, channels=(32, 64, 128)) -> ModelConfig:
+    return cfg.replace(vision=dataclasses.replace(cfg.vision, stem_channels=channels))
+
+
+def test_stem_depth_must_match_the_patch_size():
+    cfg = cliplab.get_config("test-tiny")
+    with pytest.raises(ConfigError, match="pools by 8, not patch_size 16"):
+        dataclasses.replace(cfg.vision, image_size=64, patch_size=16, stem_channels=(8, 16, 32)).validate()
+    with pytest.raises(ConfigError, match="positive"):
+        dataclasses.replace(cfg.vision, image_size=64, patch_size=4, stem_channels=(8, 0)).validate()
+    with pytest.raises(ConfigError, match="list of channel counts"):
+        ModelConfig.from_dict({"vision": {"image_size": 64, "patch_size": 4, "stem_channels": "32"}})
+
+
+def test_config_round_trip_and_patch_configs_unchanged():
+    cfg = stem_config()
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.vision.stem_channels == (8, 16, 32)
+    assert cfg.to_dict()["vision"]["stem_channels"] == [8, 16, 32]
+    plain = cliplab.get_config("ViT-B-32")
+    assert "stem_channels" not in plain.to_dict()["vision"]  # standard ViTs' configs and checkpoints are unchanged
+    assert not plain.same_architecture(plain.replace(vision=dataclasses.replace(plain.vision, stem_channels=(8,) * 5)))
+    assert cliplab.get_config("shapes-tiny-stem").vision.stem_channels == (32, 64, 128)
+    assert cliplab.get_config("shapes-tiny-stem").same_architecture(stem_of(cliplab.get_config("shapes-tiny")))
+
+
+@torch.no_grad()
+def test_token_grid_and_rich_path_match_the_plain_path():
+    model = cliplab.create_model(stem_config(), seed=0).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    out = model.visual.forward_rich(pixels, want=frozenset({"tokens"}))
+    assert out.tokens.shape == (3, 1 + 8 * 8, model.config.embed_dim) and out.extras["grid"] == (8, 8)
+    torch.testing.assert_close(out.pooled, model.visual(pixels), rtol=0, atol=1e-6)
+    keep = torch.tensor([0, 9, 63])  # patch dropping still addresses the 8x8 token grid
+    assert model.visual.forward_rich(pixels, keep=keep, want=frozenset({"tokens"})).tokens.shape[1] == 4
+
+
+@torch.no_grad()
+def test_stem_is_exactly_shift_equivariant_by_one_token():
+    """Max-pool stages make the stem commute with shifts by a whole token (2**stages pixels): an object on a zero
+    background moved 8 px right gives the same features one token to the right. (With the zero biases of
+    ``init_weights`` the background stays exactly zero at every stage, like the convolutions' zero padding, so the
+    image border cannot break the symmetry.)"""
+    torch.manual_seed(0)
+    stem = ConvStem((8, 16, 32))
+    stem.init_weights()
+    image = torch.zeros(1, 3, 64, 64)
+    image[..., 20:34, 12:30] = torch.rand(1, 3, 14, 18)
+    moved = torch.roll(image, shifts=8, dims=-1)
+    a, b = stem(image), stem(moved)
+    assert a.shape == (1, 32, 8, 8)
+    torch.testing.assert_close(b[..., 1:], a[..., :-1], rtol=0, atol=1e-6)
+    assert a.abs().sum() > 0 and not torch.allclose(a, b)
+
+
+def test_only_the_native_layout_holds_a_stem(tmp_path):
+    model = cliplab.create_model(stem_config(), seed=0)
+    for layout in ("openai", "hf"):
+        with pytest.raises(CheckpointError, match="convolutional stem"):
+            export_state(model, layout)
+    with pytest.raises(CheckpointError, match="convolutional stem"):
+        config_to_hf(model.config)
+    model.save(tmp_path / "m")
+    again = cliplab.load(tmp_path / "m")
+    assert again.config.vision.stem_channels == (8, 16, 32)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
