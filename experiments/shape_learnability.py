@@ -9,6 +9,9 @@ training goes on (AdamW, linear warm-up over 30 steps, gradient clipping at 1.0)
 * ``vit``: ``shapes-tiny``'s plain CLIP ViT (64 px, patch 8, width 192, 6 layers, CLS pooling) + a
   linear head;
 * ``vit-stem``: the same ViT with a convolutional stem (architecture ``shapes-tiny-stem``, :mod:`cliplab.models.stem`);
+* ``cnn-avgpool``: the CNN with a global average pool instead of the max pool;
+* ``cnn-attnpool``: the CNN's feature map with ModifiedResNet-style attention pooling instead of the max pool;
+* ``vit-stem-maxpool``: the stem ViT read out by a max over its projected patch tokens instead of CLS;
 * ``hf-vit``: `transformers`' CLIPVisionModel of the plain ViT's configuration (to rule out a bug in our tower).
 
     python experiments/shape_learnability.py [--models cnn,vit,vit-stem,hf-vit] [--steps 300] [--batch 64]
@@ -31,11 +34,44 @@ from cliplab.data.synthetic.vocabulary import SHAPES
 from cliplab.train.data import _normalise_uint8
 
 
-def small_cnn() -> nn.Module:
+def small_cnn(pool: type = nn.AdaptiveMaxPool2d) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(128, 8))
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), pool(1), nn.Flatten(), nn.Linear(128, 8))
+
+
+class MaxPooledTokens(nn.Module):
+    """A vision tower read out by a max over its projected patch tokens instead of CLS (not a CLIP pooling)."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x):
+        v = self.visual
+        t = v.ln_post(v.transformer(v.ln_pre(v.embed_patches(x) + v.pos_embed)))
+        return v.proj(t[:, 1:]).amax(1)
+
+
+class AttentionPooledCNN(nn.Module):
+    """The 3-layer CNN's feature map (16x16, before its global max pool) pooled the way OpenAI's ModifiedResNet (the
+    RN50 CLIP family) pools: one multi-head attention whose query is the mean feature, over the mean and every
+    position, each with a learned positional embedding. A sketch for choosing the next image tower, not library code.
+    """
+
+    def __init__(self, width: int = 128, heads: int = 4, grid: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(*list(small_cnn())[:8])  # conv/ReLU/pool x2, conv/ReLU: [B, 128, 16, 16]
+        self.pos = nn.Parameter(torch.randn(grid * grid + 1, width) / width**0.5)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.head = nn.Linear(width, len(SHAPES))
+
+    def forward(self, x):
+        f = self.features(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        f = torch.cat([f.mean(1, keepdim=True), f], dim=1) + self.pos
+        pooled, _ = self.attn(f[:, :1], f, f, need_weights=False)
+        return self.head(pooled[:, 0])
 
 
 class TowerClassifier(nn.Module):
@@ -61,6 +97,12 @@ class HFImageEncoder(nn.Module):
 def build(name: str) -> nn.Module:
     if name == "cnn":
         return small_cnn()
+    if name == "cnn-avgpool":
+        return small_cnn(nn.AdaptiveAvgPool2d)
+    if name == "cnn-attnpool":
+        return AttentionPooledCNN()
+    if name == "vit-stem-maxpool":
+        return TowerClassifier(MaxPooledTokens(cliplab.create_model("shapes-tiny-stem", seed=0).visual), 128)
     model = cliplab.create_model("shapes-tiny-stem" if name == "vit-stem" else "shapes-tiny", seed=0)
     if name in ("vit", "vit-stem"):
         return TowerClassifier(model.visual, model.config.embed_dim)
