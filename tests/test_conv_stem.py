@@ -87,3 +87,13 @@ def test_only_the_native_layout_holds_a_stem(tmp_path):
     assert again.config.vision.stem_channels == (8, 16, 32)
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_onnx_export_keeps_the_stem(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cliplab.export import export_onnx, load_onnx
+    from cliplab.export.parity import check_parity
+
+    model = cliplab.create_model(stem_config(), seed=0).eval()
+    export_onnx(model, tmp_path / "onnx", towers="image")
+    assert check_parity(model, load_onnx(tmp_path / "onnx"))["image"]["max_abs_diff"] < 1e-4
