@@ -12,6 +12,7 @@ training goes on (AdamW, linear warm-up over 30 steps, gradient clipping at 1.0)
 * ``cnn-avgpool``: the CNN with a global average pool instead of the max pool;
 * ``cnn-attnpool``: the CNN's feature map with ModifiedResNet-style attention pooling instead of the max pool;
 * ``vit-stem-maxpool``: the stem ViT read out by a max over its projected patch tokens instead of CLS;
+* ``vit-stem-maxskip``: the stem ViT's CLS output plus a linear map of a global max over its stem features;
 * ``hf-vit``: `transformers`' CLIPVisionModel of the plain ViT's configuration (to rule out a bug in our tower).
 
     python experiments/shape_learnability.py [--models cnn,vit,vit-stem,hf-vit] [--steps 300] [--batch 64]
@@ -94,6 +95,24 @@ class HFImageEncoder(nn.Module):
         return self.hf(pixel_values=x).image_embeds
 
 
+class MaxSkipStemViT(nn.Module):
+    """The stem ViT's CLS output plus a linear map of the global max over its stem's feature map: the CNN's readout
+    as a side path next to CLIP's (a candidate, not a CLIP architecture)."""
+
+    def __init__(self, visual):
+        super().__init__()
+        self.visual = visual
+        self.skip = nn.Linear(visual.stem.out_channels, visual.proj.out_features, bias=False)
+
+    def forward(self, x):
+        v = self.visual
+        features = v.stem(x)
+        t = v.patch_embed(features).flatten(2).transpose(1, 2)
+        t = torch.cat([v.class_embedding.expand(t.shape[0], 1, -1), t], 1) + v.pos_embed
+        cls = v.proj(v.ln_post(v.transformer(v.ln_pre(t))[:, 0]))
+        return cls + self.skip(features.amax((2, 3)))
+
+
 def build(name: str) -> nn.Module:
     if name == "cnn":
         return small_cnn()
@@ -101,6 +120,8 @@ def build(name: str) -> nn.Module:
         return small_cnn(nn.AdaptiveAvgPool2d)
     if name == "cnn-attnpool":
         return AttentionPooledCNN()
+    if name == "vit-stem-maxskip":
+        return TowerClassifier(MaxSkipStemViT(cliplab.create_model("shapes-tiny-stem", seed=0).visual), 128)
     if name == "vit-stem-maxpool":
         return TowerClassifier(MaxPooledTokens(cliplab.create_model("shapes-tiny-stem", seed=0).visual), 128)
     model = cliplab.create_model("shapes-tiny-stem" if name == "vit-stem" else "shapes-tiny", seed=0)
