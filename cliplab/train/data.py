@@ -134,15 +134,15 @@ class SyntheticStream(DataSource):
         self.offset = int(offset)
         self.size = None if num_scenes is None else int(num_scenes)
         self.fast = bool(fast) and size == preprocessor.config.image_size
-        self.shape_variants = self.group_size = int(shape_variants)
-        if not 1 <= self.shape_variants <= len(self.world.shapes):
+        self.group_size = int(shape_variants)
+        if not 1 <= self.group_size <= len(self.world.shapes):
             raise ValueError(f"shape_variants must be between 1 and {len(self.world.shapes)}, got {shape_variants}")
         self._group: tuple[int, list] = (-1, [])  # the last group built (a batch asks for its members in a row)
 
     def scene(self, index: int):
         if self.size is not None and not 0 <= index < self.size:
             raise IndexError(f"scene index {index} outside 0..{self.size - 1}")
-        k = self.shape_variants
+        k = self.group_size
         if k == 1:
             return self.world.sample(self.offset + int(index))
         group, member = divmod(int(index), k)

@@ -205,11 +205,11 @@ class TrainResult:
 def check_groups(source, sampler) -> None:
     """A source whose items come in groups (``group_size`` > 1, e.g. shape variants) needs every group whole in one
     batch: an order-keeping sampler, and a batch size and source size divisible by the group size."""
-    k = getattr(source, "group_size", 1)
+    k = source.group_size
     if k <= 1:
         return
     problems = []
-    if not getattr(sampler, "keeps_order", False):
+    if not sampler.keeps_order:
         problems.append(f"the {type(sampler).__name__} does not keep consecutive items together (use sampler "
                         "'sequential')")
     if sampler.batch_size % k:
