@@ -40,16 +40,21 @@ def register_method(slug: str, title: str, summary: str, doc: str = ""):
     return register
 
 
+def import_capability(cap: str) -> None:
+    """Import every module of capability package ``cliplab.<cap>`` (so its methods, losses, ... register)."""
+    try:
+        pkg = importlib.import_module(f"cliplab.{cap}")
+    except ModuleNotFoundError as e:
+        if e.name == f"cliplab.{cap}":
+            return  # capability not built yet
+        raise
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
 def _import_capabilities() -> None:
     for cap in CAPABILITIES:
-        try:
-            pkg = importlib.import_module(f"cliplab.{cap}")
-        except ModuleNotFoundError as e:
-            if e.name == f"cliplab.{cap}":
-                continue  # capability not built yet
-            raise
-        for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
+        import_capability(cap)
 
 
 def list_methods(pattern: str = "*") -> list[MethodInfo]:

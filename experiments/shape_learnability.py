@@ -6,13 +6,14 @@ cross-entropy on the shape label of single-object scenes (8 shapes, chance 12.5%
 training goes on (AdamW, linear warm-up over 30 steps, gradient clipping at 1.0).
 
 * ``cnn``: a 3-layer convolutional net with global max pooling (the shape-biased baseline);
-* ``vit``: ``shapes-tiny``'s plain CLIP ViT (64 px, patch 8, width 192, 6 layers, CLS pooling) + a
-  linear head;
+* ``vit``: the plain CLIP ViT of the first default model, ``shapes-tiny-plain`` (64 px, patch 8, width 192, 6 layers,
+  CLS pooling) + a linear head;
 * ``vit-stem``: the same ViT with a convolutional stem (architecture ``shapes-tiny-stem``, :mod:`cliplab.models.stem`);
 * ``cnn-avgpool``: the CNN with a global average pool instead of the max pool;
 * ``cnn-attnpool``: the CNN's feature map with ModifiedResNet-style attention pooling instead of the max pool;
 * ``vit-stem-maxpool``: the stem ViT read out by a max over its projected patch tokens instead of CLS;
-* ``vit-stem-maxskip``: the stem ViT's CLS output plus a linear map of a global max over its stem features;
+* ``vit-stem-maxskip``: the stem ViT's CLS output plus a linear map of a global max over its stem features
+  (``vision.stem_max_skip``, the architecture of the shipped ``shapes-tiny``);
 * ``hf-vit``: `transformers`' CLIPVisionModel of the plain ViT's configuration (to rule out a bug in our tower).
 
     python experiments/shape_learnability.py [--models cnn,vit,vit-stem,hf-vit] [--steps 300] [--batch 64]
@@ -95,24 +96,6 @@ class HFImageEncoder(nn.Module):
         return self.hf(pixel_values=x).image_embeds
 
 
-class MaxSkipStemViT(nn.Module):
-    """The stem ViT's CLS output plus a linear map of the global max over its stem's feature map: the CNN's readout
-    as a side path next to CLIP's (a candidate, not a CLIP architecture)."""
-
-    def __init__(self, visual):
-        super().__init__()
-        self.visual = visual
-        self.skip = nn.Linear(visual.stem.out_channels, visual.proj.out_features, bias=False)
-
-    def forward(self, x):
-        v = self.visual
-        features = v.stem(x)
-        t = v.patch_embed(features).flatten(2).transpose(1, 2)
-        t = torch.cat([v.class_embedding.expand(t.shape[0], 1, -1), t], 1) + v.pos_embed
-        cls = v.proj(v.ln_post(v.transformer(v.ln_pre(t))[:, 0]))
-        return cls + self.skip(features.amax((2, 3)))
-
-
 def build(name: str) -> nn.Module:
     if name == "cnn":
         return small_cnn()
@@ -120,11 +103,11 @@ def build(name: str) -> nn.Module:
         return small_cnn(nn.AdaptiveAvgPool2d)
     if name == "cnn-attnpool":
         return AttentionPooledCNN()
-    if name == "vit-stem-maxskip":
-        return TowerClassifier(MaxSkipStemViT(cliplab.create_model("shapes-tiny-stem", seed=0).visual), 128)
+    if name == "vit-stem-maxskip":  # the library's vision.stem_max_skip: the shipped shapes-tiny's image tower
+        return TowerClassifier(cliplab.create_model("shapes-tiny", seed=0).visual, 128)
     if name == "vit-stem-maxpool":
         return TowerClassifier(MaxPooledTokens(cliplab.create_model("shapes-tiny-stem", seed=0).visual), 128)
-    model = cliplab.create_model("shapes-tiny-stem" if name == "vit-stem" else "shapes-tiny", seed=0)
+    model = cliplab.create_model("shapes-tiny-stem" if name == "vit-stem" else "shapes-tiny-plain", seed=0)
     if name in ("vit", "vit-stem"):
         return TowerClassifier(model.visual, model.config.embed_dim)
     if name == "hf-vit":

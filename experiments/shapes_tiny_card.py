@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -140,11 +141,25 @@ def variants_phrase(train_cfg: dict) -> str:
             "shape)")
 
 
-def stem_phrase(channels) -> str:
-    if not channels:
+def stem_phrase(vision) -> str:
+    if not vision.stem_channels:
         return ""
-    return (f" with a convolutional stem (stages of {'-'.join(map(str, channels))} channels, each 3x3 conv, ReLU, "
-            "2x2 max-pool, then a 1x1 projection to the width; `cliplab/models/stem.py`)")
+    skip = (", plus the max-skip: a linear map of the stem's features, max-pooled over the image, added to the pooled "
+            "output" if vision.stem_max_skip else "")
+    return (f" with a convolutional stem (stages of {'-'.join(map(str, vision.stem_channels))} channels, each 3x3 "
+            f"conv, ReLU, 2x2 max-pool, then a 1x1 projection to the width{skip}; `cliplab/models/stem.py`)")
+
+
+def loss_phrase(train_cfg: dict) -> str:
+    if train_cfg["loss"] == "clip":
+        return " Loss: CLIP's symmetric InfoNCE with a learnable temperature."
+    if train_cfg["loss"] == "clip+stc":
+        kw = train_cfg["loss_kwargs"]
+        return (" Loss: CLIP's symmetric InfoNCE with a learnable temperature, plus HQ-CLIP's short-tag "
+                f"classification with weight {kw.get('weight', 1.0)} (`clip+stc`, `cliplab/objectives/hqclip.py`): a "
+                f"training-only multi-label head over {len(kw['tags'])} attribute words ({', '.join(kw['tags'])}) on "
+                "the image embedding, each image's tags being the words its caption has.")
+    return f" Loss: `{train_cfg['loss']}` with {train_cfg['loss_kwargs']}."
 
 
 def card(model, res: dict, train_cfg: dict | None, train_log: list[dict]) -> str:
@@ -164,7 +179,7 @@ def card(model, res: dict, train_cfg: dict | None, train_log: list[dict]) -> str
         "",
         "## Architecture",
         f"ViT image tower {model.config.vision.image_size}px / patch {model.config.vision.patch_size}"
-        f"{stem_phrase(model.config.vision.stem_channels)}, width "
+        f"{stem_phrase(model.config.vision)}, width "
         f"{model.config.vision.width} x {model.config.vision.layers} layers; causal text tower width "
         f"{model.config.text.width} x {model.config.text.layers} layers, vocabulary {model.config.text.vocab_size}; "
         f"joint space {model.config.embed_dim}; activation {model.config.vision.act}. Config: "
@@ -181,11 +196,13 @@ def card(model, res: dict, train_cfg: dict | None, train_log: list[dict]) -> str
             f"{train_cfg['lr']} "
             f"(warm-up {train_cfg['warmup_steps']}, cosine to {train_cfg['min_lr']}), weight decay "
             f"{train_cfg['weight_decay']}, gradient clip {train_cfg['clip_norm']}, {train_cfg['precision']} autocast, "
-            f"{train_cfg['threads']} threads.",
+            f"{train_cfg['threads']} threads.{loss_phrase(train_cfg)}",
         ]
-    if last:
-        lines += [f"Final training loss {last['loss']:.3f} (ln 256 = 5.545 is chance), temperature "
-                  f"{last['temperature']:.4f}."]
+    if last and "loss_i2t" in last:
+        b = train_cfg["batch_size"] if train_cfg else 256
+        extra = f", tag loss {last['stc']:.3f} (tag F1 {last['tag_f1']:.2f})" if "stc" in last else ""
+        lines += [f"Final training batch: contrastive loss {(last['loss_i2t'] + last['loss_t2i']) / 2:.3f} (ln {b} = "
+                  f"{math.log(b):.3f} is chance){extra}, temperature {last['temperature']:.4f}."]
     lines += [
         "",
         "## Quality (held-out scenes of world seed 1)",

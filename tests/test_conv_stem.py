@@ -43,7 +43,7 @@ def test_config_round_trip_and_patch_configs_unchanged():
     assert "stem_channels" not in plain.to_dict()["vision"]  # standard ViTs' configs and checkpoints are unchanged
     assert not plain.same_architecture(plain.replace(vision=dataclasses.replace(plain.vision, stem_channels=(8,) * 5)))
     assert cliplab.get_config("shapes-tiny-stem").vision.stem_channels == (32, 64, 128)
-    assert cliplab.get_config("shapes-tiny-stem").same_architecture(stem_of(cliplab.get_config("shapes-tiny")))
+    assert cliplab.get_config("shapes-tiny-stem").same_architecture(stem_of(cliplab.get_config("shapes-tiny-plain")))
 
 
 @torch.no_grad()
@@ -95,5 +95,82 @@ def test_onnx_export_keeps_the_stem(tmp_path):
     from cliplab.export.parity import check_parity
 
     model = cliplab.create_model(stem_config(), seed=0).eval()
+    export_onnx(model, tmp_path / "onnx", towers="image")
+    assert check_parity(model, load_onnx(tmp_path / "onnx"))["image"]["max_abs_diff"] < 1e-4
+
+
+# --- the max-skip: a linear map of the max-pooled stem features added to the output ---------------------------------
+
+def maxskip_config() -> ModelConfig:
+    cfg = stem_config()
+    return cfg.replace(name="maxskip-tiny", vision=dataclasses.replace(cfg.vision, stem_max_skip=True))
+
+
+def stem_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, grid**2, C]``: the stem's feature map, one row per patch (row-major, like the tokens)."""
+    return model.visual.stem(pixels).flatten(2).transpose(1, 2)
+
+
+def test_max_skip_config():
+    cfg = maxskip_config()
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["vision"]["stem_max_skip"] is True
+    assert "stem_max_skip" not in stem_config().to_dict()["vision"]  # off: configs serialise as before
+    with pytest.raises(ConfigError, match="needs a convolutional stem"):
+        dataclasses.replace(cliplab.get_config("test-tiny").vision, stem_max_skip=True).validate()
+    with pytest.raises(ConfigError, match="true or false"):
+        dataclasses.replace(cfg.vision, stem_max_skip=1).validate()
+    assert cliplab.get_config("shapes-tiny").same_architecture(  # the shipped default
+        cliplab.get_config("shapes-tiny-stem").replace(
+            vision=dataclasses.replace(cliplab.get_config("shapes-tiny-stem").vision, stem_max_skip=True)))
+
+
+@torch.no_grad()
+def test_max_skip_is_the_stem_model_plus_a_linear_map_of_the_max_pooled_stem_features():
+    """Closed form: pooled = (the stem ViT's CLS output) + W max_p f_p, with the same weights; W = 0 gives the stem
+    ViT bit for bit."""
+    skip = cliplab.create_model(maxskip_config(), seed=0).eval()
+    plain = cliplab.create_model(stem_config(), seed=0).eval()
+    missing, unexpected = plain.load_state_dict(skip.state_dict(), strict=False)
+    assert not missing and unexpected == ["visual.stem_skip.weight"]
+    pixels = torch.randn(4, 3, 64, 64)
+    expected = plain.visual(pixels) + stem_features(plain, pixels).amax(1) @ skip.visual.stem_skip.weight.t()
+    torch.testing.assert_close(skip.visual(pixels), expected, rtol=0, atol=1e-6)
+    assert (skip.visual(pixels) - plain.visual(pixels)).abs().max() > 1e-3  # the side path does contribute
+    skip.visual.stem_skip.weight.zero_()
+    assert torch.equal(skip.visual(pixels), plain.visual(pixels))
+
+
+@torch.no_grad()
+def test_max_skip_tokens_and_dropped_patches():
+    """The rich path gives the plain path's pooled output; each patch token gains its own cell's stem feature; with
+    ``keep=`` the max runs over the kept patches only."""
+    model = cliplab.create_model(maxskip_config(), seed=0).eval()
+    plain = cliplab.create_model(stem_config(), seed=0).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    pixels = torch.randn(2, 3, 64, 64)
+    w = model.visual.stem_skip.weight
+    features = stem_features(model, pixels)
+    out = model.visual.forward_rich(pixels, want=frozenset({"tokens"}))
+    base = plain.visual.forward_rich(pixels, want=frozenset({"tokens"}))
+    torch.testing.assert_close(out.pooled, model.visual(pixels), rtol=0, atol=1e-6)
+    assert torch.equal(out.tokens[:, 0], out.pooled)
+    torch.testing.assert_close(out.tokens[:, 1:], base.tokens[:, 1:] + features @ w.t(), rtol=0, atol=1e-6)
+    keep = torch.tensor([3, 17, 40])
+    kept = model.visual.forward_rich(pixels, keep=keep)
+    base_kept = plain.visual.forward_rich(pixels, keep=keep)
+    torch.testing.assert_close(kept.pooled, base_kept.pooled + features[:, keep].amax(1) @ w.t(), rtol=0, atol=1e-6)
+
+
+def test_max_skip_exports_and_reloads(tmp_path):
+    model = cliplab.create_model(maxskip_config(), seed=0).eval()
+    model.save(tmp_path / "m")
+    again = cliplab.load(tmp_path / "m").eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again.visual(pixels), model.visual(pixels))
+    pytest.importorskip("onnxruntime")
+    from cliplab.export import export_onnx, load_onnx
+    from cliplab.export.parity import check_parity
+
     export_onnx(model, tmp_path / "onnx", towers="image")
     assert check_parity(model, load_onnx(tmp_path / "onnx"))["image"]["max_abs_diff"] < 1e-4

@@ -120,7 +120,7 @@ def test_draft_decoding_only_for_large_jpegs():
     assert (a - b).abs().mean() < 0.05 and F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
 
 
-@pytest.mark.parametrize("arch", ["test-tiny", "ViT-B-32", "shapes-tiny-stem"])
+@pytest.mark.parametrize("arch", ["test-tiny", "ViT-B-32", "shapes-tiny-stem", "shapes-tiny"])
 def test_flop_counts_match_torch_counter(arch):
     """The closed-form counts against PyTorch's FLOP counter on the plain forward (fp32). The counter sees the
     convolutions (shapes-tiny-stem: its stem's too) and every linear layer but not the fused attention kernel, so

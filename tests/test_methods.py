@@ -26,11 +26,12 @@ MODULES = {
     "attribute_control": "cliplab.text_edit.attribute_control",
     "decor": "cliplab.text_edit.decor",
     "follow_the_flow": "cliplab.text_edit.follow_the_flow",
+    "hqclip": "cliplab.objectives.hqclip",
     "long_clip": "cliplab.longtext.long_clip",
     "token_prepending": "cliplab.text_edit.token_prepending",
 }
 # ... the names the page's example must define ...
-EXAMPLE_DEFINES = {"attribute_control": ("out",), "follow_the_flow": ("fixed", "kept")}
+EXAMPLE_DEFINES = {"attribute_control": ("out",), "follow_the_flow": ("fixed", "kept"), "hqclip": ("head",)}
 # ... and examples that must not truncate any text.
 NO_TRUNCATION = {"long_clip"}
 

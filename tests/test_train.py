@@ -19,7 +19,7 @@ from cliplab.models import ConfigError
 from cliplab.models.tokenizer import TruncationWarning
 from cliplab.train import (BatchOutput, DataConfig, TrainConfig, Trainer, WarmupCosine, get_loss, get_preset,
                            get_sampler, get_source, list_losses, list_presets, list_samplers, param_groups,
-                           register_loss)
+                           register_loss, synthetic_tags)
 from cliplab.train.data import TrainBatches
 from cliplab.train.losses import LOSSES, Loss
 
@@ -299,13 +299,15 @@ def test_config_json_round_trip_and_overrides(tmp_path):
     cfg2 = cfg.with_overrides(["lr=3e-4", "data.caption=long", 'freeze=["text.*"]', "loss_kwargs.label_smoothing=0.1",
                                "model.text.layers=2"])
     assert cfg2.lr == 3e-4 and cfg2.data.caption == "long" and cfg2.freeze == ["text.*"]
-    assert cfg2.loss_kwargs == {"label_smoothing": 0.1} and cfg2.model_config().text.layers == 2
+    assert cfg2.loss_kwargs == {**cfg.loss_kwargs, "label_smoothing": 0.1} and cfg2.model_config().text.layers == 2
     with pytest.raises(ValueError, match="unknown"):
         cfg.with_overrides(["learning_rate=1"])
     assert {"tiny-smoke", "shapes-tiny"} <= set(list_presets())
     shapes = cliplab.get_config("shapes-tiny")
     assert (shapes.vision.width, shapes.vision.layers, shapes.vision.heads, shapes.text.vocab_size) == (192, 6, 3, 49408)
-    assert cfg.precision == "bf16" and cfg.batch_size == 256 and cfg.data.caption == "mix"
+    assert shapes.vision.stem_channels == (32, 64, 128) and shapes.vision.stem_max_skip
+    assert cfg.precision == "bf16" and cfg.data.caption == "mix" and cfg.loss == "clip+stc"
+    assert cfg.loss_kwargs["tags"] == synthetic_tags()
 
 
 def test_cli_train_preset_and_config(tmp_path):

@@ -53,6 +53,9 @@ class VisionConfig:
     #: Empty: the standard CLIP patch embedding. Otherwise the channels of a convolutional stem's stages (one 2x2
     #: max-pool each, so ``2 ** len(stem_channels) == patch_size``; see :mod:`cliplab.models.stem`).
     stem_channels: tuple[int, ...] = ()
+    #: With a stem: add a linear map of the stem's feature map, max-pooled over the kept patches, to the pooled image
+    #: output (and each patch token's own stem feature to its token output). See :mod:`cliplab.models.stem`.
+    stem_max_skip: bool = False
 
     def __post_init__(self):
         if isinstance(self.stem_channels, (str, bytes, int)) or not all(
@@ -80,6 +83,10 @@ class VisionConfig:
                               f"{2 ** len(self.stem_channels)}, not patch_size {self.patch_size}")
         if any(c < 1 for c in self.stem_channels):
             raise ConfigError(f"vision: stem_channels must be positive, got {list(self.stem_channels)}")
+        if not isinstance(self.stem_max_skip, bool):
+            raise ConfigError(f"vision: stem_max_skip must be true or false, got {self.stem_max_skip!r}")
+        if self.stem_max_skip and not self.stem_channels:
+            raise ConfigError("vision: stem_max_skip needs a convolutional stem (stem_channels)")
 
 
 @dataclass
@@ -139,6 +146,8 @@ class ModelConfig:
         d["vision"]["stem_channels"] = list(self.vision.stem_channels)
         if not self.vision.stem_channels:
             del d["vision"]["stem_channels"]  # the standard patch stem: configs stay as they were
+        if not self.vision.stem_max_skip:
+            del d["vision"]["stem_max_skip"]
         return d
 
     @classmethod

@@ -31,6 +31,8 @@ def image_flops(config: ModelConfig) -> int:
         for c_out in v.stem_channels:  # a 3x3 convolution at each stage's input resolution, then a 2x2 pool
             embed += 2 * side * side * c_in * c_out * 9
             side, c_in = side // 2, c_out
+        if v.stem_max_skip:  # the max-skip's linear map of the pooled stem features
+            embed += 2 * c_in * config.embed_dim
     return embed + _blocks(patches + 1, v.width, v.mlp_dim, v.layers) + 2 * v.width * config.embed_dim
 
 

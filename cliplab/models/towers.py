@@ -39,17 +39,26 @@ class VisionTower(nn.Module):
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, eps)
         self.ln_post = nn.LayerNorm(w, eps=eps)
         self.proj = nn.Linear(w, embed_dim, bias=False)
+        # Max-skip: a side path from the stem's features straight to the output (see cliplab.models.stem).
+        self.stem_skip = nn.Linear(self.stem.out_channels, embed_dim, bias=False) if cfg.stem_max_skip else None
 
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` -> ``[B, 1 + grid**2, width]``: CLS then patch embeddings, no positions yet."""
+        return self._embed(pixels)[0]
+
+    def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLS + patch embeddings, and the max-skip's per-patch stem features ``[B, grid**2, C]`` (``None``
+        without a max-skip)."""
         if pixels.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(
                 f"expected images of {self.cfg.image_size}x{self.cfg.image_size}, got {tuple(pixels.shape[-2:])}; "
                 "use model.preprocess(...) to resize"
             )
-        x = self.patch_embed(self.stem(pixels.to(self.patch_embed.weight.dtype))).flatten(2).transpose(1, 2)
+        features = self.stem(pixels.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed(features).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        return torch.cat([cls, x], dim=1)
+        skip_features = features.flatten(2).transpose(1, 2) if self.stem_skip is not None else None
+        return torch.cat([cls, x], dim=1), skip_features
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         step = _slice_rows(pixels.shape[0], self.cfg.num_positions)
@@ -58,9 +67,12 @@ class VisionTower(nn.Module):
         return self._forward(pixels)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.embed_patches(pixels) + self.pos_embed.to(self.patch_embed.weight.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.proj(self.ln_post(x[:, 0]))
+        x, skip_features = self._embed(pixels)
+        x = self.transformer(self.ln_pre(x + self.pos_embed.to(self.patch_embed.weight.dtype)))
+        pooled = self.proj(self.ln_post(x[:, 0]))
+        if skip_features is not None:
+            pooled = pooled + self.stem_skip(skip_features.amax(1))
+        return pooled
 
     def forward_rich(self, pixels: torch.Tensor, *, hooks: Hooks = NO_HOOKS, want: frozenset = frozenset(),
                      keep: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> TowerOutput:
@@ -70,12 +82,15 @@ class VisionTower(nn.Module):
         are added so kept patches keep their positions; CLS is always kept. ``prompts``: extra tokens ``[P, W]`` or
         ``[B, P, W]`` inserted right after CLS (visual prompt tuning), before ``ln_pre``.
         """
-        x = hooks.input("image", self.embed_patches(pixels))
+        x, skip_features = self._embed(pixels)
+        x = hooks.input("image", x)
         x = x + hooks.positions("image", self.pos_embed.to(x.dtype))
         if keep is not None:
             idx = keep.to(x.device).expand(x.shape[0], -1) if keep.dim() == 1 else keep.to(x.device)
             patches = x[:, 1:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :1], patches], dim=1)
+            if skip_features is not None:  # dropped patches leave the max-skip too
+                skip_features = skip_features.gather(1, idx.unsqueeze(-1).expand(-1, -1, skip_features.shape[-1]))
         n_prompts = 0
         if prompts is not None:
             p = prompts.to(x.dtype)
@@ -84,9 +99,13 @@ class VisionTower(nn.Module):
             x = torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
         x, hidden, attn = run_blocks(self.transformer, self.ln_pre(x), None, "image", hooks, want)
         pooled = self.proj(self.ln_post(x[:, 0]))
+        if skip_features is not None:
+            pooled = pooled + self.stem_skip(skip_features.amax(1))
         tokens = None
         if "tokens" in want or hooks.edits_tokens("image"):
             tokens = self.proj(self.ln_post(x))
+            if skip_features is not None:  # each patch token gains its own cell's stem feature
+                tokens[:, 1 + n_prompts:] += self.stem_skip(skip_features)
             tokens[:, 0] = pooled  # the same bits as the pooled output (one matmul, not two)
             edited = hooks.tokens("image", tokens)
             if edited is not tokens:
@@ -102,6 +121,9 @@ class VisionTower(nn.Module):
         nn.init.normal_(self.patch_embed.weight, std=0.02)
         if isinstance(self.stem, ConvStem):
             self.stem.init_weights()
+        if self.stem_skip is not None:
+            # Small, so the side path starts as a perturbation of the CLS output (the measured contrastive run's init).
+            nn.init.normal_(self.stem_skip.weight, std=0.1 * self.stem.out_channels**-0.5)
         nn.init.normal_(self.class_embedding, std=scale)
         nn.init.normal_(self.pos_embed, std=scale)
         nn.init.normal_(self.proj.weight, std=scale)

@@ -16,7 +16,7 @@ from .config import DataConfig, TrainConfig
 from .data import (Batch, CaptionFolder, DataSource, SyntheticStream, TrainBatches, get_source, list_sources,
                    make_loader, register_source)
 from .losses import BatchOutput, CLIPLoss, Loss, SigLIPLoss, get_loss, list_losses, register_loss
-from .presets import get_preset, list_presets, register_preset
+from .presets import get_preset, list_presets, register_preset, synthetic_tags
 from .registry import UnknownNameError
 from .samplers import (BatchSampler, RandomSampler, SequentialSampler, get_sampler, list_samplers,
                        register_sampler)
@@ -27,7 +27,7 @@ __all__ = [
     "Batch", "CaptionFolder", "DataSource", "SyntheticStream", "TrainBatches", "get_source", "list_sources",
     "make_loader", "register_source",
     "BatchOutput", "CLIPLoss", "Loss", "SigLIPLoss", "get_loss", "list_losses", "register_loss",
-    "get_preset", "list_presets", "register_preset",
+    "get_preset", "synthetic_tags", "list_presets", "register_preset",
     "UnknownNameError",
     "BatchSampler", "RandomSampler", "SequentialSampler", "get_sampler", "list_samplers", "register_sampler",
     "Trainer", "TrainResult", "WarmupCosine", "freeze_parameters", "latest_checkpoint", "param_groups",

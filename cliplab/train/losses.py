@@ -12,7 +12,9 @@ A loss is an ``nn.Module`` registered by name::
 It receives a :class:`BatchOutput` (L2-normalised fp32 image and text features, the model's ``logit_scale`` and
 the raw :class:`~cliplab.train.data.Batch` for extras such as scene indices) and returns a scalar loss plus a dict of
 floats that the trainer writes to the metrics log. A loss may own parameters (SigLIP's bias): the trainer optimises
-them (no weight decay) and stores ``loss.state_dict()`` in every checkpoint.
+them (no weight decay) and stores ``loss.state_dict()`` in every checkpoint; parameters whose shapes depend on the
+model (a tag head on the image embedding) are created in :meth:`Loss.attach`, which the trainer calls first. The seed
+papers' losses live in ``cliplab.objectives``; the registry imports that package when a name is missing.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ from .registry import Registry
 
 __all__ = ["BatchOutput", "Loss", "CLIPLoss", "SigLIPLoss", "register_loss", "get_loss", "list_losses", "LOSSES"]
 
-LOSSES: Registry[type] = Registry("loss")
+
+def _import_objectives() -> None:
+    """Losses of the seed papers live in ``cliplab.objectives`` (a layer above this one) and register on import."""
+    from ..methods import import_capability  # imported late: the methods registry imports the layers above
+
+    import_capability("objectives")
+
+
+LOSSES: Registry[type] = Registry("loss", discover=_import_objectives)
 
 
 def register_loss(name: str, overwrite: bool = False):
@@ -72,6 +82,10 @@ class BatchOutput:
 
 class Loss(nn.Module, metaclass=ABCMeta):
     """Base class: ``forward(out: BatchOutput) -> (scalar loss, {name: float})``."""
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once by the trainer with the model before the optimizer is built: a loss whose parameters depend
+        on the model's sizes (a classification head on the image embedding) creates them here."""
 
     @abstractmethod
     def forward(self, out: BatchOutput) -> tuple[torch.Tensor, dict[str, float]]:

@@ -15,9 +15,18 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    """``discover``, when given, is called once before the first lookup of a missing name or listing, so plug-ins
+    living in packages above this layer (``cliplab.objectives``' losses) register themselves without an import here."""
+
+    def __init__(self, kind: str, discover: Callable[[], None] | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._discover = discover
+
+    def _discover_once(self) -> None:
+        if self._discover is not None:
+            discover, self._discover = self._discover, None
+            discover()
 
     def register(self, name: str, overwrite: bool = False) -> Callable[[T], T]:
         """Decorator: ``@registry.register("name")`` on a class or factory function."""
@@ -31,9 +40,12 @@ class Registry(Generic[T]):
         return deco
 
     def names(self) -> list[str]:
+        self._discover_once()
         return sorted(self._items)
 
     def get(self, name: str) -> T:
+        if name not in self._items:
+            self._discover_once()
         try:
             return self._items[name]
         except KeyError:
@@ -43,4 +55,6 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **kwargs)
 
     def __contains__(self, name: str) -> bool:
+        if name not in self._items:
+            self._discover_once()
         return name in self._items

@@ -1,0 +1,11 @@
+"""Training objectives of the seed papers: losses registered with :func:`cliplab.train.register_loss`.
+
+One module per paper; each registers its losses (and itself with :func:`cliplab.methods.register_method`) on import.
+The trainer finds them by name without importing this package first (the loss registry imports it on a miss)::
+
+    cliplab train --preset shapes-tiny --set loss=clip+stc
+
+Modules: ``hqclip`` (HQ-CLIP's short-tag classification next to the contrastive loss).
+"""
+
+__all__: list[str] = []
