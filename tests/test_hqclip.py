@@ -46,7 +46,14 @@ def test_caption_tags_reads_whole_words_and_plurals():
 
 
 def test_registered_and_validated():
-    assert "clip+stc" in list_losses()  # found without importing cliplab.objectives first (registry discovery)
+    import subprocess
+    import sys
+
+    # a fresh interpreter that never imports cliplab.objectives finds the loss by name (registry discovery)
+    code = "from cliplab.train import get_loss; print(type(get_loss('clip+stc', tags=['red'])).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "CLIPWithTagClassification", out.stderr
+    assert "clip+stc" in list_losses()
     assert isinstance(get_loss("clip+stc", tags=TAGS), CLIPWithTagClassification)
     for bad in ([], ["red", "Red"], ["two words"]):
         with pytest.raises(ValueError, match="tags must"):
