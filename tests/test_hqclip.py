@@ -99,6 +99,8 @@ def test_head_trains_and_resumes_exactly(tmp_path):
                       loss="clip+stc", loss_kwargs={"tags": synthetic_tags()})
     full = Trainer(cfg)
     head0 = full.loss_fn.head.weight.detach().clone()
+    torch.manual_seed(123)  # the global RNG's state must not matter: the head is seeded from the run's seed
+    assert torch.equal(Trainer(cfg.replace(out_dir=str(tmp_path / "x"))).loss_fn.head.weight, head0)
     assert head0.shape == (len(synthetic_tags()), model["embed_dim"])
     result = full.fit()
     assert not torch.equal(full.loss_fn.head.weight.detach(), head0)  # trained

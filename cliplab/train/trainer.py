@@ -239,7 +239,9 @@ class Trainer:
             model = load(c.init_from) if c.init_from else create_model(c.model_config(), seed=c.seed)
         self.model = model.train()
         self.loss_fn = get_loss(c.loss, **c.loss_kwargs).train()
-        self.loss_fn.attach(self.model)
+        with torch.random.fork_rng(devices=[]):  # a loss's own parameters are as reproducible as the model's
+            torch.manual_seed(c.seed)
+            self.loss_fn.attach(self.model)
         self.frozen = freeze_parameters(self.model, c.freeze)
         groups = param_groups(self.model, c.weight_decay, extra=self.loss_fn)
         if not groups:
