@@ -159,6 +159,13 @@ def test_max_skip_tokens_and_dropped_patches():
     kept = model.visual.forward_rich(pixels, keep=keep)
     base_kept = plain.visual.forward_rich(pixels, keep=keep)
     torch.testing.assert_close(kept.pooled, base_kept.pooled + features[:, keep].amax(1) @ w.t(), rtol=0, atol=1e-6)
+    # with visual prompts after CLS as well: the kept patches' tokens, behind the prompts, gain their own features
+    prompts = torch.randn(2, model.config.vision.width)
+    both = model.visual.forward_rich(pixels, keep=keep, prompts=prompts, want=frozenset({"tokens"}))
+    base_both = plain.visual.forward_rich(pixels, keep=keep, prompts=prompts, want=frozenset({"tokens"}))
+    torch.testing.assert_close(both.tokens[:, 3:], base_both.tokens[:, 3:] + features[:, keep] @ w.t(), rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(both.tokens[:, 1:3], base_both.tokens[:, 1:3], rtol=0, atol=0)
 
 
 def test_max_skip_exports_and_reloads(tmp_path):

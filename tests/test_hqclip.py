@@ -108,6 +108,9 @@ def test_head_trains_and_resumes_exactly(tmp_path):
     assert "head.weight" in torch.load(half / "state.pt", weights_only=True)["loss"]["state"]
     resumed = Trainer(cfg.replace(out_dir=str(tmp_path / "b"))).fit(resume=half)
     assert resumed.losses == result.losses[2:]  # exact: the head was restored with the optimiser
+    other = cfg.replace(out_dir=str(tmp_path / "d"), loss_kwargs={"tags": synthetic_tags()[::-1]})
+    with pytest.raises(ValueError, match="trained for tags"):  # same head shape, rows meaning other tags
+        Trainer(other).load_checkpoint(half)
 
 
 # --- effect ----------------------------------------------------------------------------------------------------------

@@ -356,3 +356,23 @@ def test_loader_workers_build_the_same_batches(tmp_path):
     losses = [Trainer(micro_config(tmp_path / str(w), steps=3, data=DataConfig(caption="mix", num_workers=w)))
               .fit().losses for w in (0, 1)]
     assert losses[0] == losses[1]
+
+
+def test_registry_discovery_surfaces_errors_and_retries():
+    """A plug-in package that fails to import raises on every lookup until it imports, instead of leaving a silent
+    "unknown name"; once it succeeds, discovery never runs again."""
+    from cliplab.train.registry import Registry
+
+    calls = []
+
+    def discover():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ImportError("broken plug-in")
+        registry.register("found")(object)
+
+    registry = Registry("thing", discover=discover)
+    with pytest.raises(ImportError, match="broken plug-in"):
+        registry.get("found")
+    assert registry.get("found") is object and registry.names() == ["found"] and len(calls) == 2
+    assert "other" not in registry and len(calls) == 2

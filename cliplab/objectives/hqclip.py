@@ -18,7 +18,10 @@ Choices:
   :func:`caption_tags` marks tag ``t`` when the caption has the word ``t`` or its plural (``t + "s"``,
   ``t + "es"``), case-insensitive. Every tag not in the caption is a negative (HQ-CLIP's explicit negative tags
   are not modelled). The vocabulary is a fixed list passed as ``tags`` (HQ-CLIP: a fixed vocabulary of frequent
-  tags); :func:`cliplab.train.synthetic_tags` lists the synthetic world's attribute words.
+  tags); :func:`cliplab.train.synthetic_tags` lists the synthetic world's attribute words. Matching is on words
+  anywhere in the caption, so a tag word used for something else counts too: the synthetic world's long captions of
+  cluttered scenes say "cluttered with small grey marks", which marks "small" on about 15% of the shipped model's
+  training pairs whatever the objects' sizes (known label noise of that run).
 * *Head.* A cosine-style head: the normalised embedding against learned rows (init ``N(0, 1/D)``, so rows start near
   unit norm) at a fixed temperature (0.07, CLIP's initial one), plus a bias (init -2: tags are sparse). The head
   is training-only; it lives in the loss module (saved in every checkpoint), not in the model.
@@ -92,6 +95,13 @@ class CLIPWithTagClassification(Loss):
         with torch.no_grad():
             nn.init.normal_(self.head.weight, std=model.config.embed_dim**-0.5)
             nn.init.constant_(self.head.bias, -2.0)
+
+    def get_extra_state(self) -> dict:
+        return {"tags": list(self.tags)}  # checkpointed with the head, so a resume cannot map rows to other tags
+
+    def set_extra_state(self, state: dict) -> None:
+        if list(state["tags"]) != self.tags:
+            raise ValueError(f"the checkpoint's tag head was trained for tags {state['tags']}, not {self.tags}")
 
     def tag_logits(self, image_features: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` tag logits of L2-normalised image features."""

@@ -22,11 +22,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._discover = discover
+        self._discovering = False
 
     def _discover_once(self) -> None:
-        if self._discover is not None:
-            discover, self._discover = self._discover, None
-            discover()
+        # Cleared only after success: an import error surfaces again on the next lookup instead of hiding behind
+        # "unknown name". The flag guards against re-entry (the discovered modules register into this registry).
+        if self._discover is not None and not self._discovering:
+            self._discovering = True
+            try:
+                self._discover()
+                self._discover = None
+            finally:
+                self._discovering = False
 
     def register(self, name: str, overwrite: bool = False) -> Callable[[T], T]:
         """Decorator: ``@registry.register("name")`` on a class or factory function."""
