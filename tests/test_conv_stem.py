@@ -119,6 +119,12 @@ def test_max_skip_config():
         dataclasses.replace(cliplab.get_config("test-tiny").vision, stem_max_skip=True).validate()
     with pytest.raises(ConfigError, match="true or false"):
         dataclasses.replace(cfg.vision, stem_max_skip=1).validate()
+    from click.testing import CliRunner
+
+    from cliplab.cli import main
+
+    r = CliRunner().invoke(main, ["info", "shapes-tiny"])
+    assert r.exit_code == 0 and "conv stem 32-64-128 + max-skip" in r.output, r.output
     assert cliplab.get_config("shapes-tiny").same_architecture(  # the shipped default
         cliplab.get_config("shapes-tiny-stem").replace(
             vision=dataclasses.replace(cliplab.get_config("shapes-tiny-stem").vision, stem_max_skip=True)))

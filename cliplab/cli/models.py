@@ -31,7 +31,8 @@ def info_cmd(source: str, arch: str | None, as_json: bool):
     cfg = model.config
     data = {"name": cfg.name, "parameters": sum(p.numel() for p in model.parameters()),
             "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.item(), "config": cfg.to_dict()}
-    stem = f" (conv stem {'-'.join(map(str, cfg.vision.stem_channels))})" if cfg.vision.stem_channels else ""
+    skip = " + max-skip" if cfg.vision.stem_max_skip else ""
+    stem = f" (conv stem {'-'.join(map(str, cfg.vision.stem_channels))}{skip})" if cfg.vision.stem_channels else ""
     emit(data, as_json, lambda d: click.echo(
         f"{d['name']}: {d['parameters'] / 1e6:.1f}M parameters, embed_dim {d['embed_dim']}, "
         f"image {cfg.vision.image_size}px/{cfg.vision.patch_size}{stem}, context {cfg.text.context_length}, "

@@ -22,6 +22,11 @@ def _slice_rows(rows: int, tokens_per_row: int) -> int:
     return rows if torch.is_grad_enabled() else max(1, SLICE_TOKENS // max(1, tokens_per_row))
 
 
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b]]`` for ``x`` ``[B, N, C]`` and ``idx`` ``[B, K]``."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, eps: float):
         super().__init__()
@@ -87,10 +92,9 @@ class VisionTower(nn.Module):
         x = x + hooks.positions("image", self.pos_embed.to(x.dtype))
         if keep is not None:
             idx = keep.to(x.device).expand(x.shape[0], -1) if keep.dim() == 1 else keep.to(x.device)
-            patches = x[:, 1:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            x = torch.cat([x[:, :1], patches], dim=1)
+            x = torch.cat([x[:, :1], _take_rows(x[:, 1:], idx)], dim=1)
             if skip_features is not None:  # dropped patches leave the max-skip too
-                skip_features = skip_features.gather(1, idx.unsqueeze(-1).expand(-1, -1, skip_features.shape[-1]))
+                skip_features = _take_rows(skip_features, idx)
         n_prompts = 0
         if prompts is not None:
             p = prompts.to(x.dtype)
