@@ -1,17 +1,21 @@
-"""HQ-CLIP's short-tag classification loss (``clip+stc``, :mod:`cliplab.objectives.hqclip`)."""
+"""HQ-CLIP's objective (:mod:`cliplab.objectives.hqclip`): short-tag classification (``clip+stc``) and hard-negative
+identification (``hqclip``), and the synthetic source's hard-negative captions and exact tags that feed them."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cliplab
-from cliplab.objectives.hqclip import CLIPWithTagClassification, caption_tags
+from cliplab.objectives.hqclip import CLIPWithTagClassification, HQCLIPLoss, caption_tags
 from cliplab.train import (BatchOutput, CLIPLoss, DataConfig, TrainConfig, Trainer, get_loss, list_losses,
                            synthetic_tags)
+from cliplab.models.tokenizer import TruncationWarning
 from cliplab.train.data import Batch
 
 TAGS = ["circle", "cross", "red", "small", "dotted"]
@@ -113,6 +117,139 @@ def test_head_trains_and_resumes_exactly(tmp_path):
         Trainer(other).load_checkpoint(half)
 
 
+# --- hard-negative identification -----------------------------------------------------------------------------------
+TEXTS = ["a red circle", "two crosses", "a small dotted circle", "four squares"]
+
+
+def with_negatives(out: BatchOutput, rows: list[int], seed: int = 1) -> BatchOutput:
+    g = torch.Generator().manual_seed(seed)
+    neg = F.normalize(torch.randn(len(rows), out.image_features.shape[1], generator=g), dim=-1)
+    out.batch.extras.update(negative_rows=torch.tensor(rows, dtype=torch.long),
+                            negative_texts=[f"negative of {r}" for r in rows])
+    return dataclasses.replace(out, negative_text_features=neg)
+
+
+def test_hqclip_without_its_terms_is_exactly_the_clip_loss():
+    out = batch_output(TEXTS)
+    loss, logs = HQCLIPLoss(tags=None, hni_weight=0.0)(out)
+    assert torch.equal(loss, CLIPLoss()(out)[0]) and "hni" not in logs and "stc" not in logs
+    assert isinstance(get_loss("hqclip", tags=None), HQCLIPLoss)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        HQCLIPLoss(hni_weight=-1.0)
+
+
+def test_hard_negative_term_matches_a_brute_force_softmax():
+    rows = [0, 2, 3]
+    out = with_negatives(batch_output(TEXTS), rows)
+    img, txt, neg = out.image_features, out.text_features, out.negative_text_features
+    scale = 1 / 0.07
+    total = 0.0
+    for i in range(len(TEXTS)):  # each image against every caption and every negative of the batch
+        z = [scale * float(img[i] @ c) for c in [*txt, *neg]]
+        total += math.log(sum(math.exp(v) for v in z)) - z[i]
+    wins = [float(img[r] @ txt[r]) > float(img[r] @ neg[k]) for k, r in enumerate(rows)]
+    with torch.no_grad():
+        loss, logs = HQCLIPLoss(tags=None, hni_weight=0.7)(out)
+        clip, _ = CLIPLoss()(out)
+    assert logs["hni"] == pytest.approx(total / len(TEXTS), rel=1e-5)
+    assert float(loss) == pytest.approx(float(clip) + 0.7 * total / len(TEXTS), rel=1e-5)
+    assert logs["hni_acc"] == pytest.approx(sum(wins) / len(wins))
+
+
+def test_hard_negative_term_without_negatives_is_the_image_to_text_term():
+    out = with_negatives(batch_output(TEXTS), [])
+    _, logs = HQCLIPLoss(tags=None)(out)
+    assert logs["hni"] == logs["loss_i2t"]  # no extra columns: the same cross-entropy
+    with pytest.raises(ValueError, match="needs negative captions"):
+        HQCLIPLoss(tags=None)(batch_output(TEXTS))  # a batch from a source without negatives
+
+
+def test_tag_texts_from_the_source_replace_the_caption_words():
+    tag_texts = ["small plain red circle", "medium striped blue cross large dotted green cross", "small dotted "
+                 "yellow circle", "large plain red square"]
+    out = batch_output(TEXTS)
+    out.batch.extras["tag_texts"] = tag_texts
+    caption_only = batch_output(tag_texts)  # same features (same seed), the tag texts as captions
+    loss_fn = attached(tags_from="source")
+    with torch.no_grad():
+        assert loss_fn(out)[1]["stc"] == loss_fn(caption_only)[1]["stc"] != loss_fn(batch_output(TEXTS))[1]["stc"]
+        # clip+stc reads captions by default (its earlier runs' configs reproduce them); hqclip takes the source's
+        assert attached()(out)[1]["stc"] == attached()(batch_output(TEXTS))[1]["stc"]
+        hq = HQCLIPLoss(TAGS, hni_weight=0.0)
+        torch.manual_seed(0)
+        hq.attach(_Model(16))
+        assert hq(out)[1]["stc"] == loss_fn(out)[1]["stc"]
+    with pytest.raises(ValueError, match="tags_from"):
+        HQCLIPLoss(TAGS, tags_from="image")
+
+
+def _shape_words(text: str) -> tuple[list[str], list[str]]:
+    """The text's words with every shape word (singular or plural) replaced by "SHAPE", and the shapes named."""
+    from cliplab.data.synthetic.vocabulary import SHAPES
+
+    forms = {f: s for s in SHAPES for f in (s, s + "s", s + "es")}
+    words = re.findall(r"[a-z]+", text.lower())
+    return [("SHAPE" if w in forms else w) for w in words], sorted({forms[w] for w in words if w in forms})
+
+
+def tiny_model_config() -> dict:
+    model = cliplab.get_config("test-tiny").to_dict()
+    model["vision"].update(image_size=64, patch_size=16)
+    model["preprocess"]["image_size"] = 64
+    return model
+
+
+def test_synthetic_source_gives_shape_negatives_of_the_caption_each_row_uses(tmp_path):
+    cfg = TrainConfig(model=tiny_model_config(), data=DataConfig(caption="mix", options={"hard_negatives": ["shape"]}),
+                      batch_size=32, steps=2, precision="fp32", threads=1, progress=False, out_dir=str(tmp_path))
+    trainer = Trainer(cfg)
+    batch = trainer.batches[0]
+    ex = batch.extras
+    assert ex["negative_rows"].tolist() == list(range(32))  # every scene has a shape it can take
+    assert batch.is_long.any() and not batch.is_long.all()
+    for k, r in enumerate(ex["negative_rows"].tolist()):
+        pos, neg = batch.texts[r], ex["negative_texts"][k]
+        (pos_words, pos_shapes), (neg_words, neg_shapes) = _shape_words(pos), _shape_words(neg)
+        assert pos_words == neg_words  # the same caption (short stays short, long stays long) ...
+        assert pos_shapes != neg_shapes and len(set(neg_shapes) - set(pos_shapes)) == 1  # ... with one shape swapped
+        scene = trainer.source.scene(batch.indices[r])
+        assert set(neg_shapes) - set(pos_shapes) <= set(trainer.source.world.shapes) - {o.shape for o in scene.objects}
+    with pytest.warns(TruncationWarning):  # long negatives are cut at 77 tokens, like their captions
+        assert torch.equal(ex["negative_ids"], trainer.model.tokenizer(ex["negative_texts"]).ids)
+    tags = ex["tag_texts"][0].split()
+    scene = trainer.source.scene(batch.indices[0])
+    assert sorted(tags) == sorted(w for o in scene.objects for w in (o.size, o.texture, o.colour, o.shape))
+    assert trainer.batches[0].extras["negative_texts"] == ex["negative_texts"]  # a pure function of the step
+    # the trainer encodes captions and negatives in one call; each negative is encoded as on its own
+    with torch.no_grad():
+        out = trainer.forward(batch)
+        alone = F.normalize(trainer.model.encode_text(ex["negative_ids"]), dim=-1)
+    assert out.negative_text_features.shape == (32, trainer.model.config.embed_dim)
+    torch.testing.assert_close(out.negative_text_features, alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="hard_negatives must be"):
+        Trainer(cfg.replace(data={"options": {"hard_negatives": ["position"]}}))
+    with pytest.raises(ValueError, match="num_negatives must be"):
+        Trainer(cfg.replace(data={"options": {"hard_negatives": ["shape"], "num_negatives": 0}}))
+
+
+def test_several_negatives_per_caption_and_only_for_short_captions(tmp_path):
+    options = {"hard_negatives": ["shape", "colour"], "num_negatives": 3, "negatives_for": "short"}
+    cfg = TrainConfig(model=tiny_model_config(), data=DataConfig(caption="mix", options=options), batch_size=32,
+                      steps=1, threads=1, progress=False, out_dir=str(tmp_path))
+    trainer = Trainer(cfg)
+    batch = trainer.batches[0]
+    rows = batch.extras["negative_rows"].tolist()
+    short_rows = [r for r in range(32) if not batch.is_long[r]]
+    assert rows == [r for r in short_rows for _ in range(3)]  # three per short caption, none for the long ones
+    for r in short_rows:
+        negatives = [t for t, row in zip(batch.extras["negative_texts"], rows) if row == r]
+        assert len(set(negatives)) == 3 and batch.texts[r] not in negatives
+        scene = trainer.source.scene(batch.indices[r])
+        world = trainer.source.world
+        options = {f.short_caption for a in ("shape", "colour") for f in world.attribute_replacements(scene, a)}
+        assert set(negatives) <= options
+
+
 # --- effect ----------------------------------------------------------------------------------------------------------
 def test_tag_head_learns_to_name_held_out_colours(tmp_path):
     """Effect, on a tiny max-skip model (200 steps, ~30 s): the head trained only through the tag term reads the colour
@@ -147,3 +284,45 @@ def test_tag_head_learns_to_name_held_out_colours(tmp_path):
     trainer.fit()
     after = colour_accuracy()
     assert before < 0.3 and after > 0.8, (before, after)
+
+
+def test_hard_negative_identification_teaches_the_attribute_its_negatives_change(tmp_path):
+    """Effect, on a tiny max-skip model (two 400-step runs of batch 32): trained with texture negatives (HNI only, no
+    tags), the model prefers held-out scenes' own captions over their texture-replaced ones far more often than the
+    same run with CLIP's loss alone, which can tell a batch's captions apart by shape and colour and so learns little
+    texture."""
+    import numpy as np
+
+    from cliplab.data.synthetic import SceneWorld
+
+    attribute = "texture"
+    cfg = cliplab.get_config("test-tiny")
+    vision = dataclasses.replace(cfg.vision, image_size=64, patch_size=8, stem_channels=(8, 16, 32), stem_max_skip=True)
+    model = cfg.replace(name="maxskip-tiny", vision=vision).to_dict()
+    model["preprocess"]["image_size"] = 64
+    world = SceneWorld(image_size=64, seed=1)  # held out: training streams draw from seed 0
+    pairs = []
+    for i in range(300):
+        scene = world.sample(i)
+        foil = world.replace_attribute(scene, attribute, np.random.default_rng(i))
+        if foil is not None and foil.short_caption != scene.short_caption:
+            pairs.append((scene.image, scene.short_caption, foil.short_caption))
+    assert len(pairs) > 150
+
+    def preference(loss: str, loss_kwargs: dict, options: dict) -> float:
+        run = TrainConfig(model=model, data=DataConfig(source="synthetic", caption="short", options=options),
+                          batch_size=32, steps=400, lr=2e-3, warmup_steps=20, threads=1, progress=False,
+                          log_every=50, checkpoint_every=0, keep_checkpoints=0, out_dir=str(tmp_path / loss), seed=0,
+                          loss=loss, loss_kwargs=loss_kwargs)
+        trainer = Trainer(run)
+        trainer.fit()
+        m = trainer.model.eval()
+        with torch.no_grad():
+            img = m.encode_images([p[0] for p in pairs], normalize=True)
+            own = m.encode_texts([p[1] for p in pairs], normalize=True)
+            foil = m.encode_texts([p[2] for p in pairs], normalize=True)
+        return float(((img * own).sum(1) > (img * foil).sum(1)).float().mean())
+
+    plain = preference("clip", {}, {})
+    hni = preference("hqclip", {"tags": None}, {"hard_negatives": [attribute], "num_negatives": 3})
+    assert hni > plain + 0.1, (plain, hni)

@@ -507,3 +507,50 @@ def test_shape_variants_differ_only_in_shapes(scenes):
     assert again == WORLD.shape_variants(scenes[5], 4, np.random.default_rng(5))
     with pytest.raises(ValueError, match="between 1 and the number of shapes"):
         WORLD.shape_variants(scenes[0], 9, np.random.default_rng(0))
+
+
+# ------------------------------------------------------------------ attribute replacements (hard-negative captions)
+
+
+@pytest.mark.parametrize("attribute", SceneWorld.REPLACEABLE)
+def test_replace_attribute_swaps_one_present_value_for_an_absent_one(scenes, attribute):
+    def other_attributes(scene):
+        return [(o.x, o.y) + tuple(getattr(o, a) for a in SceneWorld.REPLACEABLE if a != attribute)
+                for o in scene.objects]
+
+    made = 0
+    for i, scene in enumerate(scenes[:300]):
+        foil = WORLD.replace_attribute(scene, attribute, np.random.default_rng(i))
+        present = {getattr(o, attribute) for o in scene.objects}
+        if foil is None:  # only when every value of the world is already present
+            assert len(present) == len(getattr(WORLD, attribute + "s"))
+            continue
+        made += 1
+        assert other_attributes(foil) == other_attributes(scene)  # positions and the other attributes stay
+        changed = {(getattr(a, attribute), getattr(b, attribute))
+                   for a, b in zip(scene.objects, foil.objects) if getattr(a, attribute) != getattr(b, attribute)}
+        assert len(changed) == 1  # one value ...
+        (old, new), = changed
+        assert new not in present  # ... replaced by one no object had, so the foil is false of the image
+        assert all(getattr(b, attribute) == new for a, b in zip(scene.objects, foil.objects)
+                   if getattr(a, attribute) == old)  # in every object that had it
+    assert made >= 150
+    assert WORLD.replace_attribute(scenes[3], attribute, np.random.default_rng(3)) == \
+        WORLD.replace_attribute(scenes[3], attribute, np.random.default_rng(3))
+    for scene in scenes[:50]:  # all of them: each present value times each absent one, no two alike
+        present = {getattr(o, attribute) for o in scene.objects}
+        options = WORLD.attribute_replacements(scene, attribute)
+        assert len(options) == len(present) * (len(getattr(WORLD, attribute + "s")) - len(present))
+        assert len(set(options)) == len(options) and scene not in options
+
+
+def test_replace_attribute_respects_excluded_pairs_and_reports_impossible():
+    world = SceneWorld(image_size=64, seed=0, shapes=("circle", "square"), colours=("red", "blue"),
+                       exclude_combos=[("red", "square")])
+    red_circle = world.compose([{"shape": "circle", "colour": "red"}], np.random.default_rng(0))
+    assert world.replace_attribute(red_circle, "shape", np.random.default_rng(0)) is None  # red square is excluded
+    assert world.attribute_replacements(red_circle, "shape") == []
+    blue = world.replace_attribute(red_circle, "colour", np.random.default_rng(0))
+    assert [(o.colour, o.shape) for o in blue.objects] == [("blue", "circle")]
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        world.replace_attribute(red_circle, "position", np.random.default_rng(0))

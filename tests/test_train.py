@@ -307,7 +307,7 @@ def test_config_json_round_trip_and_overrides(tmp_path):
     assert (shapes.vision.width, shapes.vision.layers, shapes.vision.heads, shapes.text.vocab_size) == (192, 6, 3, 49408)
     assert shapes.vision.stem_channels == (32, 64, 128) and shapes.vision.stem_max_skip
     assert cfg.precision == "bf16" and cfg.data.caption == "mix" and cfg.loss == "clip+stc"
-    assert cfg.loss_kwargs["tags"] == synthetic_tags()
+    assert cfg.loss_kwargs["tags"] == synthetic_tags() and cfg.loss_kwargs["tags_from"] == "source"
 
 
 def test_cli_train_preset_and_config(tmp_path):

@@ -5,7 +5,7 @@ The trainer finds them by name without importing this package first (the loss re
 
     cliplab train --preset tiny-smoke --set loss=clip+stc --set 'loss_kwargs.tags=["circle","red"]'
 
-Modules: ``hqclip`` (HQ-CLIP's short-tag classification next to the contrastive loss).
+Modules: ``hqclip`` (HQ-CLIP's hard-negative identification and short-tag classification next to the contrastive loss).
 """
 
 __all__: list[str] = []

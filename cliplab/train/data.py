@@ -91,6 +91,16 @@ class DataSource(ABC):
     def captions(self, indices: Sequence[int]) -> tuple[list[str], list[str | None]]:
         """Short captions and long captions (``None`` where a row has none)."""
 
+    def negative_captions(self, indices: Sequence[int]) -> tuple[list[list[str]], list[list[str]]] | None:
+        """Hard-negative captions of each row's short and of its long caption (lists, possibly empty): minimal
+        edits of the caption that are false of the image. ``None`` (the default): this source has none."""
+        return None
+
+    def tag_texts(self, indices: Sequence[int]) -> list[str] | None:
+        """Texts whose words are each image's exact attribute tags (for tag losses), or ``None`` (the default):
+        the source knows no more than its captions."""
+        return None
+
 
 def _normalise_uint8(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``[B, S, S, 3]`` uint8 -> ``[B, 3, S, S]`` float32 with exactly the operations of ``Preprocessor._to_array``
@@ -106,6 +116,8 @@ def _normalise_uint8(arr: np.ndarray, mean: Sequence[float], std: Sequence[float
 #: stream position a run reaches.
 VARIANT_STREAM = 7
 VARIANT_FALLBACK = 1 << 40
+#: Sub-stream of a scene's generator that draws its hard negative.
+NEGATIVE_STREAM = 11
 
 
 @register_source("synthetic")
@@ -123,11 +135,23 @@ class SyntheticStream(DataSource):
     independent draws anyway) and a batch size divisible by ``k``, every batch holds ``B / k`` such groups, so the
     contrastive loss can only tell a group's images and captions apart by shape: in-batch hard negatives for the
     attribute a from-scratch model learns last.
+
+    ``hard_negatives``: attributes (of ``SceneWorld.REPLACEABLE``: shape, colour, size, texture) from which each
+    scene's hard-negative captions are made (:meth:`negative_captions`, for HQ-CLIP's hard-negative identification).
+    The candidates are :meth:`SceneWorld.attribute_replacements` of those attributes (a present value swapped for an
+    absent one in every object that has it) whose caption differs from the scene's; ``num_negatives`` of them (or
+    all there are) are drawn without replacement by the scene's own generator (sub-stream ``NEGATIVE_STREAM``),
+    separately for the short and the long caption. ``negatives_for`` ("both", "short" or "long") says which kind of
+    caption gets negatives (long ones cost 77 text positions each).
+
+    :meth:`tag_texts` are the objects' attribute words, so a tag loss gets each image's exact tags, not the
+    caption's (short captions leave attributes out; long ones say "small grey marks" of clutter).
     """
 
     def __init__(self, preprocessor, image_size: int | None = None, seed: int = 0, offset: int = 0,
                  num_scenes: int | None = None, world: dict[str, Any] | None = None, fast: bool = True,
-                 shape_variants: int = 1):
+                 shape_variants: int = 1, hard_negatives: Sequence[str] = (), num_negatives: int = 1,
+                 negatives_for: str = "both"):
         self.preprocessor = preprocessor
         size = preprocessor.config.image_size if image_size is None else int(image_size)
         self.world = SceneWorld(image_size=size, seed=seed, **(world or {}))
@@ -138,6 +162,15 @@ class SyntheticStream(DataSource):
         if not 1 <= self.group_size <= len(self.world.shapes):
             raise ValueError(f"shape_variants must be between 1 and {len(self.world.shapes)}, got {shape_variants}")
         self._group: tuple[int, list] = (-1, [])  # the last group built (a batch asks for its members in a row)
+        self.hard_negatives = tuple(hard_negatives)
+        bad = [a for a in self.hard_negatives if a not in SceneWorld.REPLACEABLE]
+        if bad or len(set(self.hard_negatives)) != len(self.hard_negatives):
+            raise ValueError(f"hard_negatives must be distinct attributes of {list(SceneWorld.REPLACEABLE)}, "
+                             f"got {list(hard_negatives)}")
+        if int(num_negatives) < 1 or negatives_for not in ("both", "short", "long"):
+            raise ValueError(f"num_negatives must be >= 1 and negatives_for one of both/short/long, got "
+                             f"{num_negatives}, {negatives_for!r}")
+        self.num_negatives, self.negatives_for = int(num_negatives), negatives_for
 
     def scene(self, index: int):
         if self.size is not None and not 0 <= index < self.size:
@@ -173,6 +206,26 @@ class SyntheticStream(DataSource):
     def captions(self, indices: Sequence[int]) -> tuple[list[str], list[str | None]]:
         scenes = self._scenes(indices)
         return [s.short_caption for s in scenes], [s.long_caption for s in scenes]
+
+    def negative_captions(self, indices: Sequence[int]) -> tuple[list[list[str]], list[list[str]]] | None:
+        if not self.hard_negatives:
+            return None
+        short, long = [], []
+        for index, scene in zip(indices, self._scenes(indices)):
+            rng = self.world.rng(self.offset + int(index), NEGATIVE_STREAM)
+            foils = [f for a in self.hard_negatives for f in self.world.attribute_replacements(scene, a)]
+            for kind, out in (("short", short), ("long", long)):
+                if self.negatives_for not in (kind, "both"):
+                    out.append([])
+                    continue
+                own = getattr(scene, kind + "_caption")
+                texts = list(dict.fromkeys(t for t in (getattr(f, kind + "_caption") for f in foils) if t != own))
+                pick = rng.permutation(len(texts))[: self.num_negatives]
+                out.append([texts[k] for k in sorted(pick.tolist())])
+        return short, long
+
+    def tag_texts(self, indices: Sequence[int]) -> list[str]:
+        return [" ".join(f"{o.size} {o.texture} {o.colour} {o.shape}" for o in s.objects) for s in self._scenes(indices)]
 
 
 @register_source("folder")
@@ -245,11 +298,24 @@ class TrainBatches(torch.utils.data.Dataset):
         want_long = self.choose_long(step, len(indices))
         is_long = [bool(w) and lc is not None for w, lc in zip(want_long, long)]
         texts = [lc if use else sc for use, sc, lc in zip(is_long, short, long)]
+        extras: dict[str, Any] = {}
+        tags = self.source.tag_texts(indices)
+        if tags is not None:
+            extras["tag_texts"] = tags
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)
             tokens = self.tokenizer(texts)
+            negatives = self.source.negative_captions(indices)
+            if negatives is not None:
+                # the negative of the caption the row uses: a long caption's negative is long too
+                chosen = [nl if use else ns for use, ns, nl in zip(is_long, *negatives)]
+                rows = [i for i, negs in enumerate(chosen) for _ in negs]
+                extras["negative_texts"] = [t for negs in chosen for t in negs]
+                extras["negative_rows"] = torch.tensor(rows, dtype=torch.long)
+                extras["negative_ids"] = self.tokenizer(extras["negative_texts"]).ids if rows else \
+                    tokens.ids.new_zeros((0, tokens.ids.shape[1]))
         return Batch(step=int(step), indices=indices, pixels=pixels, ids=tokens.ids, texts=texts,
-                     is_long=torch.tensor(is_long, dtype=torch.bool), truncated=tokens.truncated)
+                     is_long=torch.tensor(is_long, dtype=torch.bool), truncated=tokens.truncated, extras=extras)
 
 
 def _identity(x):

@@ -66,6 +66,9 @@ class BatchOutput:
     text_features: torch.Tensor  # [B, D] L2-normalised, fp32
     logit_scale: torch.Tensor  # scalar: log of 1/temperature (the model's parameter; gradients flow)
     batch: Any = None  # the raw cliplab.train.data.Batch (indices, texts, tokens, ...)
+    # [N, D] L2-normalised fp32 features of the batch's hard-negative captions (extras["negative_texts"], row
+    # extras["negative_rows"][k] for the k-th); None when the source gives none
+    negative_text_features: torch.Tensor | None = None
 
     @property
     def scale(self) -> torch.Tensor:

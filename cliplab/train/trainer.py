@@ -265,9 +265,14 @@ class Trainer:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"))
             img = self.model.encode_image(batch.pixels)
-            txt = self._encode_text(batch.ids)
+            negative_ids = batch.extras.get("negative_ids")
+            if negative_ids is None:
+                txt, neg = self._encode_text(batch.ids), None
+            else:  # one call, so captions and their negatives share the length buckets
+                feats = self._encode_text(torch.cat([batch.ids, negative_ids]))
+                txt, neg = feats[: len(batch.ids)], F.normalize(feats[len(batch.ids):].float(), dim=-1)
         return BatchOutput(F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1),
-                           self.model.logit_scale, batch)
+                           self.model.logit_scale, batch, negative_text_features=neg)
 
     def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Text features, encoding the batch as two length buckets when that saves at least 20% of the token

@@ -332,6 +332,44 @@ class SceneWorld:
                         break
         return variants
 
+    #: Attributes :meth:`replace_attribute` can change.
+    REPLACEABLE = ("shape", "colour", "size", "texture")
+
+    def attribute_replacements(self, scene: Scene, attribute: str) -> list[Scene]:
+        """Every negative of ``scene`` for its captions that changes one ``attribute`` value: a value present in the
+        scene replaced, in every object that has it, by a value of this world that no object has (so each result is
+        false of the image whatever a caption says about other objects). Colour/shape pairs the world excludes are
+        never formed. Positions stay, so relations do not change; the results are meant for their captions (a larger
+        size or another shape may overlap a neighbour when rendered). In a fixed order: present values sorted, then
+        the world's values in order."""
+        if attribute not in self.REPLACEABLE:
+            raise ValueError(f"attribute must be one of {list(self.REPLACEABLE)}, got {attribute!r}")
+        values = {"shape": self.shapes, "colour": self.colours, "size": self.sizes, "texture": self.textures}[attribute]
+        present = sorted({getattr(o, attribute) for o in scene.objects})
+        out = []
+        for old in present:
+            hit = [o for o in scene.objects if getattr(o, attribute) == old]
+            for new in values:
+                if new in present or any(self._excluded(o, attribute, new) for o in hit):
+                    continue
+                objects = tuple(o.with_attrs(self.image_size, **{attribute: new}) if getattr(o, attribute) == old else o
+                                for o in scene.objects)
+                out.append(scene.replace(objects=objects))
+        return out
+
+    def replace_attribute(self, scene: Scene, attribute: str, rng: np.random.Generator) -> Scene | None:
+        """One of :meth:`attribute_replacements`, drawn uniformly with ``rng``; ``None`` when there is none."""
+        options = self.attribute_replacements(scene, attribute)
+        return _choice(rng, options) if options else None
+
+    def _excluded(self, obj: SceneObject, attribute: str, value: str) -> bool:
+        """Whether giving ``obj`` this ``attribute`` value forms a colour/shape pair the world excludes."""
+        if attribute == "shape":
+            return (obj.colour, value) in self.exclude_combos
+        if attribute == "colour":
+            return (value, obj.shape) in self.exclude_combos
+        return False
+
     def _sample_texture(self, rng: np.random.Generator) -> str:
         return self.textures[int(np.searchsorted(self._texture_cdf, rng.random(), side="right").clip(max=len(self.textures) - 1))]
 
