@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import cliplab
 from cliplab.objectives.hqclip import CLIPWithTagClassification, HQCLIPLoss, caption_tags
+from cliplab.models import ConfigError
 from cliplab.train import (BatchOutput, CLIPLoss, DataConfig, TrainConfig, Trainer, get_loss, list_losses,
                            synthetic_tags)
 from cliplab.models.tokenizer import TruncationWarning
@@ -158,8 +159,10 @@ def test_hard_negative_term_matches_a_brute_force_softmax():
 
 def test_hard_negative_term_without_negatives_is_the_image_to_text_term():
     out = with_negatives(batch_output(TEXTS), [])
-    _, logs = HQCLIPLoss(tags=None)(out)
-    assert logs["hni"] == logs["loss_i2t"]  # no extra columns: the same cross-entropy
+    for smoothing in (0.0, 0.1):
+        _, logs = HQCLIPLoss(tags=None, label_smoothing=smoothing)(out)
+        assert logs["hni"] == logs["loss_i2t"]  # no extra columns: the same cross-entropy
+        assert "hni_acc" not in logs  # nothing to count (a NaN would spoil the log window's mean)
     with pytest.raises(ValueError, match="needs negative captions"):
         HQCLIPLoss(tags=None)(batch_output(TEXTS))  # a batch from a source without negatives
 
@@ -201,7 +204,8 @@ def tiny_model_config() -> dict:
 
 def test_synthetic_source_gives_shape_negatives_of_the_caption_each_row_uses(tmp_path):
     cfg = TrainConfig(model=tiny_model_config(), data=DataConfig(caption="mix", options={"hard_negatives": ["shape"]}),
-                      batch_size=32, steps=2, precision="fp32", threads=1, progress=False, out_dir=str(tmp_path))
+                      batch_size=32, steps=2, precision="fp32", threads=1, progress=False, out_dir=str(tmp_path),
+                      loss="hqclip", loss_kwargs={"tags": None})
     trainer = Trainer(cfg)
     batch = trainer.batches[0]
     ex = batch.extras
@@ -219,7 +223,8 @@ def test_synthetic_source_gives_shape_negatives_of_the_caption_each_row_uses(tmp
     tags = ex["tag_texts"][0].split()
     scene = trainer.source.scene(batch.indices[0])
     assert sorted(tags) == sorted(w for o in scene.objects for w in (o.size, o.texture, o.colour, o.shape))
-    assert trainer.batches[0].extras["negative_texts"] == ex["negative_texts"]  # a pure function of the step
+    fresh = Trainer(cfg.replace(out_dir=str(tmp_path / "fresh")))  # a pure function of the step (as on resume)
+    assert fresh.batches[0].extras["negative_texts"] == ex["negative_texts"]
     # the trainer encodes captions and negatives in one call; each negative is encoded as on its own
     with torch.no_grad():
         out = trainer.forward(batch)
@@ -230,6 +235,56 @@ def test_synthetic_source_gives_shape_negatives_of_the_caption_each_row_uses(tmp
         Trainer(cfg.replace(data={"options": {"hard_negatives": ["position"]}}))
     with pytest.raises(ValueError, match="num_negatives must be"):
         Trainer(cfg.replace(data={"options": {"hard_negatives": ["shape"], "num_negatives": 0}}))
+
+
+@pytest.mark.parametrize("attribute,options", [("colour", {}), ("texture", {}), ("shape", {"shape_variants": 4})])
+def test_no_negative_equals_a_caption_of_the_batch(tmp_path, attribute, options):
+    """Long captions name colours in their last sentence, past token 77, so most of their colour negatives are cut to
+    the caption itself; making a striped group plain only drops a word of a short caption ("two crosses" is still
+    true); with shape variants, a shape-replaced caption can be another image's caption. Such negatives are dropped:
+    an image is never asked to reject a text identical to a positive or less specific than its own caption."""
+    from cliplab.train.data import _only_drops_words
+
+    options = {"hard_negatives": [attribute], "num_negatives": 3, **options}
+    cfg = TrainConfig(model=tiny_model_config(), data=DataConfig(caption="mix", options=options), batch_size=32,
+                      steps=4, threads=1, progress=False, out_dir=str(tmp_path), loss="hqclip",
+                      loss_kwargs={"tags": None}, sampler="sequential" if "shape_variants" in options else "random")
+    trainer = Trainer(cfg)
+    kept = 0
+    for step in range(4):
+        batch = trainer.batches[step]
+        ex = batch.extras
+        ids, rows = ex["negative_ids"], ex["negative_rows"]
+        assert not (ids[:, None, :] == batch.ids[None]).all(-1).any()
+        assert len({(int(r), tuple(i.tolist())) for r, i in zip(rows, ids)}) == len(rows)  # no repeats in a row
+        assert not any(_only_drops_words(batch.texts[r], t) for r, t in zip(rows.tolist(), ex["negative_texts"]))
+        kept += len(rows)
+    assert kept > 32  # most rows keep negatives
+    assert _only_drops_words("two striped crosses", "two crosses")
+    assert not _only_drops_words("two striped crosses", "two dotted crosses")
+
+
+def test_losses_that_need_negatives_get_them_and_others_do_not(tmp_path):
+    cfg = TrainConfig(model=tiny_model_config(), data=DataConfig(caption="short", options={"hard_negatives": ["shape"]}),
+                      batch_size=8, steps=1, threads=1, progress=False, out_dir=str(tmp_path))
+    with torch.no_grad():
+        assert Trainer(cfg).forward(Trainer(cfg).batches[0]).negative_text_features is None  # clip: not encoded
+    with pytest.raises(ConfigError, match="needs hard-negative captions"):  # at construction, not at step 1
+        Trainer(cfg.replace(data={"options": {}}, loss="hqclip", loss_kwargs={"tags": None}))
+    assert not CLIPLoss().uses_negatives and not HQCLIPLoss(hni_weight=0).uses_negatives
+
+
+def test_hard_negative_run_resumes_exactly(tmp_path):
+    options = {"hard_negatives": ["shape", "colour"], "num_negatives": 2}
+    cfg = TrainConfig(model=tiny_model_config(), data=DataConfig(caption="mix", options=options), batch_size=16,
+                      steps=4, lr=1e-3, warmup_steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=0,
+                      threads=1, progress=False, out_dir=str(tmp_path / "a"), loss="hqclip",
+                      loss_kwargs={"tags": synthetic_tags(), "hni_weight": 1.0})
+    full = Trainer(cfg).fit()
+    assert all("hni" in r and "hni_acc" in r for r in full.records)
+    resumed = Trainer(cfg.replace(out_dir=str(tmp_path / "b"))).fit(
+        resume=tmp_path / "a" / "checkpoints" / "step-0000002")
+    assert resumed.losses == full.losses[2:]
 
 
 def test_several_negatives_per_caption_and_only_for_short_captions(tmp_path):
@@ -289,7 +344,7 @@ def test_tag_head_learns_to_name_held_out_colours(tmp_path):
 def test_hard_negative_identification_teaches_the_attribute_its_negatives_change(tmp_path):
     """Effect, on a tiny max-skip model (two 400-step runs of batch 32): trained with texture negatives (HNI only, no
     tags), the model prefers held-out scenes' own captions over their texture-replaced ones far more often than the
-    same run with CLIP's loss alone, which can tell a batch's captions apart by shape and colour and so learns little
+    same loss without negatives, which can tell a batch's captions apart by shape and colour and so learns little
     texture."""
     import numpy as np
 
@@ -309,11 +364,11 @@ def test_hard_negative_identification_teaches_the_attribute_its_negatives_change
             pairs.append((scene.image, scene.short_caption, foil.short_caption))
     assert len(pairs) > 150
 
-    def preference(loss: str, loss_kwargs: dict, options: dict) -> float:
+    def preference(name: str, loss: str, loss_kwargs: dict, options: dict) -> float:
         run = TrainConfig(model=model, data=DataConfig(source="synthetic", caption="short", options=options),
                           batch_size=32, steps=400, lr=2e-3, warmup_steps=20, threads=1, progress=False,
-                          log_every=50, checkpoint_every=0, keep_checkpoints=0, out_dir=str(tmp_path / loss), seed=0,
-                          loss=loss, loss_kwargs=loss_kwargs)
+                          log_every=50, checkpoint_every=0, keep_checkpoints=0, out_dir=str(tmp_path / name),
+                          seed=0, loss=loss, loss_kwargs=loss_kwargs)
         trainer = Trainer(run)
         trainer.fit()
         m = trainer.model.eval()
@@ -323,6 +378,9 @@ def test_hard_negative_identification_teaches_the_attribute_its_negatives_change
             foil = m.encode_texts([p[2] for p in pairs], normalize=True)
         return float(((img * own).sum(1) > (img * foil).sum(1)).float().mean())
 
-    plain = preference("clip", {}, {})
-    hni = preference("hqclip", {"tags": None}, {"hard_negatives": [attribute], "num_negatives": 3})
-    assert hni > plain + 0.1, (plain, hni)
+    # the control has HNI's term without negatives (short captions, negatives only for long ones): the same doubled
+    # image-to-text cross-entropy, so the difference is the negatives' own
+    control = preference("control", "hqclip", {"tags": None}, {"hard_negatives": [attribute], "negatives_for": "long"})
+    hni = preference("hni", "hqclip", {"tags": None}, {"hard_negatives": [attribute], "num_negatives": 3})
+    print(f"held-out preference for the true {attribute}: control {control:.3f}, with negatives {hni:.3f}")
+    assert hni > control + 0.1, (control, hni)

@@ -20,7 +20,10 @@ Choices:
   (``hard_negatives=["shape", ...]``) edits the scene, not the text: one value of an attribute present in the scene
   is replaced by an absent one in every object that has it (:meth:`SceneWorld.replace_attribute`), and the edited
   scene's caption of the same kind (short or long, as the row uses) is the negative, so it is false of the image and
-  differs from the caption in that word only. A source without negatives cannot feed HNI (a clear error).
+  differs from the caption in that word only. The source skips an edit that only leaves a word out (a striped group
+  made plain: "two crosses" stays true), and the batch drops a negative whose tokens equal one of its captions (long
+  captions name colours after token 77). The trainer encodes negatives only for a loss that uses them
+  (``uses_negatives``) and refuses such a loss with a source that has none.
 * *HNI's softmax.* Every negative of the batch is a candidate for every image (B x (B + N) logits, the paper's
   "extra candidates"); with no negatives the term is exactly CLIP's image-to-text term. It is added to CLIP's
   symmetric loss rather than replacing its image-to-text half, as in the paper's sum of terms. Text-to-image is
@@ -111,6 +114,7 @@ class HQCLIPLoss(Loss):
                              f"hni_weight={hni_weight}, temperature={temperature}")
         self.tags, self.temperature = tags, float(temperature)
         self.stc_weight, self.hni_weight = float(stc_weight), float(hni_weight)
+        self.uses_negatives = self.hni_weight > 0
         self.contrastive = CLIPLoss(label_smoothing)
         self.head: nn.Linear | None = None
 
@@ -149,13 +153,14 @@ class HQCLIPLoss(Loss):
         if self.hni_weight > 0:
             logits = self.hard_negative_logits(out)
             labels = torch.arange(logits.shape[0], device=logits.device)
-            hni = F.cross_entropy(logits, labels)
+            hni = F.cross_entropy(logits, labels, label_smoothing=self.contrastive.label_smoothing)
             loss = loss + self.hni_weight * hni
-            with torch.no_grad():
-                rows = out.batch.extras["negative_rows"].to(logits.device)
-                own = logits[rows, logits.shape[0] + torch.arange(len(rows), device=logits.device)]
-                beats = (logits[rows, rows] > own).float().mean().item() if len(rows) else float("nan")
-            logs.update(hni=hni.item(), hni_acc=beats)
+            logs["hni"] = hni.item()
+            rows = out.batch.extras["negative_rows"].to(logits.device)
+            if len(rows):  # a batch without negatives has no accuracy to log (not NaN: the window mean stays finite)
+                with torch.no_grad():
+                    own = logits[rows, logits.shape[0] + torch.arange(len(rows), device=logits.device)]
+                    logs["hni_acc"] = (logits[rows, rows] > own).float().mean().item()
         if self.tags is not None:
             logits = self.tag_logits(out.image_features)
             texts = (out.batch.extras.get("tag_texts") if self.tags_from == "source" else None) or out.batch.texts

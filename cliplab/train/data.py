@@ -93,13 +93,18 @@ class DataSource(ABC):
 
     def negative_captions(self, indices: Sequence[int]) -> tuple[list[list[str]], list[list[str]]] | None:
         """Hard-negative captions of each row's short and of its long caption (lists, possibly empty): minimal
-        edits of the caption that are false of the image. ``None`` (the default): this source has none."""
+        edits of the caption meant to be false of the image. ``None`` (the default): this source has none."""
         return None
 
     def tag_texts(self, indices: Sequence[int]) -> list[str] | None:
         """Texts whose words are each image's exact attribute tags (for tag losses), or ``None`` (the default):
         the source knows no more than its captions."""
         return None
+
+    @property
+    def has_negatives(self) -> bool:
+        """Whether :meth:`negative_captions` gives negatives (checked before training a loss that needs them)."""
+        return False
 
 
 def _normalise_uint8(arr: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -219,13 +224,27 @@ class SyntheticStream(DataSource):
                     out.append([])
                     continue
                 own = getattr(scene, kind + "_caption")
-                texts = list(dict.fromkeys(t for t in (getattr(f, kind + "_caption") for f in foils) if t != own))
+                texts = list(dict.fromkeys(t for t in (getattr(f, kind + "_caption") for f in foils)
+                                           if t != own and not _only_drops_words(own, t)))
                 pick = rng.permutation(len(texts))[: self.num_negatives]
                 out.append([texts[k] for k in sorted(pick.tolist())])
         return short, long
 
+    @property
+    def has_negatives(self) -> bool:
+        return bool(self.hard_negatives)
+
     def tag_texts(self, indices: Sequence[int]) -> list[str]:
         return [" ".join(f"{o.size} {o.texture} {o.colour} {o.shape}" for o in s.objects) for s in self._scenes(indices)]
+
+
+def _only_drops_words(caption: str, other: str) -> bool:
+    """Whether ``other`` is ``caption`` with some words left out: less specific, so possibly still true of the image
+    (short captions do not say "plain", so making a striped group plain turns "two striped crosses" into "two
+    crosses")."""
+    words = iter(caption.split())
+    rest = other.split()
+    return len(rest) < len(caption.split()) and all(w in words for w in rest)
 
 
 @register_source("folder")
@@ -307,15 +326,30 @@ class TrainBatches(torch.utils.data.Dataset):
             tokens = self.tokenizer(texts)
             negatives = self.source.negative_captions(indices)
             if negatives is not None:
-                # the negative of the caption the row uses: a long caption's negative is long too
-                chosen = [nl if use else ns for use, ns, nl in zip(is_long, *negatives)]
-                rows = [i for i, negs in enumerate(chosen) for _ in negs]
-                extras["negative_texts"] = [t for negs in chosen for t in negs]
-                extras["negative_rows"] = torch.tensor(rows, dtype=torch.long)
-                extras["negative_ids"] = self.tokenizer(extras["negative_texts"]).ids if rows else \
-                    tokens.ids.new_zeros((0, tokens.ids.shape[1]))
+                extras.update(self._negatives(negatives, is_long, tokens.ids))
         return Batch(step=int(step), indices=indices, pixels=pixels, ids=tokens.ids, texts=texts,
                      is_long=torch.tensor(is_long, dtype=torch.bool), truncated=tokens.truncated, extras=extras)
+
+    def _negatives(self, negatives, is_long: list[bool], caption_ids: torch.Tensor) -> dict[str, Any]:
+        """Batch extras for the negatives of the caption each row uses (a long caption's negatives are long too).
+        Compared as the tokens the model sees: a negative that equals any caption of the batch once cut at the
+        context length (long captions name colours in their last sentence, past token 77) or an earlier negative of
+        its row is dropped, so no image is asked to reject a text identical to a positive."""
+        chosen = [nl if use else ns for use, ns, nl in zip(is_long, *negatives)]
+        texts = [t for negs in chosen for t in negs]
+        rows = [i for i, negs in enumerate(chosen) for _ in negs]
+        ids = self.tokenizer(texts).ids if texts else caption_ids.new_zeros((0, caption_ids.shape[1]))
+        positives = {tuple(c.tolist()) for c in caption_ids}
+        kept: set[tuple[int, tuple[int, ...]]] = set()
+        keep = []
+        for k, row in enumerate(rows):
+            negative = tuple(ids[k].tolist())
+            if negative not in positives and (row, negative) not in kept:
+                kept.add((row, negative))
+                keep.append(k)
+        return {"negative_texts": [texts[k] for k in keep],
+                "negative_rows": torch.tensor([rows[k] for k in keep], dtype=torch.long),
+                "negative_ids": ids[keep]}
 
 
 def _identity(x):

@@ -86,6 +86,10 @@ class BatchOutput:
 class Loss(nn.Module, metaclass=ABCMeta):
     """Base class: ``forward(out: BatchOutput) -> (scalar loss, {name: float})``."""
 
+    #: Whether ``forward`` reads ``out.negative_text_features``: the trainer encodes the batch's hard-negative
+    #: captions only for such a loss, and refuses a source that gives none.
+    uses_negatives: bool = False
+
     def attach(self, model: nn.Module) -> None:
         """Called once by the trainer with the model before the optimizer is built: a loss whose parameters depend
         on the model's sizes (a classification head on the image embedding) creates them here."""

@@ -250,6 +250,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps, fused=True)
         self.schedule = WarmupCosine(c.lr, c.steps, c.warmup_steps, c.min_lr)
         self.source = get_source(c.data.source, self.model.preprocessor, **c.data.options)
+        if self.loss_fn.uses_negatives and not self.source.has_negatives:
+            raise ConfigError(f"loss {c.loss!r} needs hard-negative captions, which this {c.data.source!r} source "
+                              "does not give: set the source's negatives (synthetic: --set "
+                              "'data.options.hard_negatives=[\"shape\"]') or turn the loss's term off (hni_weight=0)")
         self.sampler = get_sampler(c.sampler, self.source.size, c.batch_size, seed=c.seed, **c.sampler_kwargs)
         check_groups(self.source, self.sampler)
         self.batches = TrainBatches(self.source, self.sampler, self.model.tokenizer, c.steps, caption=c.data.caption,
@@ -265,7 +269,7 @@ class Trainer:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"))
             img = self.model.encode_image(batch.pixels)
-            negative_ids = batch.extras.get("negative_ids")
+            negative_ids = batch.extras.get("negative_ids") if self.loss_fn.uses_negatives else None
             if negative_ids is None:
                 txt, neg = self._encode_text(batch.ids), None
             else:  # one call, so captions and their negatives share the length buckets

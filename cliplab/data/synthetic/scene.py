@@ -338,7 +338,8 @@ class SceneWorld:
     def attribute_replacements(self, scene: Scene, attribute: str) -> list[Scene]:
         """Every negative of ``scene`` for its captions that changes one ``attribute`` value: a value present in the
         scene replaced, in every object that has it, by a value of this world that no object has (so each result is
-        false of the image whatever a caption says about other objects). Colour/shape pairs the world excludes are
+        false of the image wherever a caption names that value; a caption that leaves the value out, as short captions
+        leave out "plain", may stay true). Colour/shape pairs the world excludes are
         never formed. Positions stay, so relations do not change; the results are meant for their captions (a larger
         size or another shape may overlap a neighbour when rendered). In a fixed order: present values sorted, then
         the world's values in order."""
