@@ -85,7 +85,8 @@ def shapes_tiny() -> TrainConfig:
         # model gave 64% at batch 256 x 600 steps; the same samples in smaller batches (more updates) gave 83% at
         # 128 x 1200, 93.0% at 64 x 2400 and 93.3% at 48 x 3200 (26.2 minutes, too close to the 30-minute budget).
         # Those runs read each image's tags from its caption; exact tags from the source gave 97.5% at 64 x 2400.
-        # HQ-CLIP's other term, shape-replaced hard-negative captions (loss "hqclip"), gave 86.3-94.0%.
+        # Adding HQ-CLIP's other term to exact tags, shape-replaced hard-negative captions (loss "hqclip"), gave
+        # 86.3-94.0%.
         model="shapes-tiny",
         data=DataConfig(source="synthetic", caption="mix", long_prob=0.5, num_workers=0),
         loss="clip+stc",
