@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import cliplab
 from cliplab.data.synthetic import SceneWorld, make_foils
 from cliplab.eval import evaluate
+from cliplab.train import get_loss
 
 HELD_OUT_SEED = 1
 
@@ -156,21 +157,19 @@ def loss_phrase(train_cfg: dict) -> str:
         return " Loss: CLIP's symmetric InfoNCE with a learnable temperature."
     if train_cfg["loss"] not in ("clip+stc", "hqclip"):
         return f" Loss: `{train_cfg['loss']}` with {kw}."
-    stc_weight = kw.get("weight", 1.0) if train_cfg["loss"] == "clip+stc" else kw.get("stc_weight", 1.0)
-    hni_weight = kw.get("hni_weight", 1.0) if train_cfg["loss"] == "hqclip" else 0.0
-    tags_from = kw.get("tags_from", "caption" if train_cfg["loss"] == "clip+stc" else "source")
-    source = ("the attribute words of its objects, given exactly by the source" if tags_from == "source" else
+    loss = get_loss(train_cfg["loss"], **kw)  # the loss's own defaults, not copies of them
+    source = ("the attribute words of its objects, given exactly by the source" if loss.tags_from == "source" else
               "the words its caption has")
-    tags = ("" if kw.get("tags") is None else
-            f" short-tag classification with weight {stc_weight}: a training-only multi-label head over "
-            f"{len(kw['tags'])} attribute words ({', '.join(kw['tags'])}) on the image embedding, each image's tags "
+    tags = ("" if loss.tags is None else
+            f" short-tag classification with weight {loss.stc_weight}: a training-only multi-label head over "
+            f"{len(loss.tags)} attribute words ({', '.join(loss.tags)}) on the image embedding, each image's tags "
             f"being {source}")
     options = train_cfg["data"].get("options", {})
     negatives, k = options.get("hard_negatives", []), options.get("num_negatives", 1)
     which = {"both": "caption", "short": "short caption", "long": "long caption"}[options.get("negatives_for", "both")]
     per = f"each {which}'s negative" if k == 1 else f"up to {k} negatives of each {which}"
-    hni = ("" if not hni_weight else
-           f" hard-negative identification with weight {hni_weight}: {per}, the same caption with one "
+    hni = ("" if not loss.hni_weight else
+           f" hard-negative identification with weight {loss.hni_weight}: {per}, the same caption with one "
            f"{' or '.join(negatives)} present in the scene replaced by an absent one, are extra candidates in the "
            "image-to-text softmax")
     terms = "; and".join(t for t in (hni, tags) if t)

@@ -242,9 +242,9 @@ def _only_drops_words(caption: str, other: str) -> bool:
     """Whether ``other`` is ``caption`` with some words left out: less specific, so possibly still true of the image
     (short captions do not say "plain", so making a striped group plain turns "two striped crosses" into "two
     crosses")."""
-    words = iter(caption.split())
-    rest = other.split()
-    return len(rest) < len(caption.split()) and all(w in words for w in rest)
+    words, rest = caption.split(), other.split()
+    remaining = iter(words)
+    return len(rest) < len(words) and all(w in remaining for w in rest)  # a subsequence: `in` consumes the iterator
 
 
 @register_source("folder")
