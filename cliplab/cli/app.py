@@ -14,10 +14,11 @@ class CliplabGroup(click.Group):
 
     def invoke(self, ctx):
         from ..models import CheckpointError, ConfigError
+        from ..models.lm.deps import MissingDependency
 
         try:
             return super().invoke(ctx)
-        except (CheckpointError, ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        except (CheckpointError, ConfigError, FileNotFoundError, KeyError, ValueError, MissingDependency) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             click.echo(f"error: {msg}", err=True)
             sys.exit(2)

@@ -4,6 +4,7 @@
     cliplab eval retrieval --model M --dataset captions-csv --data captions.csv -O limit=50
     cliplab eval clipscore --model M --dataset captions-csv --data captions.csv
     cliplab eval winoground --model M --dataset synthetic-winoground -O n=200
+    cliplab eval sts --embedder all-MiniLM-L6-v2 --data sts-test.csv --json
     cliplab eval datasets | tasks
 
 Every run writes ``results.json`` and ``summary.md`` (and ``confusion.png`` for zero-shot) to ``--out``. Image and
@@ -146,6 +147,63 @@ def clipscore_cmd(weight, **p):
 def winoground_cmd(**p):
     """Winoground text / image / group scores on caption-image pairs."""
     _run("winoground", p)
+
+
+@eval_group.command("sts")
+@click.option("--embedder", "-e", default="all-MiniLM-L6-v2", show_default=True,
+              help="A text embedder: all-MiniLM-L6-v2, smollm2-135m, or any CLIP model name or path (its text tower).")
+@click.option("--pooling", "-p", default=None,
+              help="A registered pooling (mean, first, last, max, weighted_mean, prompteol) [default: the "
+                   "embedder's own].")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="An STS-B style file: tab-separated genre, file, year, id, score, sentence 1, sentence 2.")
+@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of --data.")
+@click.option("--limit", type=int, default=None, help="Score only the first N pairs.")
+@click.option("--token-prepending", "tp", is_flag=True,
+              help="Token Prepending around a causal embedder (pooling last or prompteol).")
+@click.option("--tp-exit", type=int, default=None, help="With --token-prepending: the block TP stops before.")
+@click.option("--layer", "readout_layer", type=int, default=None,
+              help="With --token-prepending: read this layer (early exit; negative counts from the end).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sts_cmd(embedder, pooling, data_path, encoding, limit, tp, tp_exit, readout_layer, precision, batch_size,
+            progress, as_json):
+    """Sentence similarity: Spearman x 100 of cosine vs gold scores (ties averaged), Pearson beside it.
+
+    \b
+    Example:
+      cliplab eval sts --embedder all-MiniLM-L6-v2 --data ../shared/data/stsb/sts-test.csv --json
+      cliplab eval sts -e smollm2-135m -p prompteol --token-prepending --data sts-dev.csv --limit 200
+    """
+    import warnings
+
+    from ..eval.sts import STSRowWarning, evaluate_sts, read_sts
+    from ..text import get_pooling, load_embedder
+
+    if (tp_exit is not None or readout_layer is not None) and not tp:
+        raise click.BadParameter("--tp-exit and --layer go with --token-prepending", param_hint="--token-prepending")
+    pool = get_pooling(pooling) if pooling else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", STSRowWarning)
+        data = read_sts(data_path, encoding=encoding, limit=limit)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    model = load_embedder(embedder, precision=precision)
+    if tp:
+        from ..text_edit.token_prepending import TokenPrependingEmbedder
+
+        model = TokenPrependingEmbedder(model, exit=tp_exit, readout_layer=readout_layer)
+    show = sys.stderr.isatty() if progress is None else progress
+    res = evaluate_sts(model, data, pooling=pool, batch_size=batch_size, progress=show)
+    res["precision"] = precision
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"{res['embedder']} ({res['pooling']}, {precision}) on {res['n']} pairs of {res['data']}: "
+                   f"Spearman {res['spearman']:.2f}, Pearson {res['pearson']:.2f}"
+                   + (f"; {len(res['rejected'])} line(s) rejected" if res["rejected"] else ""))
 
 
 @eval_group.command("datasets")

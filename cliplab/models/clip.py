@@ -109,6 +109,10 @@ class CLIP(nn.Module):
             out.extras["batch"] = tokens
         return out
 
+    def tower_layers(self) -> dict[str, int]:
+        """Blocks per tower, for hook sets (``cliplab.tokens.InterventionSet.bind``)."""
+        return {"text": len(self.text.transformer.blocks), "image": len(self.visual.transformer.blocks)}
+
     # --- hooks made active for every call (``cliplab.tokens.intervene`` manages this) -------------------------------
     active_hooks: Hooks | None = None
 
@@ -185,6 +189,10 @@ class CLIP(nn.Module):
         low precision does not restore lost bits."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32":
+            from .hardware import warn_if_slow_bf16
+
+            warn_if_slow_bf16()
         self.__dict__.pop("preprocessor", None)  # rebuilt lazily: the fast mode also decodes JPEGs at reduced size
         return self.to(PRECISIONS[precision])
 

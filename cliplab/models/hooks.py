@@ -103,16 +103,24 @@ class TowerOutput:
         return F.normalize(self.pooled, dim=-1)
 
 
-def _attend(block_attn, x: torch.Tensor, mask: torch.Tensor | None, tower: str, layer: int, hooks: Hooks,
-            record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    q, k, v = block_attn.split_heads(x)
-    bias = hooks.attn_bias(tower, layer, x.shape[1])
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tower: str, layer: int,
+           hooks: Hooks, record: bool, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of one layer with its hook sites: ``q, k, v`` ``[B, H, n, d]`` -> (output ``[B, H, n, d]``,
+    probabilities ``[B, H, n, m]`` or None). Shared by every architecture's rich path (CLIP towers, BERT, Llama).
+
+    ``causal`` without a mask asks for a causal mask; it is made explicit only when the probabilities are needed or
+    a bias is added, so the plain case keeps the fused kernel."""
+    bias = hooks.attn_bias(tower, layer, q.shape[-2])
+    edits = hooks.edits_attn(tower, layer)
+    if causal and mask is None and (bias is not None or record or edits):
+        n, m = q.shape[-2], k.shape[-2]
+        mask = torch.full((n, m), float("-inf"), dtype=q.dtype, device=q.device).triu_(m - n + 1)
+        causal = False
     if bias is not None:
         mask = bias if mask is None else mask + bias
     mask = match_dtype(mask, q)
-    edits = hooks.edits_attn(tower, layer)
     if not (record or edits):
-        return block_attn.merge_heads(attention(q, k, v, mask)), None
+        return attention(q, k, v, mask, causal), None
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores + mask
@@ -123,21 +131,38 @@ def _attend(block_attn, x: torch.Tensor, mask: torch.Tensor | None, tower: str, 
         y = attention(q, k, v, mask)
     else:
         y = new @ v  # the probabilities are in the graph: gradients w.r.t. attention maps flow
-    return block_attn.merge_heads(y), new
+    return y, new
 
 
-def run_blocks(transformer, x: torch.Tensor, mask: torch.Tensor | None, tower: str, hooks: Hooks,
-               want: frozenset[str]) -> tuple[torch.Tensor, list | None, list | None]:
-    """The block loop of the rich path: the same arithmetic as ``Transformer.forward`` plus hook calls."""
+def _attend(block_attn, x: torch.Tensor, mask: torch.Tensor | None, tower: str, layer: int, hooks: Hooks,
+            record: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    y, probs = attend(*block_attn.split_heads(x), mask, tower, layer, hooks, record)
+    return block_attn.merge_heads(y), probs
+
+
+def loop_blocks(blocks, x: torch.Tensor, tower: str, hooks: Hooks, want: frozenset[str],
+                step) -> tuple[torch.Tensor, list | None, list | None]:
+    """The rich path's block loop, for any architecture: ``step(block, x, layer, record) -> (x, probs)`` runs one
+    block; the ``resid`` hook follows each. Returns ``(x, hidden, attn)``, the lists only when ``want`` asks."""
     hidden = [x] if "hidden" in want else None
     attn = [] if "attn" in want else None
-    for layer, block in enumerate(transformer.blocks):
-        a, probs = _attend(block.attn, block.ln_1(x), mask, tower, layer, hooks, attn is not None)
-        x = x + a
-        x = x + block.mlp(block.ln_2(x))
+    for layer, block in enumerate(blocks):
+        x, probs = step(block, x, layer, attn is not None)
         x = hooks.resid(tower, layer, x)
         if hidden is not None:
             hidden.append(x)
         if attn is not None:
             attn.append(probs)
     return x, hidden, attn
+
+
+def run_blocks(transformer, x: torch.Tensor, mask: torch.Tensor | None, tower: str, hooks: Hooks,
+               want: frozenset[str]) -> tuple[torch.Tensor, list | None, list | None]:
+    """The CLIP towers' block loop: the same arithmetic as ``Transformer.forward`` plus hook calls."""
+
+    def step(block, x, layer, record):
+        a, probs = _attend(block.attn, block.ln_1(x), mask, tower, layer, hooks, record)
+        x = x + a
+        return x + block.mlp(block.ln_2(x)), probs
+
+    return loop_blocks(transformer.blocks, x, tower, hooks, want, step)

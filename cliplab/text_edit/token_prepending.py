@@ -2,7 +2,7 @@
 
 Paper: *Token Prepending: A Training-Free Approach for Eliciting Better Sentence Embeddings from LLMs*, Yuchen Fu,
 Zifeng Cheng, Zhiwei Jiang, Zhonghui Wang, Yafeng Yin, Zhengliang Li, Qing Gu (ACL 2025, arXiv 2412.11556).
-Official code: ``fuyuchenIfyw/token_prepending`` (``senllm/modeling_llama.py``, ``plan == "tp"``).
+Official code: ``fuyuchenIfyw/token_prepending`` (``senllm/modeling_llama.py``, ``plan == "tp"``; ``evaluate.py``).
 
 The method: a placeholder token ``<PST>`` is placed before the sentence. Before every layer ``l`` in
 ``[start, exit)`` the hidden state at ``<PST>`` is overwritten with the hidden state at the sentence-embedding
@@ -12,44 +12,53 @@ position (the last token) of the previous layer's output, so that, under causal 
 
 What is implemented:
 
-* :class:`CausalTextModel`, a small protocol for any causal text transformer: ``embed(ids)`` (token embeddings,
-  before positions), ``run(embeds, layer_hooks)`` (all hidden states; ``layer_hooks[l]`` edits the residual stream
-  after block ``l``, i.e. before block ``l + 1``) and ``readout(h)`` (final norm + head). :func:`token_prepending` is
-  written against it only, so a decoder LM can plug in later.
-* :class:`CLIPText`, the protocol for CLIP's text tower, built on ``cliplab.tokens``: the slot enters through
-  ``inputs_embeds`` and the overwrite is an ``Intervention`` at ``text.layer[l-1].resid`` for ``l`` in
-  ``[start, exit)``; ``readout`` is ``ln_final`` + the text projection.
+* :func:`token_prepending`, written against the :class:`~cliplab.text.causal.CausalTextModel` protocol only
+  (``embed``, ``run`` with per-layer hooks, ``readout``). The protocol and its two adapters live in
+  ``cliplab.text.causal``: :class:`CLIPText` (CLIP's text tower) and :class:`DecoderText` (the Llama decoder, e.g.
+  the real SmolLM2-135M, the kind of model the paper targets). Both enter the slot through ``inputs_embeds`` and
+  overwrite it with an ``Intervention`` at ``text.layer[l-1].resid``.
 * :func:`encode_text_tp`, CLIP convenience: tokenize with one position left for the slot, insert ``<PST>`` right
   after SOT, summary position = EOT (shifted by one), pooled output = the projected EOT.
+* :class:`TokenPrependingEmbedder`, TP around any decoder or CLIP :class:`~cliplab.text.TextEmbedder`, with the
+  ``last`` or ``prompteol`` pooling: ``cliplab eval sts --embedder smollm2-135m --pooling prompteol
+  --token-prepending``.
 
 Choices (where the notes, the paper and this library differ):
 
-* *The slot's input embedding.* The official code adds ``<PST>`` to the vocabulary (a new embedding row). Here it is a
-  seeded random normal vector (:func:`pst_embedding`) scaled to the standard deviation of the model's token embedding
-  table, passed through ``inputs_embeds``; pass ``slot=`` to use another vector. From ``start`` on it is overwritten,
-  so it only affects layers ``< start``.
+* *The slot's input embedding.* The official code adds ``<PST>`` to the vocabulary with a ``torch.randn`` row (std
+  1). Here it is a seeded random normal vector (:func:`pst_embedding`) scaled to the standard deviation of the
+  model's token embedding table, passed through ``inputs_embeds``; pass ``slot=`` to use another vector. From
+  ``start`` on it is overwritten, so it only affects layers ``< start``.
 * *Layer convention.* As in the official loop: before block ``l`` (0-based) for ``start <= l < exit``, with the source
   being the current input of block ``l`` (the output of block ``l - 1``). ``start >= 1`` is required (before block 0
   there is no previous layer's sentence embedding). ``exit=None`` means every remaining block (the official default
   ``tp_exiting_index = 99``). ``start == exit`` is the vanilla forward with the slot present.
-* *CLIP adaptation.* No PromptEOL prompt (CLIP is not a language model); ``<PST>`` follows SOT, and the summary
-  position is EOT. Absolute positions shift by one after the slot (the official Llama setting shifts RoPE positions
-  the same way, since ``<PST>`` is a real token of the prompt).
-* *Early exit.* ``readout_layer=k`` reads the summary position of ``hidden[k]`` (the stream after ``k`` blocks;
-  negative counts from the end) and applies ``readout`` (``ln_final`` + projection for CLIP), as the official code
-  reads an intermediate layer's last-token state.
+* *Where the slot goes.* With PromptEOL, as in the official prompt: ``This sentence : <PST> "X" means in one
+  word:"`` (the text around the slot is tokenized in two pieces, as the official tokenizer splits around an added
+  token). Without a prompt, first: before the sentence in a decoder without BOS (SmolLM2), right after SOT in CLIP.
+  Positions after the slot shift by one, as in the official code where ``<PST>`` is a real token.
+* *CLIP adaptation.* CLIP is not a language model, so the default is no prompt; the summary position is EOT.
+* *Early exit.* ``readout_layer=k`` reads the summary position of ``hidden[k]`` (negative counts from the end) and
+  applies the adapter's ``readout``: for CLIP ``ln_final`` + projection at any layer; for a decoder the final
+  RMSNorm at the last layer and the raw stream before it (the official code reads ``transformers``' hidden states,
+  which are normed only at the end).
+* *Padding.* Rows are padded on the right and each row's summary is its own last token; the official code pads on
+  the left and reads position -1. Under causal attention the two are the same computation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..methods import register_method
+from ..models.lm.tokenizer import TextBatch
 from ..models.tokenizer import TokenizedBatch
-from ..tokens import Intervention, InterventionSet
+from ..text import SequenceEmbedder, get_pooling
+from ..text.causal import CausalTextModel, CLIPText, DecoderText, LayerHook
 
 register_method(
     "token_prepending",
@@ -58,50 +67,8 @@ register_method(
     doc="docs/methods/token_prepending.md",
 )(__name__)
 
-__all__ = ["CausalTextModel", "CLIPText", "TPOutput", "insert_slot", "token_prepending", "pst_embedding",
-           "encode_text_tp"]
-
-LayerHook = Callable[[torch.Tensor], torch.Tensor]
-
-
-@runtime_checkable
-class CausalTextModel(Protocol):
-    """What Token Prepending needs from a causal text transformer."""
-
-    n_layers: int
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[B, n]`` -> token embeddings ``[B, n, W]`` (before any positional information)."""
-
-    def run(self, embeds: torch.Tensor, layer_hooks: Mapping[int, LayerHook]) -> list[torch.Tensor]:
-        """Run every block on ``embeds`` ``[B, n, W]``; returns ``n_layers + 1`` hidden states (the stream entering
-        block 0, then after each block). ``layer_hooks[l]`` maps the stream after block ``l`` to the stream that
-        block ``l + 1`` reads (and that is reported as ``hidden[l + 1]``)."""
-
-    def readout(self, h: torch.Tensor) -> torch.Tensor:
-        """A hidden state ``[..., W]`` -> the embedding ``[..., D]`` (final norm and head / projection)."""
-
-
-class CLIPText:
-    """:class:`CausalTextModel` for a :class:`~cliplab.models.CLIP` text tower, via ``cliplab.tokens``."""
-
-    def __init__(self, model):
-        self.model = model
-        self.n_layers = len(model.text.transformer.blocks)
-        self.width = model.text.cfg.width
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.text.token_embed(ids.to(self.model.device))
-
-    def run(self, embeds: torch.Tensor, layer_hooks: Mapping[int, LayerHook]) -> list[torch.Tensor]:
-        ivs = [Intervention(f"text.layer[{layer}].resid", fn) for layer, fn in sorted(layer_hooks.items())]
-        zeros = torch.zeros(embeds.shape[0], dtype=torch.long, device=embeds.device)  # pooling is not used here
-        out = self.model.encode_text(inputs_embeds=embeds, eot_index=zeros, output="hidden",
-                                     hooks=InterventionSet(ivs))
-        return out.hidden
-
-    def readout(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.text.proj(self.model.text.ln_final(h))
+__all__ = ["CausalTextModel", "CLIPText", "DecoderText", "LayerHook", "TPOutput", "insert_slot", "token_prepending",
+           "pst_embedding", "encode_text_tp", "TokenPrependingEmbedder", "TP_TEMPLATES"]
 
 
 @dataclass
@@ -156,13 +123,20 @@ def token_prepending(lm: CausalTextModel, embeds: torch.Tensor, summary_index: t
         return h.index_copy(1, slot_pos, h[rows, summary].unsqueeze(1))
 
     hidden = lm.run(x, {l - 1: overwrite for l in range(start, exit)})
-    embedding = lm.readout(hidden[layer][rows, summary])
+    embedding = lm.readout(hidden[layer][rows, summary], layer)
     return TPOutput(embedding, hidden, summary, slot_index, layer)
 
 
 def pst_embedding(model, seed: int = 0) -> torch.Tensor:
-    """The ``<PST>`` input vector for a CLIP model: seeded normal, scaled to the token table's standard deviation."""
-    table = model.text.token_embed.weight.detach()
+    """The ``<PST>`` input vector: seeded normal, scaled to the standard deviation of the token embedding table of
+    ``model`` (a CLIP model, a :class:`~cliplab.models.lm.LlamaDecoder`, or a :class:`CausalTextModel` adapter)."""
+    if hasattr(model, "token_table"):
+        table = model.token_table
+    elif hasattr(model, "text"):
+        table = model.text.token_embed.weight
+    else:
+        table = model.token_embed.weight
+    table = table.detach()
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(table.shape[1], generator=g, dtype=torch.float32) * table.float().std()).to(table)
 
@@ -190,3 +164,96 @@ def encode_text_tp(model, texts: str | Sequence[str] | TokenizedBatch, *, start:
     if normalize:
         out.embedding = torch.nn.functional.normalize(out.embedding, dim=-1)
     return out if output else out.embedding
+
+
+#: Where the slot goes for each pooling TP supports: ``{slot}`` marks it, ``{text}`` the (prepared) sentence.
+TP_TEMPLATES = {"last": "{slot}{text}", "prompteol": 'This sentence : {slot} "{text}" means in one word:"'}
+
+
+class TokenPrependingEmbedder:
+    """Token Prepending around a decoder (:class:`~cliplab.text.DecoderEmbedder`) or CLIP
+    (:class:`~cliplab.text.CLIPTextEmbedder`) text embedder; a :class:`~cliplab.text.TextEmbedder` itself.
+
+    ``encode(texts, pooling)`` supports the last-token poolings TP is defined for: ``last`` and ``prompteol``. The
+    other keywords are those of :func:`token_prepending`; ``seed`` picks the slot vector when ``slot`` is None."""
+
+    def __init__(self, embedder: SequenceEmbedder, *, start: int = 1, exit: int | None = None,
+                 readout_layer: int | None = None, slot: torch.Tensor | None = None, seed: int = 0):
+        if not getattr(embedder, "causal", False):
+            raise ValueError(f"Token Prepending needs a causal text model; {embedder.name} is bidirectional")
+        self.embedder = embedder
+        self.name = f"{embedder.name}+tp"
+        self.default_pooling = embedder.default_pooling if embedder.default_pooling in TP_TEMPLATES else "last"
+        self.start, self.exit, self.readout_layer, self.seed = start, exit, readout_layer, seed
+        self.slot = slot
+        self.is_clip = hasattr(embedder.model, "encode_text")
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def _slot(self, lm) -> torch.Tensor:
+        return pst_embedding(lm, self.seed) if self.slot is None else self.slot
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], pooling=None, normalize: bool = False, batch_size: int = 64,
+               progress: bool = False) -> torch.Tensor:
+        pool = get_pooling(pooling or self.default_pooling)
+        if pool.name not in TP_TEMPLATES:
+            raise ValueError(f"Token Prepending reads the last token: pooling must be one of {sorted(TP_TEMPLATES)}, "
+                             f"got {pool.name!r}")
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        if not texts:
+            return torch.empty(0, self.dim)
+        if self.is_clip:
+            out = self._encode_clip([pool.wrap(t) for t in texts], batch_size)
+        else:
+            out = self._encode_decoder(list(texts), pool, batch_size, progress)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def _encode_clip(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        model = self.embedder.model
+        batch = model.tokenizer(texts, context_length=model.config.text.context_length - 1, stacklevel=4)
+        out = torch.empty(len(texts), self.dim)
+        order = torch.argsort(batch.lengths, stable=True)
+        for i in range(0, len(texts), batch_size):
+            rows = order[i : i + batch_size]
+            sub = TokenizedBatch(batch.ids[rows], batch.lengths[rows], [batch.spans[r] for r in rows.tolist()],
+                                 batch.truncated[rows], batch.n_dropped[rows], [batch.texts[r] for r in rows.tolist()])
+            out[rows] = encode_text_tp(model, sub, start=self.start, exit=self.exit, readout_layer=self.readout_layer,
+                                       slot=self.slot, seed=self.seed).float().cpu()
+        return out
+
+    def decoder_batch(self, texts: list[str], pool) -> tuple[TextBatch, int]:
+        """Token ids without the slot (prompt prefix + sentence part) and the slot's position in every row."""
+        tok = self.embedder.tokenizer
+        template = TP_TEMPLATES[pool.name]
+        before, after = template.split("{slot}")
+        prefix = tok.encode(before) if before else []
+        prepared = [pool.prepare(t) if pool.prepare else t for t in texts]
+        room = tok.max_length - len(prefix) - 1  # one position for the slot
+        rest = tok([after.replace("{text}", t) for t in prepared], max_length=room, stacklevel=4)
+        n = len(prefix) + rest.ids.shape[1]
+        ids = torch.full((len(texts), n), tok.pad_id, dtype=torch.long)
+        ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        ids[:, len(prefix):] = rest.ids
+        mask = torch.zeros(len(texts), n, dtype=torch.bool)
+        mask[:, : len(prefix)] = True
+        mask[:, len(prefix):] = rest.mask
+        return TextBatch(ids, mask, rest.lengths + len(prefix), rest.truncated, prepared, rest.spans), len(prefix)
+
+    def _encode_decoder(self, texts: list[str], pool, batch_size: int, progress: bool) -> torch.Tensor:
+        lm = DecoderText(self.embedder.model)
+        batch, slot_index = self.decoder_batch(texts, pool)
+        slot = self._slot(lm)
+        out = torch.empty(len(texts), self.dim)
+        for rows, sub in self.embedder.iter_batches(batch, batch_size, progress):
+            res = token_prepending(lm, lm.embed(sub.ids), sub.last_index, slot, slot_index=slot_index,
+                                   start=self.start, exit=self.exit, readout_layer=self.readout_layer)
+            out[rows] = res.embedding.float().cpu()
+        return out
+
+    def __repr__(self) -> str:
+        return (f"TokenPrependingEmbedder({self.embedder.name!r}, start={self.start}, exit={self.exit}, "
+                f"readout_layer={self.readout_layer})")

@@ -93,9 +93,11 @@ class InterventionSet(Hooks):
                 yield iv
 
     def bind(self, model) -> "InterventionSet":
-        self.n_layers = {"text": len(model.text.transformer.blocks), "image": len(model.visual.transformer.blocks)}
+        self.n_layers = model.tower_layers()
         for iv in self.interventions:
             s = iv.parsed
+            if s.tower not in self.n_layers:
+                raise ValueError(f"{iv.site}: this model has no {s.tower} tower (it has {sorted(self.n_layers)})")
             if isinstance(s.layers, int) and not -self.n_layers[s.tower] <= s.layers < self.n_layers[s.tower]:
                 raise IndexError(f"{iv.site}: the {s.tower} tower has {self.n_layers[s.tower]} blocks")
         return self

@@ -1,0 +1,174 @@
+"""The :class:`TextEmbedder` interface, and the embedders of cliplab's text models: BERT-style encoders, Llama-style
+decoders and the CLIP text tower all satisfy it.
+
+``encode(texts, pooling=..., normalize=...)`` tokenizes, orders the texts by token length, runs them in batches (each
+padded only to its own longest row, and cut into slices of about :data:`SLICE_TOKENS` tokens), pools the final token
+states with a registered :mod:`~cliplab.text.pooling` and returns ``[N, D]`` fp32 rows in the input order. Exact: a
+row's states do not depend on its batch (padding is masked in bidirectional models, and lies after the last real
+token in causal ones). ``set_precision("bf16")`` is the fast mode (weights and compute in bf16, fp32 output).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from ..models.hardware import warn_if_slow_bf16
+from ..models.hooks import TowerOutput, parse_output
+from ..models.lm.tokenizer import TextBatch, TextTokenizer
+from .pooling import Pooling, get_pooling
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+#: Rows of one forward pass are capped so that ``rows x length`` stays near this many tokens: a smaller working set
+#: stays in cache (the CLIP towers use the same budget; see ``cliplab.models.towers.SLICE_TOKENS``).
+SLICE_TOKENS = 512
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """Anything that turns texts into sentence embeddings."""
+
+    name: str
+    default_pooling: str
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode(self, texts: Sequence[str], pooling: str | Pooling | None = None, normalize: bool = False,
+               batch_size: int = 64) -> torch.Tensor:
+        """``[N, dim]`` fp32 embeddings of ``texts``, in order."""
+
+
+class SequenceEmbedder:
+    """A transformer and its tokenizer as a :class:`TextEmbedder`. Subclasses say how to run the model
+    (:meth:`token_states`) and may tokenize differently (:meth:`tokenize`)."""
+
+    causal = False
+
+    def __init__(self, name: str, model: torch.nn.Module, tokenizer, default_pooling: str):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.default_pooling = get_pooling(default_pooling).name
+
+    # --- what subclasses provide ---------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.model.cfg.width
+
+    def tokenize(self, texts: Sequence[str], stacklevel: int = 2) -> TextBatch:
+        return self.tokenizer(list(texts), stacklevel=stacklevel + 1)
+
+    def token_states(self, batch: TextBatch, **kw) -> TowerOutput:
+        """Run the model on a batch; ``kw`` passes ``output=`` / ``hooks=`` through."""
+        raise NotImplementedError
+
+    # --- the interface -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], pooling: str | Pooling | None = None, normalize: bool = False,
+               batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        pool = get_pooling(pooling or self.default_pooling)
+        if not texts:
+            return torch.empty(0, self.dim)
+        batch = self.tokenize([pool.wrap(t) for t in texts], stacklevel=3)
+        out = torch.empty(len(batch), self.dim)
+        for rows, sub in self.iter_batches(batch, batch_size, progress):
+            states = self.token_states(sub).tokens
+            out[rows] = pool(states, sub.mask).float().cpu()
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def iter_batches(self, batch: TextBatch, batch_size: int, progress: bool = False):
+        """``(rows, sub_batch)`` in token-length order: each sub-batch holds at most ``batch_size`` rows and about
+        :data:`SLICE_TOKENS` tokens, cut to its own longest row."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = torch.argsort(batch.lengths, stable=True)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(order), desc=f"encoding ({self.name})", unit="text")
+        i = 0
+        while i < len(order):
+            longest = int(batch.lengths[order[min(i + batch_size, len(order)) - 1]])
+            step = max(1, min(batch_size, SLICE_TOKENS // max(1, longest)))
+            rows = order[i : i + step]
+            yield rows, batch.select(rows)
+            i += len(rows)
+            if bar is not None:
+                bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+
+    # --- precision -----------------------------------------------------------------------------------------------
+    def set_precision(self, precision: str) -> "SequenceEmbedder":
+        """``"fp32"`` (exact) or ``"bf16"`` (fast mode: bf16 weights and compute, fp32 embeddings)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32":
+            warn_if_slow_bf16()
+        self.model.to(PRECISIONS[precision])
+        return self
+
+    @property
+    def precision(self) -> str:
+        dtype = next(self.model.parameters()).dtype
+        return {v: k for k, v in PRECISIONS.items()}.get(dtype, str(dtype))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, pooling={self.default_pooling!r}, "
+                f"precision={self.precision!r})")
+
+
+class EncoderEmbedder(SequenceEmbedder):
+    """A bidirectional encoder (:class:`~cliplab.models.lm.BertEncoder`); padding is masked in attention."""
+
+    def token_states(self, batch: TextBatch, **kw) -> TowerOutput:
+        return self.model(batch.ids, batch.mask, **kw)
+
+
+class DecoderEmbedder(SequenceEmbedder):
+    """A causal decoder (:class:`~cliplab.models.lm.LlamaDecoder`); right padding needs no mask."""
+
+    causal = True
+
+    def token_states(self, batch: TextBatch, **kw) -> TowerOutput:
+        return self.model(batch.ids, **kw)
+
+
+class CLIPTextEmbedder(SequenceEmbedder):
+    """The text tower of a :class:`~cliplab.models.CLIP` model. Token states are the per-token outputs in the joint
+    space (final LayerNorm and projection); ``last`` pooling is the EOT token, i.e. exactly ``encode_text``."""
+
+    causal = True
+
+    def __init__(self, name: str, model, default_pooling: str = "last"):
+        super().__init__(name, model, model.tokenizer, default_pooling)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.embed_dim
+
+    def tokenize(self, texts: Sequence[str], stacklevel: int = 2) -> TextBatch:
+        tb = self.model.tokenizer(list(texts), context_length=self.model.config.text.context_length,
+                                  stacklevel=stacklevel + 1)
+        n = int(tb.lengths.max()) if len(tb) else 0
+        mask = torch.arange(n) < tb.lengths[:, None]
+        return TextBatch(tb.ids[:, :n], mask, tb.lengths.clone(), tb.truncated.clone(), tb.texts, tb.spans)
+
+    def token_states(self, batch: TextBatch, *, output=False, hooks=None) -> TowerOutput:
+        want = parse_output(output) | {"tokens"}  # per-token outputs are what pooling reads
+        return self.model.encode_text(batch.ids, keep_padding=True, output=want, hooks=hooks)
+
+    def set_precision(self, precision: str) -> "CLIPTextEmbedder":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.model.set_precision(precision)
+        return self
+
+
