@@ -1,7 +1,7 @@
 """Every text embedder x every pooling on STS-B test (Spearman x 100 of cosine vs gold): the table in
 docs/text_models.md. A measurement, not a test.
 
-    python experiments/sts_table.py [--split test] [--embedders all-MiniLM-L6-v2 smollm2-135m shapes-tiny]
+    python experiments/sts_table.py [--split test] [--embedders ...] [--out experiments/results/sts-table.json]
 
 Poolings without a prompt share one forward pass per embedder (the token states are pooled every way); PromptEOL
 runs its own pass, since it changes the input.
@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="test", choices=["train", "dev", "test"])
     ap.add_argument("--embedders", nargs="+", default=["all-MiniLM-L6-v2", "smollm2-135m", "shapes-tiny"])
+    ap.add_argument("--out", default=None, help="write the table as JSON here")
     args = ap.parse_args()
     data = read_sts(DATA / f"sts-{args.split}.csv")
     unique = list(dict.fromkeys(data.first + data.second))
@@ -62,6 +63,8 @@ def main() -> None:
         cells = [f"**{row[c]:.2f}**" if row[c] == best else f"{row[c]:.2f}" for c in cols]
         print(f"| {name} | {' | '.join(cells)} |")
     print(json.dumps(table, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -308,3 +308,56 @@ def test_smollm2_embedder_handles_empty_and_long_texts(smollm2):
     assert cut.lengths.tolist()[0] == 10 and cut.truncated.tolist() == [True, False]
     vecs = emb.encode(["", "a", "A man is playing a guitar."], pooling="last")
     assert vecs.shape == (3, 576) and torch.isfinite(vecs).all()
+
+
+def test_decoder_readout_matches_transformers_hidden_states(smollm2, hf_smollm2):
+    """The Token Prepending readout of a decoder: raw streams before the last layer, the final norm at it."""
+    from cliplab.text.causal import DecoderText
+
+    model, _ = hf_smollm2
+    lm = DecoderText(smollm2.model)
+    ids = torch.tensor([smollm2.tokenizer.encode('This sentence : "A man plays." means in one word:"')])
+    with torch.no_grad():
+        hidden = lm.run(lm.embed(ids), {})
+        ref = model(ids, output_hidden_states=True).hidden_states
+    for k in (1, 20, 28, 30):
+        assert float((lm.readout(hidden[k][:, -1], k) - ref[k][:, -1]).abs().max()) < 1e-3, k
+    assert not torch.allclose(lm.readout(hidden[28][:, -1], 28), smollm2.model.norm(hidden[28][:, -1]))
+
+
+def test_smollm2_log_likelihood_matches_transformers_loss(smollm2, hf_smollm2):
+    model, _ = hf_smollm2
+    texts = ["A dog runs across the grass.", "Two children play on the beach at sunset."]
+    total, count = smollm2.log_likelihood(texts)
+    ref_total, ref_count = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([smollm2.tokenizer.encode(t)])
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss
+        ref_total -= float(loss) * (ids.shape[1] - 1)
+        ref_count += ids.shape[1] - 1
+    assert count == ref_count and total == pytest.approx(ref_total, rel=1e-4)
+
+
+def test_chat_templates_see_the_special_tokens(smollm2):
+    from cliplab.text import CausalLM
+
+    lm = CausalLM("t", smollm2.model, smollm2.tokenizer, smollm2.eos_id, smollm2.bos_id,
+                  "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}{{ eos_token }}")
+    assert lm.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>hi<|im_end|>"
+    with pytest.raises(ValueError, match="role"):
+        lm.apply_chat_template([{"content": "no role"}])
+
+
+def test_sites_a_model_lacks_are_refused(tiny_llama):
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="rotary positions"):
+        tiny_llama(ids, hooks=InterventionSet([Intervention("text.pos", lambda p: p)]))
+    bias = InterventionSet([Intervention("text.layer[0].attn_bias", lambda n: torch.zeros(n, n))])
+    with torch.no_grad():
+        full = tiny_llama(ids, hooks=bias).tokens
+        assert torch.allclose(full, tiny_llama(ids).tokens)  # a zero bias is a no-op
+        cache = tiny_llama.new_cache()
+        tiny_llama(ids[:, :4], cache=cache)
+        with pytest.raises(ValueError, match="key-value cache"):
+            tiny_llama(ids[:, 4:], cache=cache, hooks=bias)

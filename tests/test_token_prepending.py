@@ -313,3 +313,64 @@ def test_tp_embedder_refuses_what_it_cannot_do(smol_embedder, minilm):
         TokenPrependingEmbedder(minilm)
     with pytest.raises(ValueError, match="last token"):
         TokenPrependingEmbedder(smol_embedder).encode(["a"], pooling="mean")
+
+
+# --- TokenPrependingEmbedder on CLIP: the same numbers as encode_text_tp, every keyword -------------------------------
+@pytest.fixture(scope="module")
+def clip_tp_base(model):
+    from cliplab.text import CLIPTextEmbedder
+
+    return CLIPTextEmbedder("tiny", model)
+
+
+@pytest.mark.parametrize("kw", [{}, {"start": 2}, {"exit": 3}, {"readout_layer": 2}, {"seed": 3}])
+def test_clip_tp_embedder_equals_encode_text_tp(clip_tp_base, model, kw):
+    from cliplab.text_edit.token_prepending import TokenPrependingEmbedder
+
+    texts = TEXTS + ["a tiny star", ""]
+    with torch.no_grad():
+        got = TokenPrependingEmbedder(clip_tp_base, **kw).encode(texts, batch_size=2)
+        ref = encode_text_tp(model, texts, **kw)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_tp_embedder_slot_normalize_batch_size_and_refusals(clip_tp_base, model):
+    from cliplab.text_edit.token_prepending import TokenPrependingEmbedder
+
+    slot = torch.randn(model.text.cfg.width, generator=torch.Generator().manual_seed(2)) * 0.02
+    texts = TEXTS + ["a tiny star"]
+    with torch.no_grad():
+        base = TokenPrependingEmbedder(clip_tp_base, start=2).encode(texts)
+        custom = TokenPrependingEmbedder(clip_tp_base, start=2, slot=slot).encode(texts)
+        normed = TokenPrependingEmbedder(clip_tp_base, start=2, slot=slot).encode(texts, normalize=True)
+        one = TokenPrependingEmbedder(clip_tp_base, start=2, slot=slot).encode(texts, batch_size=1)
+    assert torch.allclose(custom, encode_text_tp(model, texts, start=2, slot=slot), atol=1e-5)
+    assert not torch.allclose(custom, base)
+    assert torch.allclose(normed, torch.nn.functional.normalize(custom, dim=-1), atol=1e-6)
+    assert torch.allclose(one, custom, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling 'last'"):
+        TokenPrependingEmbedder(clip_tp_base).encode(texts, pooling="prompteol")
+    with pytest.raises(ValueError, match="exit <= 4"):
+        TokenPrependingEmbedder(clip_tp_base, exit=99)
+    with pytest.raises(ValueError, match="start"):
+        TokenPrependingEmbedder(clip_tp_base, start=0)
+
+
+def test_decoder_tp_shortens_the_sentence_not_the_prompt(smol_embedder):
+    from cliplab.models.tokenizer import TruncationWarning
+    from cliplab.text import get_pooling
+    from cliplab.text_edit.token_prepending import TokenPrependingEmbedder
+
+    tok = smol_embedder.tokenizer
+    limit = tok.max_length
+    tok.max_length = 24
+    try:
+        with pytest.warns(TruncationWarning, match="1 of 2"):
+            batch, slot_index = TokenPrependingEmbedder(smol_embedder).decoder_batch(
+                ["It is raining heavily in the city and the streets are flooded again today", "short"],
+                get_pooling("prompteol"))
+    finally:
+        tok.max_length = limit
+    row = batch.ids[0, : int(batch.lengths[0])].tolist()
+    assert len(row) + 1 <= 24 and batch.truncated.tolist() == [True, False]
+    assert tok.decode(row[slot_index:]).endswith('" means in one word:"')

@@ -149,6 +149,16 @@ def winoground_cmd(**p):
     _run("winoground", p)
 
 
+def _nan_to_none(obj):
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
 @eval_group.command("sts")
 @click.option("--embedder", "-e", default="all-MiniLM-L6-v2", show_default=True,
               help="A text embedder: all-MiniLM-L6-v2, smollm2-135m, or any CLIP model name or path (its text tower).")
@@ -158,7 +168,7 @@ def winoground_cmd(**p):
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
               help="An STS-B style file: tab-separated genre, file, year, id, score, sentence 1, sentence 2.")
 @click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of --data.")
-@click.option("--limit", type=int, default=None, help="Score only the first N pairs.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score only the first N pairs.")
 @click.option("--token-prepending", "tp", is_flag=True,
               help="Token Prepending around a causal embedder (pooling last or prompteol).")
 @click.option("--tp-exit", type=int, default=None, help="With --token-prepending: the block TP stops before.")
@@ -198,8 +208,8 @@ def sts_cmd(embedder, pooling, data_path, encoding, limit, tp, tp_exit, readout_
     show = sys.stderr.isatty() if progress is None else progress
     res = evaluate_sts(model, data, pooling=pool, batch_size=batch_size, progress=show)
     res["precision"] = precision
-    if as_json:
-        click.echo(json.dumps(res, indent=2))
+    if as_json:  # an undefined correlation (every embedding alike) is null, not the invalid JSON token NaN
+        click.echo(json.dumps(_nan_to_none(res), indent=2))
     else:
         click.echo(f"{res['embedder']} ({res['pooling']}, {precision}) on {res['n']} pairs of {res['data']}: "
                    f"Spearman {res['spearman']:.2f}, Pearson {res['pearson']:.2f}"

@@ -28,12 +28,15 @@ class STSData:
     scores: list[float]
     path: str = ""
     rejected: list[tuple[int, str]] = field(default_factory=list)
+    genres: list[str] = field(default_factory=list)  # the first column (STS-B: main-captions, main-news, main-forums)
 
     def __len__(self) -> int:
         return len(self.scores)
 
-    def head(self, n: int) -> "STSData":
-        return STSData(self.first[:n], self.second[:n], self.scores[:n], self.path, self.rejected)
+    def subset(self, rows: list[int]) -> "STSData":
+        pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
+        return STSData(pick(self.first), pick(self.second), pick(self.scores), self.path, self.rejected,
+                       pick(self.genres))
 
 
 class STSRowWarning(UserWarning):
@@ -45,7 +48,9 @@ def read_sts(path: str | Path, encoding: str = "utf-8", limit: int | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no STS file at {path}")
-    first, second, scores, rejected = [], [], [], []
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    first, second, scores, rejected, genres = [], [], [], [], []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             raw = raw.rstrip(b"\r\n")
@@ -68,6 +73,7 @@ def read_sts(path: str | Path, encoding: str = "utf-8", limit: int | None = None
             first.append(parts[5])
             second.append(parts[6])
             scores.append(score)
+            genres.append(parts[0])
             if limit is not None and len(scores) >= limit:
                 break
     if rejected:
@@ -76,7 +82,7 @@ def read_sts(path: str | Path, encoding: str = "utf-8", limit: int | None = None
         warnings.warn(f"{path}: {len(rejected)} line(s) rejected: {shown}{more}", STSRowWarning, stacklevel=2)
     if not scores:
         raise ValueError(f"{path}: no usable sentence pairs (is it an STS-B file?)")
-    return STSData(first, second, scores, str(path), rejected)
+    return STSData(first, second, scores, str(path), rejected, genres)
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +124,15 @@ def evaluate_sts(embedder, data: STSData, pooling=None, batch_size: int = 64, pr
     """Encode every sentence once (both sides together, duplicates once) and score the pairs."""
     unique = list(dict.fromkeys(data.first + data.second))
     where = {s: i for i, s in enumerate(unique)}
-    emb = embedder.encode(unique, pooling=pooling, batch_size=batch_size, progress=progress)
+    extra = {"progress": True} if progress else {}  # an embedder may not take `progress`
+    emb = embedder.encode(unique, pooling=pooling, batch_size=batch_size, **extra)
     a = emb[[where[s] for s in data.first]]
     b = emb[[where[s] for s in data.second]]
     res = sts_scores(a, b, data.scores)
+    if len(set(data.genres)) > 1:
+        res["by_genre"] = {g: sts_scores(a[rows], b[rows], [data.scores[i] for i in rows])
+                           for g in sorted(set(data.genres))
+                           for rows in [[i for i, x in enumerate(data.genres) if x == g]]}
     res.update(embedder=getattr(embedder, "name", str(embedder)),
                pooling=getattr(pooling, "name", pooling) or getattr(embedder, "default_pooling", None),
                data=data.path, rejected=[{"line": n, "reason": why} for n, why in data.rejected])

@@ -111,6 +111,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     ``causal`` without a mask asks for a causal mask; it is made explicit only when the probabilities are needed or
     a bias is added, so the plain case keeps the fused kernel."""
     bias = hooks.attn_bias(tower, layer, q.shape[-2])
+    if bias is not None and k.shape[-2] != q.shape[-2]:
+        raise ValueError(f"{tower}.layer[{layer}].attn_bias: an attention bias needs the whole sequence in one pass, "
+                         "not queries against a key-value cache")
     edits = hooks.edits_attn(tower, layer)
     if causal and mask is None and (bias is not None or record or edits):
         n, m = q.shape[-2], k.shape[-2]

@@ -10,6 +10,7 @@ token in causal ones). ``set_precision("bf16")`` is the fast mode (weights and c
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 
 from ..models.hardware import warn_if_slow_bf16
 from ..models.hooks import TowerOutput, parse_output
-from ..models.lm.tokenizer import TextBatch, TextTokenizer
-from .pooling import Pooling, get_pooling
+from ..models.lm.tokenizer import TextBatch
+from ..models.tokenizer import TruncationWarning
+from .pooling import Pooling, get_pooling, shorten_to_fit
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -38,8 +40,8 @@ class TextEmbedder(Protocol):
     def dim(self) -> int: ...
 
     def encode(self, texts: Sequence[str], pooling: str | Pooling | None = None, normalize: bool = False,
-               batch_size: int = 64) -> torch.Tensor:
-        """``[N, dim]`` fp32 embeddings of ``texts``, in order."""
+               batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """``[N, dim]`` fp32 embeddings of ``texts``, in order; ``progress`` shows a bar."""
 
 
 class SequenceEmbedder:
@@ -62,24 +64,48 @@ class SequenceEmbedder:
     def tokenize(self, texts: Sequence[str], stacklevel: int = 2) -> TextBatch:
         return self.tokenizer(list(texts), stacklevel=stacklevel + 1)
 
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens a text may have (special tokens included); longer ones are cut."""
+        return self.tokenizer.max_length
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as the model reads it (special tokens included), before any cut."""
+        return len(self.tokenizer.encode(text))
+
     def token_states(self, batch: TextBatch, **kw) -> TowerOutput:
         """Run the model on a batch; ``kw`` passes ``output=`` / ``hooks=`` through."""
         raise NotImplementedError
+
+    def prepare_texts(self, texts: Sequence[str], pool: Pooling, stacklevel: int = 2) -> list[str]:
+        """The texts as the model reads them: inside the pooling's prompt, if it has one. A text too long for the
+        prompt is shortened, not the prompt (the prompt's end is what the last token summarises); a
+        ``TruncationWarning`` counts them."""
+        if pool.template is None:
+            return list(texts)
+        fitted = [shorten_to_fit(t, pool.wrap, self.count_tokens, self.max_tokens) for t in texts]
+        shortened = sum(cut for _, cut in fitted)
+        if shortened:
+            warnings.warn(f"{shortened} of {len(texts)} text(s) were shortened to fit the {pool.name} prompt in "
+                          f"{self.max_tokens} tokens ({self.name})", TruncationWarning, stacklevel=stacklevel + 1)
+        return [t for t, _ in fitted]
 
     # --- the interface -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, texts: Sequence[str], pooling: str | Pooling | None = None, normalize: bool = False,
                batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """``[N, dim]`` fp32 embeddings of ``texts`` in order (see the module docstring). ``batch_size`` caps the rows
+        of a forward pass; :data:`SLICE_TOKENS` caps its tokens too, so short texts run in fewer rows."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts; wrap a single text in a list")
         pool = get_pooling(pooling or self.default_pooling)
         if not texts:
             return torch.empty(0, self.dim)
-        batch = self.tokenize([pool.wrap(t) for t in texts], stacklevel=3)
+        batch = self.tokenize(self.prepare_texts(texts, pool, stacklevel=3), stacklevel=3)
         out = torch.empty(len(batch), self.dim)
         for rows, sub in self.iter_batches(batch, batch_size, progress):
             states = self.token_states(sub).tokens
-            out[rows] = pool(states, sub.mask).float().cpu()
+            out[rows] = pool(states, sub.mask).cpu()  # pooled in fp32 (see Pooling.__call__)
         return F.normalize(out, dim=-1) if normalize else out
 
     def iter_batches(self, batch: TextBatch, batch_size: int, progress: bool = False):
@@ -129,7 +155,8 @@ class EncoderEmbedder(SequenceEmbedder):
     """A bidirectional encoder (:class:`~cliplab.models.lm.BertEncoder`); padding is masked in attention."""
 
     def token_states(self, batch: TextBatch, **kw) -> TowerOutput:
-        return self.model(batch.ids, batch.mask, **kw)
+        device = self.model.token_embed.weight.device
+        return self.model(batch.ids.to(device), batch.mask.to(device), **kw)
 
 
 class DecoderEmbedder(SequenceEmbedder):
@@ -137,8 +164,15 @@ class DecoderEmbedder(SequenceEmbedder):
 
     causal = True
 
+    @classmethod
+    def from_lm(cls, lm, default_pooling: str = "prompteol") -> "DecoderEmbedder":
+        """The embedder of a loaded :class:`~cliplab.text.CausalLM` (the same weights, not a copy)."""
+        emb = cls(lm.name, lm.model, lm.tokenizer, default_pooling)
+        emb.lm = lm
+        return emb
+
     def token_states(self, batch: TextBatch, **kw) -> TowerOutput:
-        return self.model(batch.ids, **kw)
+        return self.model(batch.ids.to(self.model.token_embed.weight.device), **kw)
 
 
 class CLIPTextEmbedder(SequenceEmbedder):
@@ -153,6 +187,13 @@ class CLIPTextEmbedder(SequenceEmbedder):
     @property
     def dim(self) -> int:
         return self.model.config.embed_dim
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.config.text.context_length
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenizer.encode(text)) + 2  # SOT and EOT
 
     def tokenize(self, texts: Sequence[str], stacklevel: int = 2) -> TextBatch:
         tb = self.model.tokenizer(list(texts), context_length=self.model.config.text.context_length,

@@ -58,10 +58,15 @@ class CausalLM:
         self.bos_id = bos_id
         self.chat_template = chat_template
 
+    def token_text(self, token_id: int | None) -> str:
+        """The vocabulary entry of a token id ("" for None)."""
+        return "" if token_id is None else (self.tokenizer.tokenizer.id_to_token(int(token_id)) or "")
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError(f"{self.name} has no chat template")
-        return render_chat(self.chat_template, messages, add_generation_prompt)
+        return render_chat(self.chat_template, messages, add_generation_prompt,
+                           bos_token=self.token_text(self.bos_id), eos_token=self.token_text(self.eos_id))
 
     @torch.no_grad()
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 32, stop_at_eos: bool = True) -> Generation:
@@ -92,12 +97,12 @@ class CausalLM:
     @torch.no_grad()
     def log_likelihood(self, texts: Sequence[str]) -> tuple[float, int]:
         """Summed next-token log-likelihood of ``texts`` (each scored on its own) and the number of tokens scored;
-        ``exp(-total / count)`` is the perplexity."""
+        ``exp(-total / count)`` is the perplexity. Texts are tokenized as the tokenizer does (a BOS only where it
+        adds one, not for SmolLM2), and the first token, which nothing predicts, is not scored: the convention of
+        ``transformers`` with ``labels=input_ids``."""
         total, count = 0.0, 0
         for text in texts:
             ids = self.tokenizer.encode(text)
-            if self.bos_id is not None and (not ids or ids[0] != self.bos_id):
-                ids = [self.bos_id] + ids  # the first token is scored given BOS
             if len(ids) < 2:
                 continue
             x = torch.tensor([ids])

@@ -39,7 +39,26 @@ class Pooling:
             raise ValueError(f"states {tuple(states.shape)} and mask {tuple(mask.shape)} disagree")
         if not bool(mask[:, 0].all()) and states.shape[1]:
             raise ValueError("every row needs at least one real token, padded on the right")
-        return self.fn(states, mask.to(states.device))
+        # in fp32 whatever the model's precision: bf16 cannot count past 256, so means and weights would drift
+        return self.fn(states.float(), mask.to(states.device))
+
+
+def shorten_to_fit(text: str, render: Callable[[str], str], count: Callable[[str], int],
+                   limit: int) -> tuple[str, bool]:
+    """``render(text)`` if it takes at most ``limit`` tokens (as ``count`` measures them); otherwise ``render`` of
+    the longest prefix of ``text`` that fits, so a prompt's closing words survive where plain truncation would cut
+    them. Returns ``(rendered, shortened)``."""
+    full = render(text)
+    if count(full) <= limit:
+        return full, False
+    lo, hi = 0, len(text)  # the longest prefix length that fits (binary search: the count grows with the prefix)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(render(text[:mid])) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return render(text[:lo].rstrip()), True
 
 
 _POOLINGS: dict[str, Pooling] = {}

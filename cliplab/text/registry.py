@@ -16,24 +16,24 @@ _EMBEDDERS: dict[str, Callable[[], SequenceEmbedder]] = {}
 _LMS: dict[str, Callable[[], CausalLM]] = {}
 
 
-def register_embedder(name: str):
+def _registrar(table: dict, kind: str, name: str, overwrite: bool):
+    def register(factory):
+        if name in table and not overwrite:
+            raise ValueError(f"{kind} {name!r} is already registered (pass overwrite=True to replace it)")
+        table[name] = factory
+        return factory
+
+    return register
+
+
+def register_embedder(name: str, overwrite: bool = False):
     """Decorator on a zero-argument factory returning a :class:`~cliplab.text.TextEmbedder`."""
-
-    def register(factory):
-        _EMBEDDERS[name] = factory
-        return factory
-
-    return register
+    return _registrar(_EMBEDDERS, "text embedder", name, overwrite)
 
 
-def register_lm(name: str):
+def register_lm(name: str, overwrite: bool = False):
     """Decorator on a zero-argument factory returning a :class:`~cliplab.text.CausalLM`."""
-
-    def register(factory):
-        _LMS[name] = factory
-        return factory
-
-    return register
+    return _registrar(_LMS, "language model", name, overwrite)
 
 
 def _lookup(table: dict, name: str):
@@ -106,13 +106,12 @@ def smollm2_lm() -> CausalLM:
     from ..models.lm.pretrained import smollm2_gguf
 
     g = load_gguf(smollm2_gguf(), max_length=SMOLLM2_MAX_TOKENS)
+    g.tokenizer.name = "smollm2-135m"
     return CausalLM("smollm2-135m", g.model, g.tokenizer, g.eos_id, g.bos_id, g.chat_template)
 
 
 @register_embedder("smollm2-135m")
 def smollm2() -> DecoderEmbedder:
-    """SmolLM2-135M-Instruct's final (normed) token states; default pooling: PromptEOL."""
-    lm = smollm2_lm()
-    emb = DecoderEmbedder("smollm2-135m", lm.model, lm.tokenizer, default_pooling="prompteol")
-    emb.lm = lm
-    return emb
+    """SmolLM2-135M-Instruct's final (normed) token states; default pooling: PromptEOL. Each call reads the GGUF
+    file again (about 5 s); to embed and generate with one copy, ``DecoderEmbedder.from_lm(load_lm(...))``."""
+    return DecoderEmbedder.from_lm(smollm2_lm(), default_pooling="prompteol")

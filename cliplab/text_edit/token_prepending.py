@@ -48,6 +48,7 @@ Choices (where the notes, the paper and this library differ):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -56,8 +57,9 @@ import torch.nn.functional as F
 
 from ..methods import register_method
 from ..models.lm.tokenizer import TextBatch
-from ..models.tokenizer import TokenizedBatch
+from ..models.tokenizer import TokenizedBatch, TruncationWarning
 from ..text import SequenceEmbedder, get_pooling
+from ..text.pooling import shorten_to_fit
 from ..text.causal import CausalTextModel, CLIPText, DecoderText, LayerHook
 
 register_method(
@@ -181,12 +183,17 @@ class TokenPrependingEmbedder:
                  readout_layer: int | None = None, slot: torch.Tensor | None = None, seed: int = 0):
         if not getattr(embedder, "causal", False):
             raise ValueError(f"Token Prepending needs a causal text model; {embedder.name} is bidirectional")
+        model = embedder.model
+        n_layers = len(model.text.transformer.blocks) if hasattr(model, "text") else len(model.blocks)
+        if not 1 <= start <= (n_layers if exit is None else exit) <= n_layers:
+            raise ValueError(f"need 1 <= start <= exit <= {n_layers} (blocks of {embedder.name}; exit=None is every "
+                             f"block), got start={start}, exit={exit}")
         self.embedder = embedder
         self.name = f"{embedder.name}+tp"
         self.default_pooling = embedder.default_pooling if embedder.default_pooling in TP_TEMPLATES else "last"
         self.start, self.exit, self.readout_layer, self.seed = start, exit, readout_layer, seed
         self.slot = slot
-        self.is_clip = hasattr(embedder.model, "encode_text")
+        self.is_clip = hasattr(model, "encode_text")
 
     @property
     def dim(self) -> int:
@@ -207,17 +214,24 @@ class TokenPrependingEmbedder:
         if not texts:
             return torch.empty(0, self.dim)
         if self.is_clip:
-            out = self._encode_clip([pool.wrap(t) for t in texts], batch_size)
+            if pool.template is not None:
+                raise ValueError("on a CLIP text tower Token Prepending supports pooling 'last' (slot after SOT)")
+            out = self._encode_clip(list(texts), batch_size, progress)
         else:
             out = self._encode_decoder(list(texts), pool, batch_size, progress)
         return F.normalize(out, dim=-1) if normalize else out
 
-    def _encode_clip(self, texts: list[str], batch_size: int) -> torch.Tensor:
+    def _encode_clip(self, texts: list[str], batch_size: int, progress: bool) -> torch.Tensor:
         model = self.embedder.model
         batch = model.tokenizer(texts, context_length=model.config.text.context_length - 1, stacklevel=4)
         out = torch.empty(len(texts), self.dim)
         order = torch.argsort(batch.lengths, stable=True)
-        for i in range(0, len(texts), batch_size):
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"encoding ({self.name})", unit="batch")
+        for i in starts:
             rows = order[i : i + batch_size]
             sub = TokenizedBatch(batch.ids[rows], batch.lengths[rows], [batch.spans[r] for r in rows.tolist()],
                                  batch.truncated[rows], batch.n_dropped[rows], [batch.texts[r] for r in rows.tolist()])
@@ -226,14 +240,28 @@ class TokenPrependingEmbedder:
         return out
 
     def decoder_batch(self, texts: list[str], pool) -> tuple[TextBatch, int]:
-        """Token ids without the slot (prompt prefix + sentence part) and the slot's position in every row."""
+        """Token ids without the slot (prompt prefix + sentence part) and the slot's position in every row.
+
+        The prefix carries the tokenizer's special tokens (a BOS, for models whose tokenizer adds one), so the slot
+        follows them. A sentence too long for the room left is shortened, keeping the prompt's end."""
         tok = self.embedder.tokenizer
-        template = TP_TEMPLATES[pool.name]
-        before, after = template.split("{slot}")
-        prefix = tok.encode(before) if before else []
-        prepared = [pool.prepare(t) if pool.prepare else t for t in texts]
+        before, after = TP_TEMPLATES[pool.name].split("{slot}")
+        prefix = tok.encode(before)  # "" gives just the special prefix (BOS) or nothing
         room = tok.max_length - len(prefix) - 1  # one position for the slot
-        rest = tok([after.replace("{text}", t) for t in prepared], max_length=room, stacklevel=4)
+
+        def render(t: str) -> str:
+            return after.replace("{text}", pool.prepare(t) if pool.prepare else t)
+
+        def count(t: str) -> int:
+            return len(tok.encode(t, add_special_tokens=False))
+
+        fitted = [shorten_to_fit(t, render, count, room) for t in texts]
+        cut = torch.tensor([shortened for _, shortened in fitted], dtype=torch.bool)
+        if bool(cut.any()):
+            warnings.warn(f"{int(cut.sum())} of {len(texts)} text(s) were shortened to fit {room} tokens with the "
+                          f"slot ({self.name})", TruncationWarning, stacklevel=4)
+        prepared = [pool.prepare(t) if pool.prepare else t for t in texts]
+        rest = tok([part for part, _ in fitted], max_length=room, stacklevel=4, add_special_tokens=False)
         n = len(prefix) + rest.ids.shape[1]
         ids = torch.full((len(texts), n), tok.pad_id, dtype=torch.long)
         ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
@@ -241,7 +269,7 @@ class TokenPrependingEmbedder:
         mask = torch.zeros(len(texts), n, dtype=torch.bool)
         mask[:, : len(prefix)] = True
         mask[:, len(prefix):] = rest.mask
-        return TextBatch(ids, mask, rest.lengths + len(prefix), rest.truncated, prepared, rest.spans), len(prefix)
+        return TextBatch(ids, mask, rest.lengths + len(prefix), rest.truncated | cut, prepared, rest.spans), len(prefix)
 
     def _encode_decoder(self, texts: list[str], pool, batch_size: int, progress: bool) -> torch.Tensor:
         lm = DecoderText(self.embedder.model)

@@ -135,6 +135,9 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaDecoder(TextTransformer):
+    #: hook sites of the CLIP towers this model does not have, and why (hook sets refuse them by name)
+    missing_sites = {"pos": "rotary positions have no positional table to edit; pass positions= to move tokens"}
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         cfg.validate()

@@ -97,14 +97,18 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def __call__(self, texts: str | Sequence[str], max_length: int | None = None, stacklevel: int = 2) -> TextBatch:
+    def __call__(self, texts: str | Sequence[str], max_length: int | None = None, stacklevel: int = 2,
+                 add_special_tokens: bool | None = None) -> TextBatch:
+        """Tokenize, pad on the right, cut rows over ``max_length`` (default: the tokenizer's) and say how many.
+        ``add_special_tokens=False`` leaves out the model's special tokens (e.g. for a prompt's second half)."""
+        special = self.add_special_tokens if add_special_tokens is None else add_special_tokens
         texts = [texts] if isinstance(texts, str) else list(texts)
         for k, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{k}] is {type(t).__name__}, expected str")
         limit = self.max_length if max_length is None else int(max_length)
         if texts:
-            encs = self.tokenizer.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+            encs = self.tokenizer.encode_batch(texts, add_special_tokens=special)
         else:
             encs = []
         rows, spans, cut = [], [], []
@@ -114,7 +118,7 @@ class TextTokenizer:
                 ids, offsets = [self.empty_id], [(0, 0)]
             truncated = len(ids) > limit
             if truncated:
-                ids, offsets = self._truncate(ids, offsets, limit)
+                ids, offsets = self._truncate(ids, offsets, limit, special)
             rows.append(ids)
             spans.append([tuple(o) for o in offsets])
             cut.append(truncated)
@@ -130,9 +134,9 @@ class TextTokenizer:
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         return TextBatch(ids, mask, lengths, torch.tensor(cut, dtype=torch.bool), texts, spans)
 
-    def _truncate(self, ids: list[int], offsets: list, limit: int) -> tuple[list[int], list]:
+    def _truncate(self, ids: list[int], offsets: list, limit: int, special: bool) -> tuple[list[int], list]:
         """Keep the first ``limit`` tokens; with special tokens added, the closing one (``[SEP]``) stays last."""
-        if self.add_special_tokens and offsets and tuple(offsets[-1]) == (0, 0) and limit >= 2:
+        if special and offsets and tuple(offsets[-1]) == (0, 0) and limit >= 2:
             return ids[: limit - 1] + ids[-1:], offsets[: limit - 1] + offsets[-1:]
         return ids[:limit], offsets[:limit]
 
