@@ -468,3 +468,89 @@ def test_trained_shapes_model_classifies_synthetic_colours():
     res = evaluate("zeroshot", model, "synthetic-zeroshot", dataset_options={"kind": "colour", "n_per_class": 10},
                    cache_dir=None)
     assert res["metrics"]["top1"] > 0.9
+
+
+# --- class names: ImageNet-id folders, duplicates; the sparse confusion matrix ----------------------------------------
+IMAGENET_IDS = ["n01440764", "n01443537", "n01484850"]
+IMAGENET_NAMES = ["tench", "goldfish", "great white shark"]
+
+
+def _id_tree(root):
+    for k, wnid in enumerate(IMAGENET_IDS):
+        (root / wnid).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), ("red", "green", "blue")[k]).save(root / wnid / f"{wnid}_{i}.JPEG.png")
+    return root
+
+
+def test_zeroshot_on_imagenet_id_folders_uses_names_given_in_folder_order(tmp_path):
+    root = _id_tree(tmp_path / "val")
+    base = ["eval", "zeroshot", "-m", "test-tiny", "--random-init", "--dataset", "image-folder", "--data", str(root),
+            "--no-cache",
+            "--no-progress", "--templates", "single", "-o"]
+    # no names: a one-line error saying how to give them, not a run on "a photo of a n01440764."
+    r = CliRunner().invoke(main, [*base, str(tmp_path / "a")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error:")
+    assert "n01440764" in r.output and "--set classnames=" in r.output and not (tmp_path / "a").exists()
+    # a template file that lists the classes in folder order (like CLIP's imagenet JSON)
+    (tmp_path / "imagenet.json").write_text(json.dumps({"templates": ["a photo of a {}."],
+                                                        "classes": IMAGENET_NAMES}))
+    r = CliRunner().invoke(main, [*base[:-3], "--templates", str(tmp_path / "imagenet.json"), "-o",
+                                  str(tmp_path / "b"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["classnames"] == IMAGENET_NAMES and any("folder order" in n for n in res["notes"])
+    # a plain name list as the dataset option (a .txt, one name per line)
+    (tmp_path / "names.txt").write_text("\n".join(IMAGENET_NAMES) + "\n")
+    r = CliRunner().invoke(main, [*base, str(tmp_path / "c"), "--set", f"classnames={tmp_path / 'names.txt'}",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["classnames"] == IMAGENET_NAMES
+    # a list of the wrong length cannot be aligned: an error, not a silent fallback to the ids
+    (tmp_path / "short.json").write_text(json.dumps({"templates": ["a {}."], "classes": IMAGENET_NAMES[:2]}))
+    r = CliRunner().invoke(main, [*base[:-3], "--templates", str(tmp_path / "short.json"), "-o", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "2 class names" in r.output and "3 class folders" in r.output
+
+
+def test_duplicate_class_names_are_warned_about_with_their_indices(tmp_path):
+    names = ["missile", "tench", "sunglasses", "sunglasses", "Missile"]
+    text = {f"a {n}": e(k, 8) for k, n in enumerate(names)}
+    model = OracleModel({i: e(i % 5, 8) for i in range(5)}, text)
+    data = ClassificationData("o", names, [ImageItem(f"o:{i}", i) for i in range(5)], list(range(5)))
+    with pytest.warns(UserWarning, match=r"duplicate class names: 'missile' \(0, 4\), 'sunglasses' \(2, 3\)"):
+        res = evaluate("zeroshot", model, data, model_id="m", cache_dir=None, templates=["a {}"])
+    assert res["duplicate_classnames"] == {"missile": [0, 4], "sunglasses": [2, 3]}
+    assert any("duplicate class names" in n for n in res["notes"])
+
+
+def test_large_confusion_matrix_is_stored_sparsely(tmp_path):
+    c, n = 60, 180
+    names = [f"class{k}" for k in range(c)]
+    text = {f"a {nm}": e(k, c) for k, nm in enumerate(names)}
+    labels = [i % c for i in range(n)]
+    preds = [y if i % 3 else (y + 1) % c for i, y in enumerate(labels)]  # every third image goes to the next class
+    model = OracleModel({i: e(p, c) for i, p in enumerate(preds)}, text)
+    data = ClassificationData("o", names, [ImageItem(f"o:{i}", i) for i in range(n)], labels)
+    res = evaluate("zeroshot", model, data, model_id="m", cache_dir=None, templates=["a {}"], out_dir=tmp_path)
+    m = res["metrics"]
+    assert "confusion_matrix" not in m
+    cells = m["confusion"]["cells"]
+    assert m["confusion"]["num_classes"] == c and m["confusion"]["format"] == "sparse"
+    expected = {}
+    for y, p in zip(labels, preds):
+        expected[(y, p)] = expected.get((y, p), 0) + 1
+    assert {(t, p): k for t, p, k in cells} == expected and all(k > 0 for _, _, k in cells)
+    from cliplab.eval.metrics import dense_confusion
+
+    dense = dense_confusion(m)
+    assert dense.shape == (c, c) and int(dense.sum()) == n and int(dense.trace()) == 120
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["metrics"]["confusion"] == json.loads(json.dumps(m["confusion"]))
+    assert (tmp_path / "results.json").stat().st_size < 30_000
+    with Image.open(tmp_path / "confusion.png") as im:
+        assert im.format == "PNG"
+    assert "most confused" in (tmp_path / "summary.md").read_text()
+    # small runs keep the dense matrix (and dense_confusion reads both)
+    small = compute_metrics("zeroshot", logits=torch.eye(3), labels=torch.tensor([0, 1, 1]))
+    assert small["confusion_matrix"] == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+    assert dense_confusion(small).tolist() == small["confusion_matrix"]

@@ -110,7 +110,7 @@ def test_bare_native_weights_need_arch(tiny, tmp_path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a file"):
+    with pytest.raises(FileNotFoundError, match="not a pretrained name .*, an existing file or directory"):
         cliplab.load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="cliplab.json"):

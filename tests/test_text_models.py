@@ -320,9 +320,10 @@ def test_decoder_readout_matches_transformers_hidden_states(smollm2, hf_smollm2)
     with torch.no_grad():
         hidden = lm.run(lm.embed(ids), {})
         ref = model(ids, output_hidden_states=True).hidden_states
-    for k in (1, 20, 28, 30):
-        assert float((lm.readout(hidden[k][:, -1], k) - ref[k][:, -1]).abs().max()) < 1e-3, k
-    assert not torch.allclose(lm.readout(hidden[28][:, -1], 28), smollm2.model.norm(hidden[28][:, -1]))
+    with torch.no_grad():
+        for k in (1, 20, 28, 30):
+            assert float((lm.readout(hidden[k][:, -1], k) - ref[k][:, -1]).abs().max()) < 1e-3, k
+        assert not torch.allclose(lm.readout(hidden[28][:, -1], 28), smollm2.model.norm(hidden[28][:, -1]))
 
 
 def test_smollm2_log_likelihood_matches_transformers_loss(smollm2, hf_smollm2):

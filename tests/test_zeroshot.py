@@ -216,3 +216,31 @@ def test_clip_prompts_md_cifar10_and_fer2013():
 def test_clip_imagenet_json():
     ps = load_prompt_set(shared_path("clip-prompts", "imagenet_classes_templates.json"))
     assert len(ps.classes) == 1000 and len(ps.templates) == 80
+
+
+# --- warnings and progress -------------------------------------------------------------------------------------------
+def test_duplicate_class_names_warn_with_their_indices():
+    enc = CountingEncoder()
+    with pytest.warns(UserWarning, match=r"duplicate class names: 'cat' \(0, 2\)"):
+        clf = ZeroShotClassifier.from_classnames(None, ["cat", "dog", "Cat."], ["a {}"], text_encoder=enc)
+    assert clf.num_classes == 3
+    with pytest.warns(UserWarning, match=r"'b' \(1, 2\)"):  # synonyms: the display name (first synonym) counts
+        ZeroShotClassifier.from_classnames(None, ["a", ["b", "bee"], ["b", "bb"]], ["a {}"], text_encoder=enc)
+
+
+def test_encode_prompts_reports_plain_progress_lines_off_a_terminal(tiny, capsys, monkeypatch):
+    import cliplab.progress
+
+    monkeypatch.setattr(cliplab.progress, "LINE_EVERY", 0.0)
+    encode_prompts(tiny, ["a cat", "a dog", "a fox"], batch_size=2, progress=None, desc="prompts")
+    err = capsys.readouterr().err
+    assert "prompts: 3/3 items" in err and "\r" not in err
+    encode_prompts(tiny, ["a cat"], progress=False, desc="prompts")
+    assert capsys.readouterr().err == ""
+
+
+def test_clip_imagenet_list_has_the_two_known_duplicates():
+    from cliplab.zeroshot import duplicate_classnames
+
+    pset = load_prompt_set(str(shared_path("clip-prompts", "imagenet_classes_templates.json")))
+    assert duplicate_classnames(pset.classes) == {"missile": [657, 744], "sunglasses": [836, 837]}

@@ -1,38 +1,73 @@
-"""The root command group and the error handling every command shares."""
+"""The root command group and the error handling every command shares.
+
+* The library's expected failures (bad checkpoint, missing file, bad config, missing optional package) become one
+  ``error: ...`` line with exit code 2.
+* Anything else is one ``error: <Type>: message`` line with exit code 1; ``cliplab --debug ...`` (or
+  ``CLIPLAB_DEBUG=1``) shows the traceback instead.
+* Ctrl-C exits with 130 (the shell convention) and says what was kept and how to resume, when the command said so
+  with :func:`cliplab.cli.common.on_interrupt`.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+from .common import interrupt_message
+
 
 class CliplabGroup(click.Group):
-    """Turns the library's expected failures (bad checkpoint, missing file, bad config) into one-line errors with
-    exit code 2 instead of tracebacks; unexpected errors keep their traceback."""
-
     def invoke(self, ctx):
         from ..models import CheckpointError, ConfigError
         from ..models.lm.deps import MissingDependency
 
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
-        except (CheckpointError, ConfigError, FileNotFoundError, KeyError, ValueError, MissingDependency) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            click.echo(f"error: {msg}", err=True)
+        except KeyboardInterrupt as e:
+            click.echo(f"\ninterrupted: {interrupt_message(e)}", err=True)
+            sys.exit(130)
+        except click.UsageError as e:  # one line, like every other error, with where to read more
+            if debug:
+                raise
+            where = e.ctx.command_path if e.ctx is not None else "cliplab"
+            click.echo(f"error: {_one_line(e.format_message())} (see {where} --help)", err=True)
             sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except (CheckpointError, ConfigError, FileNotFoundError, KeyError, ValueError, MissingDependency) as e:
+            if debug:
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            click.echo(f"error: {_one_line(msg)}", err=True)
+            sys.exit(2)
+        except Exception as e:  # unexpected: still one line, the traceback on request
+            if debug:
+                raise
+            click.echo(f"error: {type(e).__name__}: {_one_line(str(e))} (cliplab --debug ... shows the traceback)",
+                       err=True)
+            sys.exit(1)
+
+
+def _one_line(msg: str) -> str:
+    """Multi-line library messages (e.g. key lists) stay readable: lines joined with '; '."""
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else "(no message)"
 
 
 @click.group(cls=CliplabGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cliplab")
-def main():
-    """cliplab: CLIP-family vision-language embeddings."""
+@click.option("--debug", is_flag=True, envvar="CLIPLAB_DEBUG", help="Show full tracebacks instead of one-line errors.")
+def main(debug):
+    """cliplab: CLIP-family vision-language embeddings.
+
+    \b
+    Examples:
+      cliplab demo
+      cliplab embed photos/ -o emb/ && cliplab index emb/ && cliplab search emb/ "a dog on a beach"
+      cliplab classify photos/ --labels cat,dog,bird
+    """
 
 
-def emit(data, as_json: bool, render) -> None:
-    """Print ``data`` as JSON (for scripts) or through ``render`` (for people)."""
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    else:
-        render(data)
+from .common import emit  # noqa: E402,F401  (commands import it from here)

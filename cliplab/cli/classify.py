@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
 
 import click
 
-from .app import emit, main
-from .embed import MODEL_HELP, fail, warnings_to_stderr
+from .app import main
+from .common import (
+    emit,
+    fail,
+    json_option,
+    model_option,
+    precision_option,
+    progress_option,
+    render_table,
+    shorten,
+    top_k_option,
+    warnings_to_stderr,
+)
+
+#: the table on a terminal shows this many images; the rest go to --out / --json
+MAX_SHOWN = 20
+CSV_COLUMNS = ["image", "rank", "label", "prob", "error"]
 
 
 def _read_labels(labels: str | None, labels_file: str | None) -> list[str]:
@@ -28,21 +44,53 @@ def _read_labels(labels: str | None, labels_file: str | None) -> list[str]:
     out = [s for s in out if s]
     if len(out) < 2:
         raise click.BadParameter(f"need at least two labels, got {out}", param_hint="--labels/--labels-file")
-    if len(set(out)) != len(out):
-        raise click.BadParameter("labels must be distinct", param_hint="--labels/--labels-file")
+    where: dict[str, list[int]] = {}
+    for i, s in enumerate(out):
+        where.setdefault(s, []).append(i)
+    dups = {s: ix for s, ix in where.items() if len(ix) > 1}
+    if dups:
+        listed = ", ".join(f"{s!r} ({', '.join(map(str, ix))})" for s, ix in dups.items())
+        raise click.BadParameter(f"labels must be distinct; repeated (label indices): {listed}",
+                                 param_hint="--labels/--labels-file")
     return out
 
 
-def _expand(images: tuple[str, ...], all_files: bool) -> list[str]:
+def _expand(images: tuple[str, ...], all_files: bool) -> tuple[list[str], list[str], int]:
+    """``(paths, folders, skipped)``: files as given, folders expanded (image extensions only unless
+    ``all_files``); ``skipped`` counts the folders' files left out as non-images."""
     from ..pipeline.sources import FolderSource
 
     out: list[str] = []
+    folders: list[str] = []
+    skipped = 0
     for p in images:
         if os.path.isdir(p):
-            out.extend(it.path for it in FolderSource(p, all_files=all_files).iter_items())
+            src = FolderSource(p, all_files=all_files)
+            out.extend(it.path for it in src.iter_items())
+            folders.append(p)
+            skipped += src.skipped
         else:
             out.append(p)
-    return out
+    return out, folders, skipped
+
+
+def _write_csv(path: str, results: list[dict]) -> int:
+    """One row per (image, rank): ``image,rank,label,prob,error``; an unreadable image is one row with only
+    ``image`` and ``error``. Returns the number of rows."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in results:
+            if "error" in r:
+                w.writerow([r["image"], "", "", "", r["error"]])
+                n += 1
+                continue
+            for t in r["top"]:
+                w.writerow([r["image"], t["rank"], t["label"], f"{t['prob']:.6f}", ""])
+                n += 1
+    return n
 
 
 @main.command("classify")
@@ -55,67 +103,97 @@ def _expand(images: tuple[str, ...], all_files: bool) -> list[str]:
                    "prompts.md#Dataset.")
 @click.option("--template", "template_list", multiple=True,
               help="A template such as 'a photo of a {}.' (repeatable; replaces --templates).")
-@click.option("--topk", "-k", type=click.IntRange(1), default=5, show_default=True, help="Classes shown per image.")
-@click.option("--model", "-m", default=None, help=MODEL_HELP + " [default: shapes-tiny, the shipped model]")
+@top_k_option(default=5, help="Classes shown per image.")
+@model_option()
+@precision_option()
+@click.option("--out", "-o", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="Write every result to this CSV file: one row per image and rank (image, rank, label, prob, "
+                   "error).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--all-files", is_flag=True, help="In folders, try every file, not only image extensions.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def classify_cmd(images, labels, labels_file, templates, template_list, topk, model, batch_size, all_files, as_json):
+@progress_option()
+@json_option()
+def classify_cmd(images, labels, labels_file, templates, template_list, top_k, model, precision, out_file,
+                 batch_size, all_files, progress, as_json):
     """Classify IMAGES (files or folders) zero-shot among the given labels.
 
     Each label is put into every prompt template, the prompts are encoded and averaged into one text embedding
     per class (CLIP's prompt ensembling), and each image gets its top-k classes with softmax probabilities.
-    Images that cannot be read are reported (exit status 1) without stopping the others.
+    Images that cannot be read are reported (exit status 1) without stopping the others. The table shows the
+    first 20 images; -o FILE.csv or --json has them all.
 
     \b
     Example:
       cliplab classify a.png b.jpg --labels "red circle,blue square,green star" --templates synthetic
+      cliplab classify photos/ --labels-file classes.txt -k 3 -o predictions.csv
     """
     import numpy as np
     import torch
 
     from ..models.preprocess import ImageLoadError
     from ..pipeline import resolve_model
+    from ..progress import Progress
     from ..zeroshot import ZeroShotClassifier
 
     classes = _read_labels(labels, labels_file)
-    paths = _expand(images, all_files)
+    paths, folders, skipped = _expand(images, all_files)
     if not paths:
-        raise click.UsageError("no image files found in the given folders")
+        where = ", ".join(folders)
+        why = f"; {skipped} non-image file(s) skipped (--all-files tries every file)" if skipped else ""
+        fail(f"no image files found in {where}{why}", 2)
+    if skipped:
+        click.echo(f"skipped {skipped} non-image file(s) in {', '.join(folders)} (--all-files tries every file)",
+                   err=True)
     with warnings_to_stderr():
         net, _ = resolve_model(model)
+        if precision != "fp32":
+            net.set_precision(precision)
         tmpl = list(template_list) if template_list else templates
-        clf = ZeroShotClassifier.from_classnames(net, classes, tmpl)
+        clf = ZeroShotClassifier.from_classnames(net, classes, tmpl, progress=progress)
         pre = net.preprocessor
         results: list[dict] = []
-        ok_pixels, ok_rows = [], []
-        for p in paths:
-            try:
-                ok_pixels.append(pre(p).numpy())
-                ok_rows.append(len(results))
-                results.append({"image": p})
-            except ImageLoadError as e:
-                results.append({"image": p, "error": e.reason})
-        for start in range(0, len(ok_pixels), batch_size):
-            x = torch.from_numpy(np.stack(ok_pixels[start:start + batch_size]))
-            for row, top in zip(ok_rows[start:start + batch_size], clf.classify(x, topk=topk)):
-                results[row]["top"] = [{"label": lab, "prob": round(prob, 6)} for lab, prob in top]
+        with Progress(total=len(paths), desc="classify", unit="image", enabled=progress) as bar:
+            for start in range(0, len(paths), batch_size):
+                pixels, rows = [], []
+                for p in paths[start:start + batch_size]:
+                    try:
+                        pixels.append(pre(p).numpy())
+                        rows.append(len(results))
+                        results.append({"image": p})
+                    except ImageLoadError as e:
+                        results.append({"image": p, "error": e.reason})
+                if pixels:
+                    x = torch.from_numpy(np.stack(pixels))
+                    for row, top in zip(rows, clf.classify(x, topk=top_k)):
+                        results[row]["top"] = [{"rank": j + 1, "label": lab, "prob": round(prob, 6)}
+                                               for j, (lab, prob) in enumerate(top)]
+                bar.update(len(paths[start:start + batch_size]))
     n_failed = sum(1 for r in results if "error" in r)
-    data = {"model": net.config.name, "labels": classes, "templates": len(clf.prompts[0][0]) if clf.prompts else None,
-            "results": results, "failed": n_failed}
+    data = {"model": net.config.name, "precision": precision, "labels": classes,
+            "templates": len(clf.prompts[0][0]) if clf.prompts else None, "results": results, "failed": n_failed,
+            "skipped": skipped, "csv": None}
+    if out_file:
+        n_rows = _write_csv(out_file, results)
+        data["csv"] = str(out_file)
+        click.echo(f"wrote {out_file} ({n_rows} rows, {len(results)} images)", err=True)
 
     def render(d):
+        shown = d["results"][:MAX_SHOWN]
         rows = []
-        for r in d["results"]:
+        for r in shown:
             if "error" in r:
                 rows.append([r["image"], "-", "error", r["error"]])
                 continue
-            for j, t in enumerate(r["top"]):
-                rows.append([r["image"] if j == 0 else "", j + 1, t["label"], f"{t['prob']:.4f}"])
-        from .index import render_table
-
-        render_table(f"zero-shot: {len(classes)} labels x {d['templates']} templates ({d['model']})",
+            for t in r["top"]:
+                rows.append([r["image"] if t["rank"] == 1 else "", t["rank"], t["label"], f"{t['prob']:.4f}"])
+        render_table(shorten(f"zero-shot: {len(classes)} labels x {d['templates']} templates ({d['model']})", 100),
                      ["image", "#", "label", "prob"], rows)
+        more = len(d["results"]) - len(shown)
+        if more:
+            failed_more = sum(1 for r in d["results"][MAX_SHOWN:] if "error" in r)
+            extra = f", {failed_more} of them unreadable" if failed_more else ""
+            where = f"all results are in {d['csv']}" if d["csv"] else "use -o FILE.csv or --json for all results"
+            click.echo(f"... {more} more image(s) not shown{extra}; {where}")
 
     emit(data, as_json, render)
     if n_failed:

@@ -5,29 +5,33 @@ from __future__ import annotations
 import click
 
 from .app import emit, main
-from .embed import MODEL_HELP, warnings_to_stderr
+from .common import json_option, model_option, out_option, progress_option, top_k_option, warnings_to_stderr
 
 
 @main.command("demo")
-@click.option("--model", "-m", default=None, help=MODEL_HELP + " [default: shapes-tiny, the shipped model]")
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default="cliplab-demo", show_default=True,
-              help="Where the report, embeddings and index go.")
+@model_option()
+@out_option("Where the report, embeddings and index go.", default="cliplab-demo")
 @click.option("--n", "n", type=click.IntRange(10), default=500, show_default=True, help="Gallery size (scenes).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic world.")
-@click.option("--k", "-k", "k", type=click.IntRange(1, 50), default=5, show_default=True, help="Results per query.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: on a terminal].")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def demo_cmd(model, out_dir, n, seed, k, progress, as_json):
+@top_k_option(default=5, help="Results per query.", max_k=50)
+@progress_option()
+@json_option(help="Print the summary as JSON.")
+def demo_cmd(model, out_dir, n, seed, top_k, progress, as_json):
     """Run the main job end to end on the shipped model, offline, in about a minute.
 
     Generates a gallery of synthetic scenes, embeds it (sharded Parquet), builds a vector index, runs example
     text and image queries, classifies colours and shapes zero-shot, and writes OUT/report.html (thumbnails and
     plots inline) plus OUT/summary.json.
+
+    \b
+    Examples:
+      cliplab demo
+      cliplab demo -o my-demo --n 200 --json
     """
     from ..apps.demo import run_demo
 
     with warnings_to_stderr():
-        result = run_demo(model, out_dir, n=n, seed=seed, k=k, progress=progress)
+        result = run_demo(model, out_dir, n=n, seed=seed, k=top_k, progress=progress)
     s = result.summary
 
     def render(d):

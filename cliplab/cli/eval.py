@@ -1,14 +1,15 @@
 """``cliplab eval ...``: zero-shot classification, retrieval, CLIPScore and Winoground evaluations.
 
-    cliplab eval zeroshot  --model M --dataset cifar-folder --data DIR -O per_class=20 --templates prompts.md#CIFAR10
-    cliplab eval retrieval --model M --dataset captions-csv --data captions.csv -O limit=50
-    cliplab eval clipscore --model M --dataset captions-csv --data captions.csv
-    cliplab eval winoground --model M --dataset synthetic-winoground -O n=200
+    cliplab eval zeroshot  -m M --dataset cifar-folder --data DIR --set per_class=20 --templates prompts.md#CIFAR10
+    cliplab eval retrieval -m M --dataset captions-csv --data captions.csv --set limit=50
+    cliplab eval clipscore -m M --dataset captions-csv --data captions.csv
+    cliplab eval winoground -m M --dataset synthetic-winoground --set n=200
     cliplab eval sts --embedder all-MiniLM-L6-v2 --data sts-test.csv --json
     cliplab eval datasets | tasks
 
-Every run writes ``results.json`` and ``summary.md`` (and ``confusion.png`` for zero-shot) to ``--out``. Image and
-text embeddings are cached on disk (``--cache-dir``); an interrupted run resumes from the cache.
+``-m/--model`` takes what ``cliplab embed --model`` takes (default: the shipped ``shapes-tiny``). Every run writes
+``results.json`` and ``summary.md`` (and ``confusion.png`` for zero-shot) to ``-o/--out`` and prints a plain-text
+summary. Image and text embeddings are cached on disk (``--cache-dir``); an interrupted run resumes from the cache.
 """
 
 from __future__ import annotations
@@ -19,52 +20,49 @@ from pathlib import Path
 
 import click
 
-from .app import emit, main
+from .app import main
+from .common import (
+    emit,
+    json_option,
+    model_option,
+    out_option,
+    parse_settings,
+    precision_option,
+    progress_option,
+    set_option,
+    warnings_to_stderr,
+)
 
 _DEFAULT_DATASET = {"zeroshot": "synthetic-zeroshot", "retrieval": "synthetic-retrieval",
                     "clipscore": "synthetic-retrieval", "winoground": "synthetic-winoground"}
 
-
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _parse_options(pairs: tuple[str, ...]) -> dict:
-    out = {}
-    for p in pairs:
-        key, sep, value = p.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {p!r}", param_hint="-O/--option")
-        out[key.strip().replace("-", "_")] = _parse_value(value)
-    return out
+EVAL_MODEL_HELP = ("Model, as for `cliplab embed`: a pretrained name (cliplab models), a checkpoint file or "
+                   "directory, or an architecture name (seeded random weights, --seed; for smoke tests) "
+                   "[default: shapes-tiny, the shipped model].")
 
 
 def _common(fn):
     opts = [
-        click.option("--model", "model_spec", required=True,
-                     help="A loadable model (pretrained name, directory, weights file) or, with --random-init, an "
-                          "architecture name."),
-        click.option("--random-init", is_flag=True, help="Build --model as a randomly initialised architecture."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-init."),
+        model_option(help=EVAL_MODEL_HELP),
+        click.option("--random-init", is_flag=True,
+                     help="Build --model as a randomly initialised architecture on purpose (no warning)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of random weights (--random-init or an architecture name)."),
         click.option("--arch", default=None, help="Architecture of --model when it cannot be inferred."),
         click.option("--dataset", default=None, help="Registered dataset adapter (see `cliplab eval datasets`)."),
         click.option("--data", "data_path", default=None, help="The dataset's path (folder or CSV)."),
-        click.option("-O", "--option", "options", multiple=True, metavar="KEY=VALUE",
-                     help="Dataset option (repeatable), e.g. -O per_class=20, -O n=200 (values parsed as JSON)."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-                     help="Output folder [default: cliplab-eval/<task>-<dataset>]."),
+        set_option(help="Dataset option (repeatable), e.g. --set per_class=20, --set classnames=names.txt "
+                        "(values parsed as JSON; see `cliplab eval datasets`).", aliases=("-O", "--option")),
+        out_option(help="Output folder [default: cliplab-eval/<task>-<dataset>]."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                      help="Embedding cache folder [default: $CLIPLAB_CACHE or ~/.cache/cliplab/embeddings]."),
         click.option("--no-cache", is_flag=True, help="Keep embeddings in memory only."),
         click.option("--batch-size", type=int, default=64, show_default=True, help="Images per batch / cache chunk."),
         click.option("--text-batch-size", type=int, default=256, show_default=True),
         click.option("--device", default="cpu", show_default=True),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
-        click.option("--json", "as_json", is_flag=True, help="Print the results JSON instead of the summary."),
+        precision_option(),
+        progress_option(),
+        json_option(help="Print the results JSON instead of the summary."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -72,57 +70,71 @@ def _common(fn):
 
 
 def _run(task: str, p: dict, **task_options) -> None:
-    from ..eval import DATASETS, evaluate, load_model
+    from ..eval import DATASETS, evaluate, load_model, render_text
+    from ..eval.report import results_json
 
     dataset = p["dataset"] or _DEFAULT_DATASET[task]
     if dataset not in DATASETS:
         raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(DATASETS)}")
-    options = _parse_options(p["options"])
+    options = parse_settings(p["settings"])
     if p["data_path"] is not None:
         key = DATASETS[dataset].path_option
         if key is None:
             raise click.BadParameter(f"dataset {dataset!r} takes no path", param_hint="--data")
         options[key] = p["data_path"]
-    model, mid = load_model(p["model_spec"], random_init=p["random_init"], seed=p["seed"], device=p["device"],
-                            precision=p["precision"], arch=p["arch"])
     out_dir = p["out_dir"] or str(Path("cliplab-eval") / f"{task}-{dataset}")
     cache_dir = None if p["no_cache"] else (p["cache_dir"] or "default")
-    info = {"source": p["model_spec"], "random_init": p["random_init"]}
-    if p["random_init"]:
-        info["seed"] = p["seed"]
-    try:
-        res = evaluate(task, model, dataset, dataset_options=options, model_id=mid, cache_dir=cache_dir,
-                       out_dir=out_dir, batch_size=p["batch_size"], text_batch_size=p["text_batch_size"],
-                       progress=not p["quiet"], model_info=info, **task_options)
-    except KeyboardInterrupt:
-        where = "the embedding cache" if cache_dir is not None else "nowhere (--no-cache)"
-        click.echo(f"interrupted: finished chunks are kept in {where}; re-run the same command to resume", err=True)
-        sys.exit(130)
+    with warnings_to_stderr():
+        model, mid, info = load_model(p["model"], random_init=p["random_init"], seed=p["seed"], device=p["device"],
+                                      precision=p["precision"], arch=p["arch"], details=True)
+        try:
+            res = evaluate(task, model, dataset, dataset_options=options, model_id=mid, cache_dir=cache_dir,
+                           out_dir=out_dir, batch_size=p["batch_size"], text_batch_size=p["text_batch_size"],
+                           progress=p["progress"], model_info=info, **task_options)
+        except KeyboardInterrupt:
+            where = "the embedding cache" if cache_dir is not None else "nowhere (--no-cache)"
+            click.echo(f"interrupted: finished chunks are kept in {where}; re-run the same command to resume",
+                       err=True)
+            sys.exit(130)
     if p["as_json"]:
-        click.echo(json.dumps(res, indent=2, default=str))
+        click.echo(results_json(res), nl=False)
     else:
-        from ..eval import render_markdown
-
-        click.echo(render_markdown(res))
-        click.echo(f"wrote {', '.join(res['files'].values())}")
+        click.echo(render_text(res), nl=False)
 
 
 @main.group("eval")
 def eval_group():
-    """Evaluate a model: zero-shot classification, retrieval, CLIPScore, Winoground."""
+    """Evaluate a model: zero-shot classification, retrieval, CLIPScore, Winoground, sentence similarity.
+
+    \b
+    Example:
+      cliplab eval zeroshot --dataset image-folder --data photos/ --templates generic -o runs/photos
+    """
 
 
 @eval_group.command("zeroshot")
 @_common
 @click.option("--templates", default=None,
               help="Shipped set (generic, single, synthetic), a .txt/.json file, or prompts.md#DATASET "
-                   "[default: the dataset's own prompts, else generic].")
+                   "[default: the dataset's own prompts, else generic]. A source that lists classes (CLIP's "
+                   "ImageNet JSON) also gives the class names.")
 @click.option("--descriptions", default=None, help="JSON file {classname: [description, ...]}.")
 @click.option("--description-mode", type=click.Choice(["pool", "balanced", "only"]), default="pool",
               show_default=True)
 @click.option("--description-template", default=None, help="Default: 'a photo of a {c}, which has {d}.'")
 def zeroshot_cmd(templates, descriptions, description_mode, description_template, **p):
-    """Zero-shot classification: top-1/top-5, mean per-class recall, confusion matrix (PNG)."""
+    """Zero-shot classification: top-1/top-5, mean per-class recall, confusion matrix (PNG).
+
+    Class names come from the dataset (folder names), from --set classnames=FILE (one name per line or a JSON
+    list, in folder order), or from a --templates source that lists them. Folders named by ids (ImageNet's
+    n01440764) need one of the last two.
+
+    \b
+    Example:
+      cliplab eval zeroshot --dataset cifar-folder --data cifar10-test --set per_class=20 \\
+          --templates prompts.md#CIFAR10 -o runs/cifar10
+      cliplab eval zeroshot --dataset image-folder --data imagenet-val --set classnames=imagenet-names.txt
+    """
     _run("zeroshot", p, templates=templates, descriptions=descriptions, description_mode=description_mode,
          description_template=description_template)
 
@@ -130,7 +142,12 @@ def zeroshot_cmd(templates, descriptions, description_mode, description_template
 @eval_group.command("retrieval")
 @_common
 def retrieval_cmd(**p):
-    """Image<->text retrieval: R@1/5/10 in both directions (any of an image's captions counts)."""
+    """Image<->text retrieval: R@1/5/10 in both directions (any of an image's captions counts).
+
+    \b
+    Example:
+      cliplab eval retrieval --dataset captions-csv --data flickr8k-1k/captions.csv --set limit=50 -o runs/flickr
+    """
     _run("retrieval", p)
 
 
@@ -138,14 +155,25 @@ def retrieval_cmd(**p):
 @_common
 @click.option("-w", "weight", type=float, default=2.5, show_default=True, help="CLIPScore weight w.")
 def clipscore_cmd(weight, **p):
-    """CLIPScore and RefCLIPScore of image-caption sets (references: each image's other captions)."""
+    """CLIPScore and RefCLIPScore of image-caption sets (references: each image's other captions).
+
+    \b
+    Example:
+      cliplab eval clipscore --dataset captions-csv --data flickr8k-1k/captions.csv --set limit=50
+    """
     _run("clipscore", p, w=weight)
 
 
 @eval_group.command("winoground")
 @_common
 def winoground_cmd(**p):
-    """Winoground text / image / group scores on caption-image pairs."""
+    """Winoground text / image / group scores on caption-image pairs.
+
+    \b
+    Example:
+      cliplab eval winoground --set n=200
+      cliplab eval winoground -m test-tiny --random-init --set n=200 --no-cache
+    """
     _run("winoground", p)
 
 
@@ -217,9 +245,15 @@ def sts_cmd(embedder, pooling, data_path, encoding, limit, tp, tp_exit, readout_
 
 
 @eval_group.command("datasets")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def datasets_cmd(as_json):
-    """List the registered dataset adapters and their options."""
+    """List the registered dataset adapters and their options (set them with --set KEY=VALUE).
+
+    \b
+    Example:
+      cliplab eval datasets
+      cliplab eval datasets --json
+    """
     from ..eval import DATASETS
 
     data = {n: {"kind": e.kind, "data": e.path_option, "options": e.options(), "help": e.help}
@@ -231,9 +265,14 @@ def datasets_cmd(as_json):
 
 
 @eval_group.command("tasks")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def tasks_cmd(as_json):
-    """List the evaluation tasks and their metrics."""
+    """List the evaluation tasks and their metrics.
+
+    \b
+    Example:
+      cliplab eval tasks --json
+    """
     from ..eval import TASKS, list_metrics
 
     data = {n: {"dataset_kind": e.data_kind, "metrics": list_metrics(n), "help": e.help}

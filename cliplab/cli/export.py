@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .app import emit, main
-from .embed import fail, warnings_to_stderr
+from .common import fail, warnings_to_stderr
 
 
 @main.command("export-onnx")

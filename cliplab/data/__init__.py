@@ -1,7 +1,8 @@
 """Data sources for cliplab (bottom layer: imports nothing else from cliplab).
 
-Currently: :mod:`cliplab.data.synthetic`, the synthetic scene world used to
-train and probe small CLIP models without external data.
+:mod:`cliplab.data.synthetic`, the synthetic scene world used to train and probe small CLIP models without
+external data; :mod:`cliplab.data.tables`, reading tables of image paths and captions the same way for every command
+(bad rows as data, one rule for relative image paths).
 """
 
 from .synthetic import *  # noqa: F401,F403

@@ -28,27 +28,40 @@ from .metrics import (
     clip_score,
     compute_metrics,
     confusion_matrix,
+    dense_confusion,
     harmonic_mean,
     list_metrics,
+    most_confused,
     per_class_recall,
     ref_clip_score,
     register_metric,
     retrieval_ranks,
     retrieval_recall,
+    sparse_confusion,
     target_ranks,
     topk_accuracy,
     winoground_scores,
 )
-from .report import render_markdown, save_confusion_png, write_report
-from .tasks import TASKS, align_classnames, evaluate, list_tasks, load_model, register_task, run_task
+from .report import render_markdown, render_text, save_confusion_png, write_report
+from .tasks import (
+    TASKS,
+    align_classnames,
+    evaluate,
+    list_tasks,
+    load_model,
+    looks_like_id,
+    register_task,
+    run_task,
+)
 
 __all__ = [
     "CachedEncoder", "EmbeddingCache", "default_cache_dir", "file_identity", "item_key", "model_identity",
     "DATASETS", "CaptionData", "ClassificationData", "ImageItem", "WinogroundData", "list_datasets", "load_dataset",
     "prettify_classname", "register_dataset",
-    "METRICS", "chance_i2t_recall", "clip_score", "compute_metrics", "confusion_matrix", "harmonic_mean",
-    "list_metrics", "per_class_recall", "ref_clip_score", "register_metric", "retrieval_ranks", "retrieval_recall",
-    "target_ranks", "topk_accuracy", "winoground_scores",
-    "render_markdown", "save_confusion_png", "write_report",
-    "TASKS", "align_classnames", "evaluate", "list_tasks", "load_model", "register_task", "run_task",
+    "METRICS", "chance_i2t_recall", "clip_score", "compute_metrics", "confusion_matrix", "dense_confusion",
+    "harmonic_mean", "list_metrics", "most_confused", "per_class_recall", "ref_clip_score", "register_metric",
+    "retrieval_ranks", "retrieval_recall", "sparse_confusion", "target_ranks", "topk_accuracy", "winoground_scores",
+    "render_markdown", "render_text", "save_confusion_png", "write_report",
+    "TASKS", "align_classnames", "evaluate", "list_tasks", "load_model", "looks_like_id", "register_task",
+    "run_task",
 ]

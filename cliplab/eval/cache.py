@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..progress import Progress
+
 __all__ = [
     "EmbeddingCache", "CacheSpace", "CachedEncoder", "model_identity", "file_identity", "item_key",
     "default_cache_dir", "image_space_params", "text_space_params",
@@ -212,10 +214,11 @@ class CachedEncoder:
 
     ``images(items)`` takes objects with ``.key`` (an identity string) and ``.load()`` (a PIL image or path);
     ``texts(strings)``. Both return L2-normalised float32 features in input order. Every encoded batch is one cache
-    chunk. ``stats`` counts cached vs encoded items per kind."""
+    chunk. ``stats`` counts cached vs encoded items per kind. ``progress`` (:mod:`cliplab.progress`): ``False``
+    silent, ``True`` a bar, ``None`` a bar on a terminal and a plain line every 10 s otherwise."""
 
     def __init__(self, model, cache: EmbeddingCache | None = None, *, batch_size: int = 64,
-                 text_batch_size: int = 256, progress: bool = False, workers: int = 2):
+                 text_batch_size: int = 256, progress: bool | None = False, workers: int = 2):
         self.model = model
         self.cache = cache
         self.batch_size = batch_size
@@ -244,25 +247,20 @@ class CachedEncoder:
         model, pre = self.model, self.model.preprocessor
         batches = [(items[i: i + self.batch_size], keys[i: i + self.batch_size])
                    for i in range(0, len(items), self.batch_size)]
-        bar = _bar(len(items), desc, self.progress)
 
         def prepare(batch):
             return pre.batch([it.load() for it in batch])
 
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-                pending = pool.submit(prepare, batches[0][0])  # preprocess batch b+1 while b is encoded
-                for b, (batch, bkeys) in enumerate(batches):
-                    pixels = pending.result()
-                    if b + 1 < len(batches):
-                        pending = pool.submit(prepare, batches[b + 1][0])
-                    feats = model.encode_image(pixels.to(device=model.device, dtype=model.dtype))
-                    self.image_space.put(bkeys, feats.float().cpu())
-                    if bar is not None:
-                        bar.update(len(batch))
-        finally:
-            if bar is not None:
-                bar.close()
+        with Progress(total=len(items), desc=desc, unit="image", enabled=self.progress, leave=False) as bar, \
+                ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            pending = pool.submit(prepare, batches[0][0])  # preprocess batch b+1 while b is encoded
+            for b, (batch, bkeys) in enumerate(batches):
+                pixels = pending.result()
+                if b + 1 < len(batches):
+                    pending = pool.submit(prepare, batches[b + 1][0])
+                feats = model.encode_image(pixels.to(device=model.device, dtype=model.dtype))
+                self.image_space.put(bkeys, feats.float().cpu())
+                bar.update(len(batch))
 
     @torch.inference_mode()
     def texts(self, texts: Sequence[str], desc: str = "encoding texts") -> torch.Tensor:
@@ -283,9 +281,3 @@ class CachedEncoder:
     def text_encoder(self) -> Callable[[list[str]], torch.Tensor]:
         """A ``text_encoder`` for :meth:`ZeroShotClassifier.from_prompts` that goes through this cache."""
         return lambda texts: self.texts(texts, desc="encoding prompts")
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    from ..zeroshot.classifier import _progress
-
-    return _progress(total, desc, enabled)

@@ -11,7 +11,6 @@ images are never opened. Adapters register with :func:`register_dataset`; build 
 
 from __future__ import annotations
 
-import csv
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -202,7 +201,9 @@ def _folder_classification(root, per_class, classnames, extensions, namer, name)
         labels += [label] * len(files)
     if not items:
         raise ValueError(f"{root}: no images with extensions {exts}")
-    return ClassificationData(name, names, items, labels, info={"root": str(root), "folders": [d.name for d in folders]})
+    return ClassificationData(name, names, items, labels,
+                              info={"root": str(root), "folders": [d.name for d in folders],
+                                    "names_from": "folders" if names_spec is None else "classnames"})
 
 
 @register_dataset("image-folder", "classification", path_option="root")
@@ -227,35 +228,54 @@ def cifar_folder(root: str, per_class: int | None = None, classnames=None,
 
 @register_dataset("captions-csv", "captions", path_option="csv_path")
 def captions_csv(csv_path: str, images: str | None = None, limit: int | None = None, image_column: str = "image",
-                 caption_column: str = "caption") -> CaptionData:
-    """A CSV of ``image,caption`` rows (several rows per image allowed) and an image folder (default: ``images/``
-    next to the CSV). ``limit`` keeps the first N images (in order of first appearance) and all their captions."""
+                 caption_column: str = "caption", encoding: str = "utf-8") -> CaptionData:
+    """A table (CSV/TSV/JSONL/Parquet) of ``image,caption`` rows (several rows per image allowed). Relative image paths
+    follow the rule every command uses (``cliplab.data.tables.image_root_for``): ``images`` when given, else the
+    table's folder, or the ``images/`` folder beside it when the paths are there. Rows that do not decode
+    (``encoding``) are left out with a warning naming file and line; an image that is missing is an error naming its
+    line (the benchmark would change). ``limit`` keeps the first N images (in order of first appearance) and all
+    their captions."""
+    import warnings
+
+    from ..data.tables import image_root_for, read_table_rows
+
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"no captions CSV at {csv_path}")
-    image_dir = Path(images) if images is not None else csv_path.parent / "images"
+    table = read_table_rows(csv_path, encoding)
+    missing = {image_column, caption_column} - set(table.columns)
+    if missing:
+        raise ValueError(f"{csv_path}: missing columns {sorted(missing)} (has {table.columns})")
+    bad = [e for e in table.errors if e]
+    if bad:
+        warnings.warn(f"{len(bad)} row(s) of {csv_path} left out: {'; '.join(bad[:3])}" + (" ..." if len(bad) > 3
+                                                                                          else ""), stacklevel=2)
     order: dict[str, int] = {}
+    first_line: dict[str, int] = {}
     captions, caption_image = [], []
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {image_column, caption_column} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{csv_path}: missing columns {sorted(missing)} (has {reader.fieldnames})")
-        for row in reader:
-            name = row[image_column]
-            if name not in order:
-                if limit is not None and len(order) >= int(limit):
-                    continue
-                order[name] = len(order)
-            captions.append(row[caption_column])
-            caption_image.append(order[name])
+    for row, line, error in zip(table.rows, table.lines, table.errors):
+        name, caption = row.get(image_column), row.get(caption_column)
+        if error or not name or not caption:
+            continue
+        if name not in order:
+            if limit is not None and len(order) >= int(limit):
+                continue
+            order[name] = len(order)
+            first_line[name] = line
+        captions.append(caption)
+        caption_image.append(order[name])
     if not order:
         raise ValueError(f"{csv_path}: no rows")
+    root, note = image_root_for(csv_path, list(order), images)
+    if note:
+        warnings.warn(note, stacklevel=2)
+    image_dir = Path(root)
     items = []
     for name in order:
         path = image_dir / name
         if not path.is_file():
-            raise FileNotFoundError(f"{csv_path}: image {name!r} not found in {image_dir}")
+            raise FileNotFoundError(f"{csv_path.name}:{first_line[name]}: image {name!r} not found in {image_dir} "
+                                    "(the images option sets the folder)")
         items.append(ImageItem.from_path(path))
     return CaptionData("captions-csv", items, captions, caption_image,
                        info={"csv": str(csv_path), "images": str(image_dir)})

@@ -28,7 +28,8 @@ __all__ = [
     "METRICS", "register_metric", "list_metrics", "compute_metrics",
     "target_ranks", "topk_accuracy", "confusion_matrix", "per_class_recall",
     "retrieval_ranks", "retrieval_recall", "clip_score", "ref_clip_score", "harmonic_mean", "winoground_scores",
-    "chance_topk", "chance_i2t_recall",
+    "chance_topk", "chance_i2t_recall", "sparse_confusion", "dense_confusion", "most_confused",
+    "DENSE_CONFUSION_MAX_CLASSES",
 ]
 
 
@@ -109,6 +110,50 @@ def per_class_recall(confusion: torch.Tensor) -> torch.Tensor:
     return torch.where(support > 0, recall, torch.full_like(recall, float("nan")))
 
 
+#: up to this many classes, results keep the dense ``confusion_matrix``; above it, the sparse ``confusion``
+DENSE_CONFUSION_MAX_CLASSES = 50
+
+
+def sparse_confusion(confusion) -> dict[str, Any]:
+    """``{"format": "sparse", "num_classes": C, "cells": [[true, pred, count], ...]}``: only the nonzero cells, in
+    row-major order (a 1000-class matrix is a million cells, almost all zero)."""
+    cm = torch.as_tensor(confusion)
+    nz = cm.nonzero()
+    counts = cm[nz[:, 0], nz[:, 1]] if len(nz) else torch.zeros(0, dtype=torch.long)
+    return {"format": "sparse", "num_classes": int(cm.shape[0]),
+            "cells": torch.cat([nz, counts[:, None].to(nz.dtype)], 1).tolist()}
+
+
+def dense_confusion(source) -> torch.Tensor:
+    """The ``[C, C]`` count matrix from any stored form: a zero-shot ``metrics`` dict (its dense
+    ``confusion_matrix`` or its sparse ``confusion``), a sparse dict, or a dense nested list."""
+    if isinstance(source, dict) and "format" not in source:
+        source = source["confusion_matrix"] if source.get("confusion_matrix") is not None else source["confusion"]
+    if isinstance(source, dict):
+        if source.get("format") != "sparse":
+            raise ValueError(f"unknown confusion format {source.get('format')!r}")
+        c = int(source["num_classes"])
+        cm = torch.zeros(c, c, dtype=torch.long)
+        for t, p, n in source["cells"]:
+            cm[t, p] += n
+        return cm
+    cm = torch.as_tensor(source, dtype=torch.long)
+    return cm.reshape(0, 0) if cm.numel() == 0 else cm
+
+
+def most_confused(source, k: int = 10) -> list[tuple[int, int, int]]:
+    """The ``k`` largest off-diagonal cells ``(true, pred, count)``, largest first (ties: row-major order)."""
+    if isinstance(source, dict) and "format" not in source and source.get("confusion_matrix") is None:
+        source = source["confusion"]
+    if isinstance(source, dict) and source.get("format") == "sparse":
+        cells = [tuple(c) for c in source["cells"]]
+    else:
+        cm = dense_confusion(source)
+        cells = [(t, p, int(cm[t, p])) for t, p in cm.nonzero().tolist()]
+    off = [c for c in cells if c[0] != c[1] and c[2] > 0]
+    return sorted(off, key=lambda c: (-c[2], c[0], c[1]))[:k]
+
+
 def chance_topk(num_classes: int, k: int) -> float:
     return min(k, num_classes) / num_classes
 
@@ -125,9 +170,13 @@ def _zeroshot_per_class(logits, labels, **_) -> dict[str, Any]:
     cm = confusion_matrix(predictions(logits), labels, logits.shape[1])
     recall = per_class_recall(cm)
     present = recall[~recall.isnan()]
-    return {"mean_per_class_recall": float(present.mean()) if len(present) else float("nan"),
-            "per_class_recall": [None if math.isnan(r) else r for r in recall.tolist()],
-            "confusion_matrix": cm.tolist()}
+    out = {"mean_per_class_recall": float(present.mean()) if len(present) else float("nan"),
+           "per_class_recall": [None if math.isnan(r) else r for r in recall.tolist()]}
+    if cm.shape[0] <= DENSE_CONFUSION_MAX_CLASSES:
+        out["confusion_matrix"] = cm.tolist()
+    else:
+        out["confusion"] = sparse_confusion(cm)
+    return out
 
 
 # --- retrieval -------------------------------------------------------------------------------------------------------

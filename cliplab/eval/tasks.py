@@ -17,6 +17,8 @@ optionally written as ``results.json`` + ``summary.md`` (+ ``confusion.png``).
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ from .cache import CachedEncoder, EmbeddingCache, default_cache_dir, model_ident
 from .datasets import CaptionData, ClassificationData, WinogroundData, load_dataset
 from .metrics import compute_metrics
 
-__all__ = ["TASKS", "register_task", "list_tasks", "run_task", "evaluate", "load_model", "align_classnames"]
+__all__ = ["TASKS", "register_task", "list_tasks", "run_task", "evaluate", "load_model", "align_classnames",
+           "looks_like_id"]
 
 
 @dataclass
@@ -66,17 +69,41 @@ def run_task(task: str, data, encoder: CachedEncoder, **options) -> dict[str, An
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
-def load_model(spec: str, random_init: bool = False, seed: int = 0, device: str = "cpu",
-               precision: str = "fp32", arch=None):
-    """``(model, identity)`` from a loadable source (``cliplab.load``, with ``arch`` when it cannot be inferred) or,
-    with ``random_init``, an architecture name (``cliplab.create_model(name, seed=seed)``)."""
+def load_model(spec: str | None = None, random_init: bool = False, seed: int = 0, device: str = "cpu",
+               precision: str = "fp32", arch=None, details: bool = False):
+    """``(model, identity)`` (``(model, identity, info)`` with ``details``) for a model named as ``cliplab embed
+    --model`` names it (:func:`cliplab.pipeline.resolve_model`): ``None`` for the shipped default, a pretrained
+    name, a checkpoint path, a Hugging Face hub id in the local cache, a ``PretrainedRef(arch, file)``, or an
+    architecture name (seeded random weights, ``seed``, with a ``RandomWeightsWarning``). ``arch`` gives the
+    architecture of a checkpoint that cannot be inferred; ``random_init`` builds ``spec`` as a randomly initialised
+    architecture on purpose (no warning). ``info`` records how the model was found (``kind``, ``source``, ``seed``,
+    ``precision``)."""
     from ..models import create_model, load
+
+    if (random_init or arch is not None) and spec is not None and not isinstance(spec, (str, os.PathLike)):
+        raise ValueError(f"--random-init and --arch need a plain --model name or path, not {spec!r}")
     if random_init:
+        if spec is None:
+            raise ValueError("--random-init needs an architecture name: --model ARCH (see: cliplab models)")
         model = create_model(spec, seed=seed).to(device=device).set_precision(precision).eval()
-        return model, model_identity(model)
-    model = load(spec, arch=arch, precision=precision, device=device)
-    source = spec if Path(spec).exists() else None
-    return model, model_identity(model, source)
+        info = {"kind": "random", "source": spec, "seed": seed}
+        ident = model_identity(model)
+    elif arch is not None:
+        if spec is None:
+            raise ValueError("--arch needs a checkpoint: --model PATH")
+        model = load(spec, arch=arch, precision=precision, device=device)
+        info = {"kind": "path", "source": str(Path(spec).resolve()) if Path(spec).exists() else spec}
+        ident = model_identity(model, spec if Path(spec).exists() else None)
+    else:
+        from ..pipeline.modelref import resolve_model
+
+        model, found = resolve_model(spec, device=device, seed=seed)
+        if precision != "fp32":
+            model.set_precision(precision)
+        info = {k: found[k] for k in ("kind", "source", "arch", "seed") if k in found}
+        ident = model_identity(model, found["source"] if found["kind"] == "path" else None)
+    info = {**info, "random_init": bool(random_init), "precision": precision}
+    return (model, ident, info) if details else (model, ident)
 
 
 # --- zero-shot -------------------------------------------------------------------------------------------------------
@@ -93,12 +120,29 @@ def align_classnames(dataset_names: Sequence[str], prompt_names: Sequence) -> li
     return None if any(o is None for o in out) else out
 
 
+def looks_like_id(name) -> bool:
+    """True for a class name with no usable word for a text encoder: digits and at most single letters, like the
+    WordNet ids of ImageNet folders (``n01440764``) or numbered folders (``003``)."""
+    text = name if isinstance(name, str) else str(list(name)[0] if list(name) else "")
+    words = re.findall(r"[^\W\d_]{2,}", text)
+    return any(ch.isdigit() for ch in text) and not words
+
+
+def _ids_error(names: Sequence) -> ValueError:
+    shown = ", ".join(str(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return ValueError(f"the class names look like ids ({shown}), not words a text encoder can use; give the names in "
+                      "folder order with --set classnames=FILE (one name per line, or a JSON list; the dataset option "
+                      "classnames) or --templates FILE.json with a \"classes\" list (like CLIP's ImageNet file)")
+
+
 @register_task("zeroshot", "classification")
 def zeroshot_task(data: ClassificationData, encoder: CachedEncoder, templates=None,
                   descriptions: Mapping[str, Sequence[str]] | str | None = None, description_mode: str = "pool",
                   description_template: str | None = None) -> dict[str, Any]:
     """Zero-shot classification: class names x templates (or the dataset's own prompts) -> top-1/5, recall."""
     from ..zeroshot import DEFAULT_DESCRIPTION_TEMPLATE, ZeroShotClassifier, load_descriptions, load_prompt_set
+
+    from ..zeroshot.classifier import describe_duplicates, duplicate_classnames
 
     notes = []
     classnames: list = list(data.classnames)
@@ -109,12 +153,24 @@ def zeroshot_task(data: ClassificationData, encoder: CachedEncoder, templates=No
                                               text_encoder=encoder.text_encoder())
     else:
         pset = load_prompt_set(templates if templates is not None else "generic")
+        # names taken from folder names that are ids (ImageNet's n01440764): the words must come from elsewhere
+        ids = data.info.get("names_from") == "folders" and bool(classnames) and all(map(looks_like_id, classnames))
         if pset.classes is not None:
             aligned = align_classnames(data.classnames, pset.classes)
             if aligned is not None:
                 classnames = aligned
+            elif ids:  # ImageNet-style id folders: the source's names are meant in folder order
+                if len(pset.classes) != len(classnames):
+                    what = "class folders" if data.info.get("folders") else "classes"
+                    raise ValueError(f"{pset.source}: {len(pset.classes)} class names for {len(classnames)} {what}; "
+                                     "the names must be given one per class, in folder order")
+                classnames = list(pset.classes)
+                notes.append(f"class names of {pset.source} taken in folder order (the dataset's class names look "
+                             f"like ids, e.g. {data.classnames[0]})")
             else:
                 notes.append(f"class names of {pset.source} do not match the dataset's; using the dataset's")
+        if ids and classnames == list(data.classnames):
+            raise _ids_error(classnames)
         descs = load_descriptions(descriptions) if isinstance(descriptions, (str, Path)) else descriptions
         prompt_info = {"source": pset.source, "dataset": pset.dataset, "templates": len(pset.templates),
                        "descriptions": None if descs is None else sum(len(v) for v in descs.values()),
@@ -125,6 +181,9 @@ def zeroshot_task(data: ClassificationData, encoder: CachedEncoder, templates=No
             description_template=description_template or DEFAULT_DESCRIPTION_TEMPLATE,
             text_encoder=encoder.text_encoder())
     t_text = time.perf_counter() - t0
+    dups = duplicate_classnames(clf.classnames)
+    if dups:
+        notes.append(describe_duplicates(dups))
     t0 = time.perf_counter()
     feats = encoder.images(data.items)
     t_img = time.perf_counter() - t0
@@ -133,7 +192,7 @@ def zeroshot_task(data: ClassificationData, encoder: CachedEncoder, templates=No
     metrics = compute_metrics("zeroshot", logits=logits, labels=labels)
     return {
         "task": "zeroshot", "classnames": clf.classnames, "num_classes": clf.num_classes, "num_images": len(data),
-        "prompts": prompt_info, "notes": notes, "metrics": metrics,
+        "prompts": prompt_info, "notes": notes, "duplicate_classnames": dups, "metrics": metrics,
         "timing": {"text_s": round(t_text, 3), "image_s": round(t_img, 3)},
     }
 
@@ -184,13 +243,15 @@ def winoground_task(data: WinogroundData, encoder: CachedEncoder) -> dict[str, A
 # --- one call --------------------------------------------------------------------------------------------------------
 def evaluate(task: str, model, dataset: str | Any, *, dataset_options: Mapping[str, Any] | None = None,
              model_id: str | None = None, cache_dir: str | Path | None = "default", out_dir: str | Path | None = None,
-             batch_size: int = 64, text_batch_size: int = 256, progress: bool = False, model_info: Mapping | None = None,
+             batch_size: int = 64, text_batch_size: int = 256, progress: bool | None = False,
+             model_info: Mapping | None = None,
              **task_options) -> dict[str, Any]:
     """Run ``task`` on ``dataset`` (a registered name + ``dataset_options``, or a data object) with ``model``.
 
     ``cache_dir``: ``"default"`` (:func:`default_cache_dir`), a path, or ``None`` for no disk cache. ``model_id``
     keys the cache (default: :func:`model_identity`). With ``out_dir``, writes ``results.json``, ``summary.md`` and,
-    for zero-shot, ``confusion.png``. Returns the results dict."""
+    for zero-shot, ``confusion.png``. ``progress``: ``False`` silent, ``True`` bars, ``None`` bars on a terminal and
+    plain lines every 10 s otherwise (:mod:`cliplab.progress`). Returns the results dict."""
     from .report import write_report
 
     t0 = time.perf_counter()

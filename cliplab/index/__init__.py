@@ -2,6 +2,6 @@
 ``Index.load(path)`` (memory-mapped), ``index.search(vectors)`` / ``search_text`` / ``search_image``.
 See ``docs/search.md``."""
 
-from .core import APPROX_THRESHOLD, KINDS, Hit, Index, faiss_available
+from .core import APPROX_THRESHOLD, KINDS, SELF_TOLERANCE, Hit, IncompleteJobError, Index, faiss_available
 
-__all__ = ["Index", "Hit", "APPROX_THRESHOLD", "KINDS", "faiss_available"]
+__all__ = ["Index", "Hit", "IncompleteJobError", "APPROX_THRESHOLD", "KINDS", "SELF_TOLERANCE", "faiss_available"]

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["Index", "Hit", "APPROX_THRESHOLD", "KINDS", "faiss_available"]
+__all__ = ["Index", "Hit", "IncompleteJobError", "APPROX_THRESHOLD", "KINDS", "SELF_TOLERANCE", "faiss_available"]
 
 APPROX_THRESHOLD = 100_000
 KINDS = ("auto", "flat", "ivf", "hnsw")
@@ -30,6 +30,20 @@ INFO_FILE = "index.json"
 FORMAT = "cliplab-index"
 FORMAT_VERSION = 1
 _RECALL_QUERIES = 500
+#: ``exclude_self``: a hit whose cosine to the query is at least ``1 - SELF_TOLERANCE`` has the query's own embedding
+#: (float32 re-encoding and float16 storage stay within ~1e-7; the closest distinct scenes under the random test-tiny
+#: weights, whose image embeddings are nearly collapsed, are 6e-5 apart).
+SELF_TOLERANCE = 1e-6
+
+
+class IncompleteJobError(ValueError):
+    """The embedding job is unfinished (its manifest says ``complete: false``): ``done`` of ``total`` items."""
+
+    def __init__(self, source: str, done: int, total: int):
+        self.source, self.done, self.total = source, done, total
+        super().__init__(f"{source} is an unfinished embedding job: {done} of {total} items embedded; rerun the same "
+                         f"cliplab embed command (or embed()) to finish it, or pass allow_partial=True to index the "
+                         f"{done} done")
 
 
 def faiss_available() -> tuple[bool, str]:
@@ -60,7 +74,8 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Hit:
-    """One search result: ``rank`` (0 = best), ``score`` (cosine similarity), and the row's metadata."""
+    """One search result: ``rank`` (1 = best, as in the CLI's table and JSON), ``score`` (cosine similarity), and the
+    row's metadata (``row``: its position in the index; ``index``: the item index in the embedding job)."""
 
     rank: int
     score: float
@@ -124,13 +139,15 @@ class Index:
     def build(cls, data, *, field: str = "auto", kind: str = "auto", approx_threshold: int = APPROX_THRESHOLD,
               recall_target: float = 0.95, nlist: int | None = None, hnsw_m: int = 32,
               queries: np.ndarray | None = None, metadata: dict[str, Sequence] | None = None, seed: int = 0,
-              dedupe: bool = True, model=None) -> "Index":
+              dedupe: bool = True, allow_partial: bool = False, model=None) -> "Index":
         """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, or an array
         ``[n, dim]`` (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
         ``text`` or ``auto`` (image vectors when the job has any). ``queries`` (optional ``[q, dim]``) are used to
         measure recall; by default the other modality's vectors (the realistic queries) or a database sample.
         ``dedupe``: in an image index, rows that share an image file (one row per caption) are indexed once, with
-        the first row's metadata."""
+        the first row's metadata. An unfinished job (manifest ``complete: false``, e.g. an interrupted embed) raises
+        :class:`IncompleteJobError` unless ``allow_partial``; then what is done is indexed and ``info["partial"]``
+        says so (with ``items_done`` and ``items_total``)."""
         import pyarrow as pa
 
         faiss = _faiss()
@@ -141,6 +158,8 @@ class Index:
         t0 = time.perf_counter()
         manifest: dict[str, Any] = {}
         source_dir = None
+        duplicates = 0
+        partial: dict[str, Any] = {"partial": False}
         if isinstance(data, (str, os.PathLike)):
             from ..pipeline import read_embeddings
 
@@ -158,11 +177,16 @@ class Index:
             captions = list(md.get("captions", [None] * n))
             item_index = np.arange(n, dtype=np.int64)
             other = None
-            duplicates = 0
             field = "vectors" if field == "auto" else field
         else:
             emb = data
             manifest = getattr(emb, "manifest", {}) or {}
+            if manifest.get("complete") is False:
+                counts = manifest.get("counts", {})
+                done, total = int(counts.get("items_done", len(emb))), int(counts.get("items", 0))
+                if not allow_partial:
+                    raise IncompleteJobError(source_dir or "the embeddings", done, total)
+                partial = {"partial": True, "items_done": done, "items_total": total}
             if len(emb) == 0:
                 raise ValueError(f"nothing to index: {source_dir or 'the embeddings'} holds no embedded rows")
             if field == "auto":
@@ -202,7 +226,7 @@ class Index:
 
         info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
                                 "field": field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
-                                "source": source_dir, "duplicates_skipped": duplicates, "params": {}}
+                                "source": source_dir, "duplicates_skipped": duplicates, **partial, "params": {}}
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
             index.add(x)
@@ -352,9 +376,15 @@ class Index:
         return {"id": self._column("id")[r], "index": self._column("index")[r], "path": self._column("path")[r],
                 "caption": self._column("caption")[r]}
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[Hit] | list[list[Hit]]:
+    def search(self, queries: np.ndarray, k: int = 10, *, exclude_self: bool = False,
+               query_paths: Sequence[str | os.PathLike | None] | None = None) -> list[Hit] | list[list[Hit]]:
         """Nearest rows to one query vector (``[dim]`` -> ``list[Hit]``) or several (``[q, dim]`` -> one list per
-        query), best first. Queries are normalised here; scores are cosine similarities."""
+        query), best first, ranked from 1. Queries are normalised here; scores are cosine similarities.
+
+        ``exclude_self`` leaves out the query itself: rows with an identical embedding (cosine >= 1 -
+        :data:`SELF_TOLERANCE`) and, in an index of images, rows whose file is the query's file (``query_paths``,
+        one per query, compared as resolved absolute paths). More candidates are fetched so that ``k`` hits still
+        come back when the index has them."""
         q = np.asarray(queries, dtype=np.float32)
         single = q.ndim == 1
         q = _normalize(q)
@@ -362,15 +392,37 @@ class Index:
             raise ValueError(f"query dimension {q.shape[1]} != index dimension {self.dim}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        kk = min(int(k), len(self))
-        scores, rows = self.faiss_index.search(q, kk)
-        ids, idx, paths, caps = (self._column(c) for c in ("id", "index", "path", "caption"))
-        out = []
-        for srow, rrow in zip(scores, rows):
-            hits = [Hit(rank, float(s), ids[r], paths[r], caps[r], int(r), idx[r])
-                    for rank, (s, r) in enumerate((s, r) for s, r in zip(srow, rrow) if r >= 0)]
-            out.append(hits)
+        if query_paths is not None and len(query_paths) != len(q):
+            raise ValueError(f"query_paths has {len(query_paths)} entries for {len(q)} queries")
+        n, k = len(self), int(k)
+        if not exclude_self:
+            scores, rows = self.faiss_index.search(q, min(k, n))
+            out = [self._hits(zip(srow, rrow)) for srow, rrow in zip(scores, rows)]
+            return out[0] if single else out
+        paths = self._column("path")
+        # a caption's path names the image it describes, not the row itself: files are compared in image indexes only
+        by_file = self.info.get("field") != "text" and query_paths is not None
+        own = [_resolved(p) if by_file and p is not None else None for p in (query_paths or [None] * len(q))]
+        out: list[list[Hit] | None] = [None] * len(q)
+        todo, fetch = list(range(len(q))), min(k + 1, n)
+        while todo:
+            scores, rows = self.faiss_index.search(q[todo], fetch)
+            again = []
+            for j, srow, rrow in zip(todo, scores, rows):
+                keep = [(s, r) for s, r in zip(srow, rrow) if r >= 0 and s < 1.0 - SELF_TOLERANCE and
+                        not (own[j] is not None and paths[r] is not None and _resolved(paths[r]) == own[j])]
+                if len(keep) < k and fetch < n and rrow[-1] >= 0:  # -1 padding: the index has no more to give
+                    again.append(j)
+                else:
+                    out[j] = self._hits(keep[:k])
+            todo, fetch = again, min(2 * fetch, n)
         return out[0] if single else out
+
+    def _hits(self, pairs: Iterable[tuple[float, int]]) -> list[Hit]:
+        """``(score, row)`` pairs, best first, as hits ranked from 1 (faiss's ``-1`` padding rows dropped)."""
+        ids, idx, paths, caps = (self._column(c) for c in ("id", "index", "path", "caption"))
+        return [Hit(rank, float(s), ids[r], paths[r], caps[r], int(r), idx[r])
+                for rank, (s, r) in enumerate(((s, int(r)) for s, r in pairs if r >= 0), start=1)]
 
     # --- queries through the model ----------------------------------------------------------------------------------
     def model(self):
@@ -388,20 +440,30 @@ class Index:
             raise ValueError(f"model {model.config.name!r} makes {model.config.embed_dim}-d vectors, the index "
                              f"holds {self.dim}-d ones")
 
-    def search_text(self, texts: str | Sequence[str], k: int = 10, model=None):
-        """Encode text(s) with the model and search; a single string gives ``list[Hit]``."""
+    def search_text(self, texts: str | Sequence[str], k: int = 10, model=None, *, exclude_self: bool = False):
+        """Encode text(s) with the model and search; a single string gives ``list[Hit]``. An empty (or
+        whitespace-only) text is refused with ``ValueError``. ``exclude_self``: see :meth:`search` (here: rows with
+        the query's own embedding, i.e. the same caption in a caption index)."""
         import torch
 
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        empty = [i for i, t in enumerate(batch) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise ValueError("the query is empty" if single else f"query {empty[0]} of {len(batch)} is empty "
+                             f"(or not a string)")
         model = model or self.model()
         self._check_model(model)
-        single = isinstance(texts, str)
         with torch.inference_mode():
-            q = model.encode_texts([texts] if single else list(texts), normalize=True).float().cpu().numpy()
-        res = self.search(q, k)
+            q = model.encode_texts(batch, normalize=True).float().cpu().numpy()
+        res = self.search(q, k, exclude_self=exclude_self)
         return res[0] if single else res
 
-    def search_image(self, images, k: int = 10, model=None):
-        """Encode image(s) (paths, bytes or PIL images) and search; a single image gives ``list[Hit]``."""
+    def search_image(self, images, k: int = 10, model=None, *, exclude_self: bool = False):
+        """Encode image(s) (paths, bytes or PIL images) and search; a single image gives ``list[Hit]``.
+        ``exclude_self`` leaves out the query image itself: in an image index, the row of the same file (resolved
+        absolute paths) and any row with an identical embedding (an exact copy, or a PIL image of an indexed one);
+        see :meth:`search`. Off by default (see docs/search.md)."""
         import torch
 
         model = model or self.model()
@@ -411,8 +473,25 @@ class Index:
         with torch.inference_mode():
             pixels = model.preprocessor.batch(batch).to(model.device, model.dtype)
             q = model.encode_image(pixels, normalize=True).float().cpu().numpy()
-        res = self.search(q, k)
+        query_paths = [im if isinstance(im, (str, os.PathLike)) else None for im in batch]
+        res = self.search(q, k, exclude_self=exclude_self, query_paths=query_paths)
         return res[0] if single else res
+
+    def is_self(self, hit: Hit, query_path: str | os.PathLike | None = None) -> bool:
+        """Whether ``hit`` is the query itself by the rules of ``exclude_self`` (identical embedding, or in an image
+        index the query's own file)."""
+        if hit.score >= 1.0 - SELF_TOLERANCE:
+            return True
+        return (self.info.get("field") != "text" and query_path is not None and hit.path is not None
+                and _resolved(hit.path) == _resolved(query_path))
+
+
+def _resolved(path: str | os.PathLike) -> str:
+    """A file's resolved absolute path (symlinks followed), for comparing two spellings of one file."""
+    try:
+        return str(Path(path).expanduser().resolve())
+    except (OSError, RuntimeError):
+        return os.path.abspath(os.fspath(path))
 
 
 def iter_hits(results: Iterable[Hit]) -> list[dict[str, Any]]:

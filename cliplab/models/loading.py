@@ -6,7 +6,12 @@ Sources, in the order they are tried:
 * a directory written by ``model.save`` (``cliplab.json`` + ``model.safetensors``);
 * a Hugging Face directory (``config.json`` with ``model_type: clip`` + ``model.safetensors`` or ``pytorch_model.bin``);
 * a single weights file (``.safetensors``, ``.pt``, ``.pth``, ``.bin``) in any registered layout; the architecture
-  comes from ``arch=`` (a registered name, a ``ModelConfig`` or a JSON path) or is inferred from tensor shapes.
+  comes from ``arch=`` (a registered name, a ``ModelConfig`` or a JSON path) or is inferred from tensor shapes;
+  OpenCLIP's spelling ``load(ARCH, pretrained=FILE)`` is the same;
+* a Hugging Face hub id (``openai/clip-vit-base-patch32``) already in the local cache (:mod:`cliplab.models.hub`;
+  nothing is downloaded).
+
+A name that matches nothing fails with where cliplab looked and the names it may have meant.
 
 Nothing here unpickles arbitrary objects: safetensors, or ``torch.load(weights_only=True)``.
 """
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -24,6 +28,7 @@ import torch
 
 from .clip import PRECISIONS, NATIVE_CONFIG_FILE, NATIVE_WEIGHTS_FILE, CLIP
 from .config import ModelConfig
+from .hub import cached_clip_models, find_cached, hf_cache_dir, looks_like_repo_id
 from .layouts import CheckpointError, detect_layout, get_layout
 from .layouts.base import describe_key_problems
 from .layouts.hf import config_from_hf, config_to_hf, preprocessor_to_hf
@@ -79,12 +84,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as e:
-        raise CheckpointError(
-            f"{path}: refused. Only plain tensor checkpoints load (torch.load with weights_only=True); this file "
-            f"needs arbitrary objects unpickled or is corrupt. Details: {str(e).splitlines()[0][:300]}"
-        ) from e
+    except Exception as e:  # torch raises many types here (even KeyError for a text file): one clear message
+        raise CheckpointError(f"{path}: {_why_unloadable(path, e)}") from e
     return _unwrap(obj, path)
+
+
+def _why_unloadable(path: Path, e: Exception) -> str:
+    """Our own words for a failed ``torch.load(weights_only=True)`` (PyTorch's suggest unsafe workarounds)."""
+    import re
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip and head[:2] == b"PK":
+        return "a damaged zip archive (truncated or corrupt): not a readable PyTorch checkpoint"
+    if not is_zip and head[:1] != b"\x80":
+        return "not a PyTorch checkpoint: neither a zip archive nor a pickle (expected .safetensors, .pt, .pth, .bin)"
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"refused: the file's pickle builds Python objects beyond tensors (e.g. {found.group(1)}), and "
+                "unpickling them could run code from the file. Save its state_dict with safetensors in a trusted "
+                "environment and load that.")
+    return f"not a readable PyTorch checkpoint (corrupt or truncated: {type(e).__name__})"
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -93,8 +115,12 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a mapping of names to tensors, found {type(obj).__name__}")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors, found a {type(obj).__name__}")
+    odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors; {len(odd)} entr(ies) are not tensors "
+                              f"(e.g. {odd[0]!r}: {type(obj[odd[0]]).__name__})")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -170,15 +196,26 @@ def _load_hf_dir(d: Path, arch=None) -> CLIP:
 
 
 def load(source: str | Path, arch=None, precision: str = "fp32", device: str | torch.device = "cpu",
-         layout: str | None = None) -> CLIP:
-    """Load a CLIP model from a pretrained name, a directory or a weights file (see the module docstring).
+         layout: str | None = None, pretrained: str | Path | None = None) -> CLIP:
+    """Load a CLIP model from a pretrained name, a directory, a weights file or a Hugging Face hub id already in the
+    local cache (see the module docstring).
 
     ``arch`` overrides the architecture; ``layout`` forces a layout instead of detecting it; ``precision`` is
     ``"fp32"`` (default, exact) or the fast mode ``"bf16"`` (``"fp16"``): weights and compute in that type, features
-    returned in fp32 (:meth:`CLIP.set_precision`). The model is returned in eval mode.
+    returned in fp32 (:meth:`CLIP.set_precision`). OpenCLIP's spelling works too: ``load("ViT-B-32",
+    pretrained="open_clip_model.safetensors")`` is ``load(file, arch="ViT-B-32")``. The model is returned in eval
+    mode.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if pretrained is not None:
+        if arch is not None:
+            raise ValueError("give the architecture once: load(ARCH, pretrained=FILE) or load(FILE, arch=ARCH)")
+        arch, source = source, pretrained
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"pretrained={str(source)!r} is not a file: OpenCLIP's pretrained tags (e.g. "
+                                    "laion2b_s34b_b79k) are not downloaded here; pass the weights file that "
+                                    "open_clip saved (its cache is ~/.cache/huggingface/hub or ~/.cache/clip)")
     model = _load_any(source, arch, layout)
     return model.to(device=device).set_precision(precision).eval()
 
@@ -186,6 +223,13 @@ def load(source: str | Path, arch=None, precision: str = "fp32", device: str | t
 def _load_any(source, arch, layout) -> CLIP:
     if isinstance(source, str) and source in _PRETRAINED:
         return _load_native_dir(_PRETRAINED[source]())
+    if isinstance(source, str) and looks_like_repo_id(source):
+        snapshot = find_cached(source)
+        if snapshot is None:
+            raise FileNotFoundError(f"{source!r} looks like a Hugging Face hub id, but it is not in the local cache "
+                                    f"({hf_cache_dir()}; nothing is downloaded): download it once with transformers "
+                                    "or huggingface_hub, or pass a directory or weights file")
+        source = snapshot
     path = Path(source)
     if path.is_dir():
         if (path / "onnx_export.json").exists() and not (path / NATIVE_WEIGHTS_FILE).exists():
@@ -197,8 +241,24 @@ def _load_any(source, arch, layout) -> CLIP:
         raise CheckpointError(f"{path}: directory has neither {NATIVE_CONFIG_FILE} nor a Hugging Face config.json")
     if path.is_file():
         return model_from_state(read_state_dict(path), arch=arch, layout=layout)
+    raise FileNotFoundError(not_found_message(str(source)))
+
+
+def not_found_message(name: str) -> str:
+    """Why ``name`` did not load: what it was taken for, where cliplab looked, and close names it may have meant."""
+    import difflib
+
+    from .registry import list_models
+
     known = list_pretrained()
-    raise FileNotFoundError(f"{source!r} is neither a file, a directory nor a pretrained name (known: {known})")
+    candidates = [c for c in dict.fromkeys(known + list_models() + sorted(cached_clip_models())) if c != name]
+    near = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    near += [c for c in candidates if name.lower() in c.lower() and c not in near][: 3 - len(near)]
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near and name not in list_models() else ""
+    arch = (f" {name!r} is an architecture: cliplab.create_model({name!r}) gives random weights, and "
+            f"load({name!r}, pretrained=FILE) loads a checkpoint into it." if name in list_models() else "")
+    return (f"{name!r} is not a pretrained name ({', '.join(known) or 'none shipped'}), an existing file or "
+            f"directory, or a Hugging Face hub id in the local cache ({hf_cache_dir()}){hint}{arch}")
 
 
 # --- writing other layouts ------------------------------------------------------------------------------------------

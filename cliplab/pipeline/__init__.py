@@ -8,7 +8,7 @@ from .embed import (
     EmbedJob, EmbedOptions, EmbedResult, Embeddings, JobLockedError, JobMismatchError, embed, read_embeddings,
     read_manifest,
 )
-from .modelref import DEFAULT_MODEL, RandomWeightsWarning, load_model_from_info, resolve_model
+from .modelref import DEFAULT_MODEL, PretrainedRef, RandomWeightsWarning, load_model_from_info, resolve_model
 from .rejects import read_rejects
 from .shards import read_table
 from .sources import (
@@ -18,7 +18,7 @@ from .sources import (
 __all__ = [
     "embed", "EmbedJob", "EmbedOptions", "EmbedResult", "Embeddings", "JobLockedError", "JobMismatchError",
     "read_embeddings", "read_manifest", "read_rejects", "read_table",
-    "DEFAULT_MODEL", "RandomWeightsWarning", "resolve_model", "load_model_from_info",
+    "DEFAULT_MODEL", "PretrainedRef", "RandomWeightsWarning", "resolve_model", "load_model_from_info",
     "Item", "Source", "FolderSource", "TableSource", "SyntheticSource", "register_source", "resolve_source",
     "list_sources",
 ]

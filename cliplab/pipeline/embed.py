@@ -26,7 +26,6 @@ import fcntl
 import os
 import platform
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -65,8 +64,9 @@ class JobLockedError(RuntimeError):
 class EmbedOptions:
     """Job settings. ``what``: ``auto`` embeds every image and caption present, ``image``/``text`` only one kind
     (items without it are rejected). ``truncate=False`` rejects captions longer than the context instead of cutting
-    them. ``workers``: decode threads (local) or CPUs (ray); default ``min(8, cpu_count)``. ``progress``: a tqdm
-    bar on stderr (``None``: only when stderr is a terminal)."""
+    them. ``workers``: decode threads (local) or CPUs (ray); default ``min(8, cpu_count)``. ``progress``: a bar on
+    stderr (``None``: a bar on a terminal, a plain line every 10 s otherwise; ``cliplab.progress``). ``precision``:
+    ``fp32`` (exact) or ``bf16`` (the model's fast mode; recorded in the job, so a rerun cannot mix the two)."""
 
     batch_size: int = 64
     text_batch_size: int = 256
@@ -79,6 +79,7 @@ class EmbedOptions:
     device: str = "cpu"
     engine: str = "local"
     progress: bool | None = None
+    precision: str = "fp32"
 
     def __post_init__(self):
         for name in ("batch_size", "text_batch_size", "shard_size"):
@@ -94,6 +95,8 @@ class EmbedOptions:
             raise ValueError(f"what must be one of {WHAT}, got {self.what!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -188,6 +191,22 @@ class ShardBuilder:
         return table, rejects, stats
 
 
+def plan_segments(segments: list[int], shard_size: int) -> list[tuple[int, int, int, int]]:
+    """``(first_index, n_items, n_shards, first_shard)`` of each run of equal segment numbers in plan order.
+
+    The items a job lists first are segment 0; the items a later run finds new (``cliplab embed`` on a grown folder
+    or table) are appended as segment 1, 2, ..., each starting a new shard, so committed shards never change."""
+    out: list[tuple[int, int, int, int]] = []
+    start, shard = 0, 0
+    for i in range(1, len(segments) + 1):
+        if i == len(segments) or segments[i] != segments[start]:
+            n = i - start
+            n_shards = (n + shard_size - 1) // shard_size
+            out.append((start, n, n_shards, shard))
+            start, shard = i, shard + n_shards
+    return out
+
+
 class JobContext:
     """Everything an engine needs: the model, source, plan, options, and ``commit`` for finished shards."""
 
@@ -198,7 +217,8 @@ class JobContext:
         self.options = job.options
         self.items = items
         self.shard_size = job.options.shard_size
-        self.n_shards = (len(items) + self.shard_size - 1) // self.shard_size
+        self.segments = plan_segments(job.segments_of(items), self.shard_size)
+        self.n_shards = sum(seg[2] for seg in self.segments)
         self.with_image, self.with_text = with_image, with_text
         self.dim = self.model.config.embed_dim
         self.context_length = self.model.config.text.context_length
@@ -207,7 +227,12 @@ class JobContext:
         self.model_seconds = 0.0  # time the model spent encoding in this run (local engine)
 
     def shard_items(self, k: int) -> list[Item]:
-        return self.items[k * self.shard_size:(k + 1) * self.shard_size]
+        """The items of shard ``k``: a slice of its segment (a run of items added together), never across two."""
+        for first_index, n, n_shards, first_shard in self.segments:
+            if first_shard <= k < first_shard + n_shards:
+                start = first_index + (k - first_shard) * self.shard_size
+                return self.items[start:min(start + self.shard_size, first_index + n)]
+        return []
 
     def needs_image(self, it: Item) -> bool:
         return self.with_image and it.has_image
@@ -233,6 +258,30 @@ class JobContext:
 # --------------------------------------------------------------------------------------------------------------------
 # the job
 
+#: changed and removed item ids listed in the manifest, at most (the counts are exact)
+MAX_LISTED_CHANGES = 100
+
+
+def _item_changed(old: Item, new: Item) -> bool:
+    """Same id, different content: another path or caption, or a file whose size or modification time moved."""
+    if (old.path, old.caption, old.key) != (new.path, new.caption, new.key):
+        return True
+    return old.stamp is not None and new.stamp is not None and old.stamp != new.stamp
+
+
+def describe_mismatch(old: dict, new: dict) -> str:
+    """What differs between two job identities, as ``a.b: x -> y`` (nested keys flattened), for people."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(old), flat(new)
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs) or "unknown difference"
+
 
 @dataclass
 class EmbedResult:
@@ -241,6 +290,12 @@ class EmbedResult:
     shards_written: int
     shards_skipped: int
     seconds: float
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        """What this run found in the source since the job's plan was made: ``added`` (embedded now),
+        ``changed`` and ``removed`` (counts; ids in ``changed_ids`` / ``removed_ids``; rows kept as they were)."""
+        return self.manifest.get("source_changes", {})
 
     @property
     def rows(self) -> int:
@@ -293,20 +348,27 @@ class EmbedJob:
         self.seed = seed
         self.on_shard = on_shard
         self.model, self.model_info = resolve_model(model, device=self.options.device, seed=seed)
+        if self.options.precision != "fp32":  # the fingerprint stays that of the fp32 weights
+            self.model.set_precision(self.options.precision)
         self.store = ShardStore(self.out)
         self._done: dict[int, dict[str, Any]] = {}
         self._lock_fd: int | None = None
         self.ctx: JobContext | None = None
         self._job_meta: dict[str, Any] = {}
+        self._segments: dict[int, int] = {}
+        self.changes: dict[str, Any] = {"added": 0, "changed": 0, "removed": 0, "changed_ids": [], "removed_ids": []}
         self._t0 = 0.0
         self._written = 0
 
     # --- identity, lock, plan -----------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         opts = asdict(self.options)
+        options = {k: opts[k] for k in _IDENTITY_OPTIONS}
+        if self.options.precision != "fp32":  # only then: jobs written before the option existed still resume
+            options["precision"] = self.options.precision
         return {"source": self.source.identity(),
                 "model": {"name": self.model_info["name"], "fingerprint": self.model_info["fingerprint"]},
-                "options": {k: opts[k] for k in _IDENTITY_OPTIONS}}
+                "options": options}
 
     def _lock(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -330,10 +392,32 @@ class EmbedJob:
         for d in (SHARDS_DIR, REJECTS_DIR):
             shutil.rmtree(self.out / d, ignore_errors=True)
 
+    def segments_of(self, items: list[Item]) -> list[int]:
+        """The plan's segment number of every item (0 for plans written before segments existed)."""
+        return [self._segments.get(it.index, 0) for it in items] if self._segments else [0] * len(items)
+
+    def _write_plan(self, items: list[Item], segments: list[int]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({
+            "index": pa.array([it.index for it in items], pa.int64()),
+            "id": pa.array([it.id for it in items], pa.string()),
+            "path": pa.array([it.path for it in items], pa.string()),
+            "caption": pa.array([it.caption for it in items], pa.string()),
+            "key": pa.array([it.key for it in items], pa.int64()),
+            "error": pa.array([it.error for it in items], pa.string()),
+            "stamp": pa.array([it.stamp for it in items], pa.string()),
+            "segment": pa.array(segments, pa.int32()),
+        })
+        plan_path = self.out / PLAN_FILE
+        tmp = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, plan_path)  # one atomic step: a grown plan is there whole, or not at all
+
     def _load_or_make_plan(self) -> list[Item]:
         import json
 
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         job_path, plan_path = self.out / JOB_FILE, self.out / PLAN_FILE
@@ -344,35 +428,53 @@ class EmbedJob:
             meta = json.loads(job_path.read_text())
             old = {k: meta.get(k) for k in ident}
             if old != ident:
-                diff = [f"{k}: {old[k]} -> {ident[k]}" for k in ident if old[k] != ident[k]]
-                raise JobMismatchError(f"{self.out} holds a different embedding job ({'; '.join(diff)}); use "
-                                       "another output directory, or --overwrite to start over")
+                raise JobMismatchError(f"{self.out} holds a different embedding job ({describe_mismatch(old, ident)}); "
+                                       "use another output directory, or --overwrite to start over")
             if not plan_path.exists():
                 raise JobMismatchError(f"{self.out}: {JOB_FILE} exists but {PLAN_FILE} is missing; --overwrite "
                                        "to start over")
             self._job_meta = meta
             rows = pq.read_table(plan_path).to_pylist()
-            return [Item(r["index"], r["id"], r["path"], r["caption"], r["key"], r["error"]) for r in rows]
+            items = [Item(r["index"], r["id"], r["path"], r["caption"], r["key"], r["error"], r.get("stamp"))
+                     for r in rows]
+            self._segments = {r["index"]: int(r.get("segment") or 0) for r in rows}
+            return self._grow(items) if self.source.relist else items
         if self.store.committed():
             raise JobMismatchError(f"{self.out} holds shards but no {JOB_FILE}; --overwrite to start over")
         items = self.source.items()
-        table = pa.table({
-            "index": pa.array([it.index for it in items], pa.int64()),
-            "id": pa.array([it.id for it in items], pa.string()),
-            "path": pa.array([it.path for it in items], pa.string()),
-            "caption": pa.array([it.caption for it in items], pa.string()),
-            "key": pa.array([it.key for it in items], pa.int64()),
-            "error": pa.array([it.error for it in items], pa.string()),
-        })
-        tmp = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, plan_path)
+        self._segments = {}
+        self._write_plan(items, [0] * len(items))
         crashpoint("plan:written")
         self._job_meta = {"format": "cliplab-embed-job", "format_version": FORMAT_VERSION, **ident,
                           "source_spec": self.source_spec, "source_info": self.source.describe(),
                           "model_info": self.model_info, "n_items": len(items), "created": _now()}
         atomic_write_json(job_path, self._job_meta)
         crashpoint("job:written")
+        return items
+
+    def _grow(self, items: list[Item]) -> list[Item]:
+        """List the source again: append new items as a new segment; report changed and removed ones."""
+        current = self.source.items()
+        known = {it.id: it for it in items}
+        seen = {it.id for it in current}
+        added = [it for it in current if it.id not in known]
+        changed = [it.id for it in current if it.id in known and _item_changed(known[it.id], it)]
+        removed = [it.id for it in items if it.id not in seen]
+        self.changes = {"added": len(added), "changed": len(changed), "removed": len(removed),
+                        "changed_ids": changed[:MAX_LISTED_CHANGES], "removed_ids": removed[:MAX_LISTED_CHANGES]}
+        if not added:
+            return items
+        segment = max(self._segments.values(), default=0) + 1
+        base = len(items)
+        new = [Item(base + j, it.id, it.path, it.caption, it.key, it.error, it.stamp) for j, it in enumerate(added)]
+        items = items + new
+        segments = self.segments_of(items[:base]) + [segment] * len(new)
+        self._write_plan(items, segments)
+        self._segments = {it.index: seg for it, seg in zip(items, segments)}
+        crashpoint("plan:grown")
+        self._job_meta = {**self._job_meta, "n_items": len(items), "updated": _now(),
+                          "source_info": self.source.describe()}
+        atomic_write_json(self.out / JOB_FILE, self._job_meta)
         return items
 
     # --- manifest -------------------------------------------------------------------------------------------------
@@ -407,6 +509,8 @@ class EmbedJob:
                           "image_column": "image_embedding" if ctx.with_image else None,
                           "text_column": "text_embedding" if ctx.with_text else None, "columns": columns},
             "options": asdict(self.options),
+            "precision": self.options.precision,
+            "source_changes": dict(self.changes),
             "counts": {
                 "items": len(ctx.items), "shards_total": ctx.n_shards, "shards": len(shards),
                 "items_done": total("n_items"), "rows": total("n_rows"), "rejects": total("n_rejects"),
@@ -434,9 +538,15 @@ class EmbedJob:
     # --- run --------------------------------------------------------------------------------------------------
     def run(self) -> EmbedResult:
         self._t0 = time.perf_counter()
+        fresh = not self.out.exists()
         self._lock()
         try:
-            items = self._load_or_make_plan()
+            try:
+                items = self._load_or_make_plan()
+            except BaseException:
+                if fresh and not (self.out / JOB_FILE).exists():  # ours, and nothing in it yet: leave no debris
+                    shutil.rmtree(self.out, ignore_errors=True)
+                raise
             self.store.ensure()
             self.store.cleanup()
             opts = self.options
@@ -469,13 +579,12 @@ class EmbedJob:
     def _run_engine(self, ctx: JobContext, pending: list[int]) -> None:
         from ..models.tokenizer import TruncationWarning
 
-        todo = sum(len(ctx.shard_items(k)) for k in pending)
-        show = self.options.progress if self.options.progress is not None else sys.stderr.isatty()
-        if show:
-            from tqdm.auto import tqdm
+        from ..progress import Progress
 
-            ctx.progress = tqdm(total=len(ctx.items), initial=len(ctx.items) - todo, unit="item", desc="embed",
-                                dynamic_ncols=True, smoothing=0.1, file=sys.stderr)
+        todo = sum(len(ctx.shard_items(k)) for k in pending)
+        bar = Progress(total=len(ctx.items), initial=len(ctx.items) - todo, unit="item", desc="embed",
+                       enabled=self.options.progress)
+        ctx.progress = bar if bar.active else None
         try:
             with warnings.catch_warnings():  # truncation is counted per row instead of warned per batch
                 warnings.simplefilter("ignore", TruncationWarning)

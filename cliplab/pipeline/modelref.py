@@ -6,13 +6,24 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL", "resolve_model", "load_model_from_info", "fingerprint", "RandomWeightsWarning"]
+__all__ = ["DEFAULT_MODEL", "PretrainedRef", "resolve_model", "load_model_from_info", "fingerprint",
+           "RandomWeightsWarning"]
 
 #: the model the CLI uses when none is named (trained on the synthetic scenes, shipped in the package)
 DEFAULT_MODEL = "shapes-tiny"
+
+
+@dataclass(frozen=True)
+class PretrainedRef:
+    """An architecture and its weights file, OpenCLIP's ``create_model(arch, pretrained=file)`` spelling (the CLI's
+    ``-m ViT-B-32 --pretrained FILE``); accepted wherever a model spec is."""
+
+    arch: str
+    file: str
 
 
 class RandomWeightsWarning(UserWarning):
@@ -32,19 +43,29 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random: bool = True):
-    """``(model, info)`` for a ``CLIP`` object, a pretrained name, a checkpoint path, or an architecture name
+def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random: bool = True,
+                  pretrained: str | os.PathLike | None = None):
+    """``(model, info)`` for a ``CLIP`` object, a pretrained name, a checkpoint path, a Hugging Face hub id in the
+    local cache, an architecture name with ``pretrained=FILE`` (OpenCLIP's spelling), or an architecture name alone
     (seeded random weights, with a :class:`RandomWeightsWarning`). ``None`` means the default model
     (:data:`DEFAULT_MODEL`), which must be the shipped *trained* weights: it never falls back to random ones.
     ``info`` lets :func:`load_model_from_info` rebuild the same weights later (``source`` is ``None`` for an
     in-memory model)."""
     import cliplab
     from cliplab.models import CLIP
+    from cliplab.models.hub import looks_like_repo_id
+    from cliplab.models.loading import not_found_message
 
     allow_random = spec is not None
     if spec is None:
         spec = DEFAULT_MODEL
-    if isinstance(spec, CLIP):
+    if isinstance(spec, PretrainedRef):
+        spec, pretrained = spec.arch, spec.file
+    if pretrained is not None:
+        path = os.path.abspath(os.fspath(pretrained))
+        model = cliplab.load(os.fspath(spec), pretrained=path, device=device)
+        info = {"kind": "path", "source": path, "arch": os.fspath(spec)}
+    elif isinstance(spec, CLIP):
         model, info = spec, {"kind": "object", "source": None}
     else:
         spec = os.fspath(spec)
@@ -53,6 +74,8 @@ def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random:
         elif Path(spec).exists():
             path = os.path.abspath(spec)
             model, info = cliplab.load(path, device=device), {"kind": "path", "source": path}
+        elif looks_like_repo_id(spec):
+            model, info = cliplab.load(spec, device=device), {"kind": "hub", "source": spec}
         elif allow_random and spec in cliplab.list_models():
             if warn_random:
                 warnings.warn(f"{spec!r} is an architecture, not trained weights: using seeded random weights "
@@ -66,8 +89,8 @@ def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random:
                     f"the default model {DEFAULT_MODEL!r} is not shipped in this installation (pretrained: "
                     f"{cliplab.list_pretrained()}); name one with --model: a checkpoint path, a pretrained name, "
                     "or an architecture such as 'test-tiny' (random weights, for smoke tests)")
-            raise FileNotFoundError(f"model {spec!r} is neither a pretrained name {cliplab.list_pretrained()}, a "
-                                    "path, nor an architecture (see: cliplab models)")
+            raise FileNotFoundError(not_found_message(spec) + " (an architecture name gives random weights; see "
+                                    "cliplab models)")
     model.eval()
     info.update({"name": model.config.name, "embed_dim": model.config.embed_dim, "fingerprint": fingerprint(model)})
     return model, info
@@ -82,7 +105,10 @@ def load_model_from_info(info: dict[str, Any], *, device: str = "cpu"):
                          "explicitly (--model)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        model, new = resolve_model(source, device=device, seed=info.get("seed", 0))
+        if info.get("arch"):  # OpenCLIP style: an architecture and its weights file
+            model, new = resolve_model(info["arch"], device=device, pretrained=source)
+        else:
+            model, new = resolve_model(source, device=device, seed=info.get("seed", 0))
     if info.get("fingerprint") and new["fingerprint"] != info["fingerprint"]:
         raise ValueError(f"model {source!r} no longer has the weights the embeddings were made with "
                          f"(fingerprint {new['fingerprint']} != {info['fingerprint']}); pass the right one with --model")

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "Item", "Source", "FolderSource", "TableSource", "SyntheticSource",
@@ -46,6 +44,7 @@ class Item:
     caption: str | None = None
     key: int | None = None
     error: str | None = None
+    stamp: str | None = None  # "size:mtime_ns" of a listed file: tells a later run that it changed
 
     @property
     def has_image(self) -> bool:
@@ -57,6 +56,8 @@ class Source(ABC):
     them) and :meth:`describe`; :meth:`open_image` loads an item's image as RGB (raising ``ImageLoadError``)."""
 
     kind = "source"
+    #: a rerun lists the source again to embed new items and report changed or removed ones (incremental jobs)
+    relist = True
 
     @abstractmethod
     def iter_items(self) -> Iterator[Item]:
@@ -89,7 +90,7 @@ class Source(ABC):
                 raise ValueError(f"{self.kind} source: duplicate id {it.id!r} (items {seen[it.id]} and {i}); "
                                  "ids must be unique (pick another id column, or none to number the rows)")
             seen[it.id] = i
-            out.append(Item(i, it.id, it.path, it.caption, it.key, it.error))
+            out.append(Item(i, it.id, it.path, it.caption, it.key, it.error, it.stamp))
         return out
 
 
@@ -105,11 +106,25 @@ def image_extensions() -> frozenset[str]:
 # folder
 
 
+#: skipped (non-image) files named in the manifest, at most; the count is always exact
+MAX_NAMED_SKIPS = 100
+
+
+def file_stamp(path: str) -> str | None:
+    """``"size:mtime_ns"`` of a file (None when it cannot be read): a cheap "has it changed" fingerprint."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 @dataclass
 class FolderSource(Source):
     root: str
     all_files: bool = False
     skipped: int = field(default=0, init=False)
+    skipped_files: list = field(default_factory=list, init=False)
     kind = "folder"
 
     def __post_init__(self):
@@ -125,6 +140,7 @@ class FolderSource(Source):
             pending_errors.append(err)
 
         pending_errors: list[OSError] = []
+        skipped_names: list[str] = []
         entries: list[tuple[str, str | None]] = []
         for dirpath, dirnames, filenames in os.walk(self.root, onerror=walk_error, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -133,20 +149,23 @@ class FolderSource(Source):
                     continue
                 if not self.all_files and os.path.splitext(name)[1].lower() not in exts:
                     self.skipped += 1
+                    if len(skipped_names) < MAX_NAMED_SKIPS:
+                        skipped_names.append(Path(os.path.relpath(os.path.join(dirpath, name), self.root)).as_posix())
                     continue
                 entries.append((os.path.join(dirpath, name), None))
         for err in pending_errors:
             entries.append((err.filename or self.root, f"cannot list directory ({err.strerror or err})"))
         entries.sort(key=lambda e: e[0])
+        self.skipped_files = skipped_names[:MAX_NAMED_SKIPS]
         for path, error in entries:
             rel = Path(os.path.relpath(path, self.root)).as_posix()
-            yield Item(0, rel, path, None, None, error)
+            yield Item(0, rel, path, None, None, error, None if error else file_stamp(path))
 
     def identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "root": self.root, "all_files": self.all_files}
 
     def describe(self) -> dict[str, Any]:
-        return {**self.identity(), "skipped_by_extension": self.skipped}
+        return {**self.identity(), "skipped_by_extension": self.skipped, "skipped_files": list(self.skipped_files)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,7 +174,7 @@ class FolderSource(Source):
 _PATH_COLUMNS = ("path", "image", "image_path", "filepath", "file", "filename", "img")
 _CAPTION_COLUMNS = ("caption", "text", "title", "description")
 _ID_COLUMNS = ("id",)
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".parquet", ".pq")
+from ..data.tables import TABLE_SUFFIXES  # noqa: E402  (one list for every command)
 
 
 def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, table: str) -> str | None:
@@ -177,6 +196,7 @@ class TableSource(Source):
     caption_column: str | None = None
     id_column: str | None = None
     image_root: str | None = None
+    encoding: str = "utf-8"
     kind = "table"
 
     def __post_init__(self):
@@ -188,45 +208,15 @@ class TableSource(Source):
             if not os.path.isdir(self.image_root):
                 raise FileNotFoundError(f"image root is not a directory: {self.image_root}")
         self._columns: dict[str, str | None] | None = None
+        self._root: str | None = None
+        self.root_note: str | None = None
 
-    def _rows(self) -> tuple[list[str], Iterable[dict[str, Any]]]:
-        suffix = os.path.splitext(self.file)[1].lower()
-        if suffix in (".csv", ".tsv"):
-            f = open(self.file, newline="", encoding="utf-8-sig")
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            cols = list(reader.fieldnames or [])
+    def _read(self):
+        from ..data.tables import image_root_for, read_table_rows
 
-            def gen():
-                with f:
-                    yield from reader
-            return cols, gen()
-        if suffix in (".jsonl", ".ndjson"):
-            rows = []
-            with open(self.file, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        row = {"__error__": f"line {n} is not valid JSON ({e.msg})"}
-                    if not isinstance(row, dict):
-                        row = {"__error__": f"line {n} is a JSON {type(row).__name__}, not an object"}
-                    rows.append(row)
-            cols: list[str] = []
-            for r in rows:
-                cols.extend(k for k in r if k not in cols and k != "__error__")
-            return cols, rows
-        if suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(self.file)
-            return list(table.column_names), table.to_pylist()
-        raise ValueError(f"{self.file}: unsupported table type {suffix!r} (known: {', '.join(TABLE_SUFFIXES)})")
-
-    def iter_items(self) -> Iterator[Item]:
-        cols, rows = self._rows()
+        table = read_table_rows(self.file, self.encoding)
         name = os.path.basename(self.file)
+        cols = table.columns
         pcol = _pick(cols, self.path_column, _PATH_COLUMNS, "path", name)
         ccol = _pick(cols, self.caption_column, _CAPTION_COLUMNS, "caption", name)
         icol = _pick(cols, self.id_column, _ID_COLUMNS, "id", name)
@@ -235,9 +225,21 @@ class TableSource(Source):
                              f"column {list(_CAPTION_COLUMNS)} among {cols}; name them with --path-column / "
                              "--caption-column")
         self._columns = {"path": pcol, "caption": ccol, "id": icol}
-        root = self.image_root or os.path.dirname(self.file)
-        for n, row in enumerate(rows):
-            error = row.get("__error__")
+        if self._root is None:
+            paths = [r.get(pcol) for r in table.rows] if pcol else []
+            self._root, self.root_note = image_root_for(self.file, paths, self.image_root)
+        return table, pcol, ccol, icol
+
+    @property
+    def root(self) -> str:
+        """Where relative image paths resolve (see ``cliplab.data.tables.image_root_for``)."""
+        if self._root is None:
+            self._read()
+        return self._root
+
+    def iter_items(self) -> Iterator[Item]:
+        table, pcol, ccol, icol = self._read()
+        for n, (row, error) in enumerate(zip(table.rows, table.errors)):
             rid = row.get(icol) if icol else None
             item_id = str(n) if rid is None or rid == "" else str(rid)
             path = row.get(pcol) if pcol else None
@@ -251,17 +253,20 @@ class TableSource(Source):
             path = path if path and path.strip() else None
             caption = caption if caption and caption.strip() else None
             if path is not None:
-                path = os.path.normpath(os.path.join(root, os.path.expanduser(path)))
+                path = os.path.normpath(os.path.join(self._root, os.path.expanduser(path)))
             if error is None and path is None and caption is None:
                 error = "row has neither an image path nor a caption"
             yield Item(0, item_id, path, caption, None, error)
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": self.kind, "file": self.file, "image_root": self.image_root or os.path.dirname(self.file),
-                "path_column": self.path_column, "caption_column": self.caption_column, "id_column": self.id_column}
+        ident = {"kind": self.kind, "file": self.file, "image_root": self.root, "path_column": self.path_column,
+                 "caption_column": self.caption_column, "id_column": self.id_column}
+        if self.encoding != "utf-8":  # only then, so jobs written before the option existed still resume
+            ident["encoding"] = self.encoding
+        return ident
 
     def describe(self) -> dict[str, Any]:
-        return {**self.identity(), "columns_used": self._columns}
+        return {**self.identity(), "columns_used": self._columns, "image_root_note": self.root_note}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -276,6 +281,7 @@ class SyntheticSource(Source):
     caption: str = "short"
     offset: int = 0
     kind = "synthetic"
+    relist = False  # its items follow from its settings: nothing can appear, change or vanish
 
     def __post_init__(self):
         if self.n < 0:

@@ -66,7 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk (0: keep all)
     out_dir: str = "runs/train"
     threads: int | None = None  # torch.set_num_threads for the run (None: leave as is)
-    progress: bool = True  # tqdm progress bar
+    progress: bool | None = None  # None: a bar on a terminal, a plain line every 10 s otherwise (cliplab.progress)
 
     def __post_init__(self):
         if isinstance(self.data, dict):

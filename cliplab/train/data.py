@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import csv
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -249,28 +248,43 @@ def _only_drops_words(caption: str, other: str) -> bool:
 
 @register_source("folder")
 class CaptionFolder(DataSource):
-    """Images listed in a CSV (default ``captions.csv``; columns ``image``, ``caption``, optional ``long_caption``).
+    """Images listed in a table (default ``captions.csv``; columns ``image``, ``caption``, optional ``long_caption``;
+    CSV/TSV/JSONL/Parquet).
 
-    ``path`` is the CSV file or the directory holding it; image paths are relative to the CSV's directory.
+    ``path`` is the table or the directory holding it. Relative image paths follow the rule every command uses
+    (``cliplab.data.tables.image_root_for``): ``image_root`` when given, else the table's folder, or the
+    ``images/`` folder beside it when the paths are there. Rows that do not decode (``encoding``) or lack an image
+    or a caption are left out with one warning that names the first few by file and line.
     """
 
     def __init__(self, preprocessor, path: str, csv_name: str = "captions.csv", image_column: str = "image",
-                 caption_column: str = "caption", long_column: str = "long_caption"):
+                 caption_column: str = "caption", long_column: str = "long_caption", image_root: str | None = None,
+                 encoding: str = "utf-8"):
+        from ..data.tables import image_root_for, read_table_rows
+
         self.preprocessor = preprocessor
         p = Path(path)
         csv_path = p / csv_name if p.is_dir() else p
         if not csv_path.is_file():
             raise FileNotFoundError(f"no captions file at {csv_path}")
-        self.root = csv_path.parent
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            cols = reader.fieldnames or []
-            for c in (image_column, caption_column):
-                if c not in cols:
-                    raise ValueError(f"{csv_path}: missing column {c!r} (columns: {cols})")
-            rows = list(reader)
+        table = read_table_rows(csv_path, encoding)
+        cols = table.columns
+        for c in (image_column, caption_column):
+            if c not in cols:
+                raise ValueError(f"{csv_path}: missing column {c!r} (columns: {cols})")
+        rows, bad = [], []
+        for row, line, error in zip(table.rows, table.lines, table.errors):
+            if error is None and not (row.get(image_column) and row.get(caption_column)):
+                error = f"{csv_path.name}:{line}: no {image_column if not row.get(image_column) else caption_column}"
+            (bad if error else rows).append(error or row)
+        if bad:
+            warnings.warn(f"{len(bad)} row(s) of {csv_path} left out of training: {'; '.join(bad[:3])}"
+                          + (" ..." if len(bad) > 3 else ""), stacklevel=2)
         if not rows:
-            raise ValueError(f"{csv_path}: no rows")
+            raise ValueError(f"{csv_path}: no usable rows")
+        self.root, note = image_root_for(csv_path, [r[image_column] for r in rows], image_root)
+        if note:
+            warnings.warn(note, stacklevel=2)
         self.images = [r[image_column] for r in rows]
         self.short = [r[caption_column] for r in rows]
         self.long = [r.get(long_column) or None for r in rows] if long_column in cols else [None] * len(rows)

@@ -406,13 +406,13 @@ class Trainer:
         return result
 
     def _loop(self, result: TrainResult, metrics_path: Path) -> None:
-        from tqdm.auto import tqdm
+        from ..progress import Progress
 
         c = self.config
         if self.step >= c.steps:
             return
         loader = make_loader(self.batches, self.step, c.data.num_workers, c.data.prefetch)
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, unit="step", dynamic_ncols=True)
+        bar = Progress(total=c.steps, initial=self.step, enabled=c.progress, unit="step", desc="train")
         window: dict[str, list[float]] = {}
         n_trunc = n_long = n_rows = 0
         data_wait = 0.0

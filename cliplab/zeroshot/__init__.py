@@ -8,7 +8,14 @@ Templates are data (``load_templates``): shipped sets, ``.txt``/``.json`` files,
 See docs/zeroshot.md.
 """
 
-from .classifier import DEFAULT_DESCRIPTION_TEMPLATE, ZeroShotClassifier, class_prompt_groups, encode_prompts
+from .classifier import (
+    DEFAULT_DESCRIPTION_TEMPLATE,
+    DuplicateClassWarning,
+    ZeroShotClassifier,
+    class_prompt_groups,
+    duplicate_classnames,
+    encode_prompts,
+)
 from .templates import (
     PromptSet,
     fill_template,
@@ -24,6 +31,7 @@ from .templates import (
 
 __all__ = [
     "ZeroShotClassifier", "encode_prompts", "class_prompt_groups", "DEFAULT_DESCRIPTION_TEMPLATE",
+    "duplicate_classnames", "DuplicateClassWarning",
     "PromptSet", "fill_template", "list_prompts_md_datasets", "list_template_sets", "load_descriptions",
     "load_prompt_set", "load_templates", "normalize_name", "read_prompt_json", "read_prompts_md",
 ]

@@ -21,15 +21,18 @@ encoded in batches; per-class means are one ``index_add_`` each.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .templates import ClassName, fill_template, load_templates
+from ..progress import Progress
+from .templates import ClassName, fill_template, load_templates, normalize_name
 
-__all__ = ["ZeroShotClassifier", "encode_prompts", "class_prompt_groups", "DEFAULT_DESCRIPTION_TEMPLATE"]
+__all__ = ["ZeroShotClassifier", "encode_prompts", "class_prompt_groups", "DEFAULT_DESCRIPTION_TEMPLATE",
+           "duplicate_classnames", "DuplicateClassWarning"]
 
 DEFAULT_DESCRIPTION_TEMPLATE = "a photo of a {c}, which has {d}."
 DESCRIPTION_MODES = ("pool", "balanced", "only")
@@ -37,45 +40,63 @@ DESCRIPTION_MODES = ("pool", "balanced", "only")
 TextEncoder = Callable[[list[str]], torch.Tensor]
 
 
+class DuplicateClassWarning(UserWarning):
+    """Two or more classes have the same name: they get (nearly) the same embedding, so all but one of them are
+    (almost) never predicted."""
+
+
+def duplicate_classnames(classnames: Sequence[ClassName]) -> dict[str, list[int]]:
+    """``{name: [class indices]}`` for every class name that occurs more than once, compared by
+    :func:`~cliplab.zeroshot.normalize_name` of the display name (the first synonym), so ``"Cat"`` and ``"cat."``
+    are the same; keyed by the first spelling. CLIP's ImageNet list has two: ``missile`` and ``sunglasses``."""
+    seen: dict[str, list[int]] = {}
+    first: dict[str, str] = {}
+    for i, c in enumerate(classnames):
+        name = c if isinstance(c, str) else (list(c) or [""])[0]
+        key = normalize_name(str(name)) or str(name)
+        first.setdefault(key, str(name))
+        seen.setdefault(key, []).append(i)
+    return {first[k]: ix for k, ix in seen.items() if len(ix) > 1}
+
+
+def describe_duplicates(dups: Mapping[str, Sequence[int]]) -> str:
+    """``"duplicate class names: 'missile' (657, 744), ..."`` (one line; the warning's text)."""
+    listed = ", ".join(f"{n!r} ({', '.join(map(str, ix))})" for n, ix in dups.items())
+    return (f"duplicate class names: {listed} (class indices); classes with the same name get (nearly) the same "
+            "embedding, so all but the first of each are (almost) never predicted: rename them")
+
+
+def _warn_duplicates(classnames: Sequence[ClassName]) -> None:
+    dups = duplicate_classnames(classnames)
+    if dups:
+        warnings.warn(describe_duplicates(dups), DuplicateClassWarning, stacklevel=3)
+
+
 @torch.inference_mode()
-def encode_prompts(model, texts: Sequence[str], batch_size: int = 256, progress: bool = False,
+def encode_prompts(model, texts: Sequence[str], batch_size: int = 256, progress: bool | None = False,
                    on_batch: Callable[[list[int], torch.Tensor], None] | None = None,
                    desc: str = "encoding prompts") -> torch.Tensor:
     """Encode ``texts`` with ``model.encode_text`` in length-sorted batches; rows come back in input order, as
     unnormalised float32 features on the CPU.
 
-    ``on_batch(indices, features)`` is called after each batch (the embedding cache writes a chunk there)."""
+    ``on_batch(indices, features)`` is called after each batch (the embedding cache writes a chunk there).
+    ``progress``: ``False`` silent, ``True`` a bar, ``None`` a bar on a terminal and a plain line every 10 s
+    otherwise (:mod:`cliplab.progress`)."""
     texts = list(texts)
     out = torch.empty(len(texts), model.config.embed_dim, dtype=torch.float32)
     if not texts:
         return out
     tokens = model.tokenize(texts)
     order = torch.argsort(tokens.lengths, stable=True)
-    bar = _progress(len(texts), desc, progress)
-    try:
+    with Progress(total=len(texts), desc=desc, unit="item", enabled=progress, leave=False) as bar:
         for start in range(0, len(texts), batch_size):
             idx = order[start: start + batch_size]
             feats = model.encode_text(tokens.ids[idx]).float().cpu()
             out[idx] = feats
             if on_batch is not None:
                 on_batch(idx.tolist(), feats)
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(len(idx))
     return out
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr, or ``None`` (disabled, or tqdm not installed)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="item", leave=False)
 
 
 def _names(c: ClassName) -> list[str]:
@@ -146,14 +167,17 @@ class ZeroShotClassifier:
     @classmethod
     def from_prompts(cls, model, prompts: Sequence[Sequence[str] | Sequence[Sequence[str]]],
                      classnames: Sequence[str] | None = None, *, text_encoder: TextEncoder | None = None,
-                     batch_size: int = 256, progress: bool = False, logit_scale: float | None = None
+                     batch_size: int = 256, progress: bool | None = False, logit_scale: float | None = None
                      ) -> "ZeroShotClassifier":
-        """One class per entry of ``prompts``: a list of prompt strings, or a list of prompt groups (lists)."""
+        """One class per entry of ``prompts``: a list of prompt strings, or a list of prompt groups (lists).
+
+        Duplicate class names are reported with a :class:`DuplicateClassWarning` (:func:`duplicate_classnames`)."""
         groups = [[list(p)] if p and isinstance(p[0], str) else [list(g) for g in p] for p in prompts]
         if any(not g or not all(g) for g in groups):
             raise ValueError("every class needs at least one non-empty prompt list")
         if classnames is None:
             classnames = [g[0][0] for g in groups]
+        _warn_duplicates(classnames)
         unique: dict[str, int] = {}
         text_ix, group_ix, class_of_group = [], [], []
         for c, cls_groups in enumerate(groups):
@@ -182,8 +206,8 @@ class ZeroShotClassifier:
     def from_classnames(cls, model, classnames: Sequence[ClassName], templates: str | Path | Sequence[str] = "generic",
                         descriptions: Mapping[str, Sequence[str]] | Sequence[Sequence[str] | None] | None = None, *,
                         description_template: str = DEFAULT_DESCRIPTION_TEMPLATE, description_mode: str = "pool",
-                        text_encoder: TextEncoder | None = None, batch_size: int = 256, progress: bool = False,
-                        logit_scale: float | None = None) -> "ZeroShotClassifier":
+                        text_encoder: TextEncoder | None = None, batch_size: int = 256,
+                        progress: bool | None = False, logit_scale: float | None = None) -> "ZeroShotClassifier":
         """Class names x templates (a shipped set name, a file, ``prompts.md#Dataset`` or a list) -> classifier.
 
         ``descriptions``: ``{classname: [description, ...]}`` or one list per class (module docstring)."""
