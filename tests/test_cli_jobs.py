@@ -138,7 +138,7 @@ def test_table_image_paths_find_the_images_folder_beside_the_table(tmp_path, mod
     (root / "captions.csv").write_text("image,caption\n" + "".join(f"{i}.png,picture {i}\n" for i in range(3)))
     res = embed(root / "captions.csv", tmp_path / "emb", model)
     assert res.rows == 3 and res.manifest["counts"]["images"] == 3
-    assert res.manifest["source"]["image_root"] == str(root / "images")
+    assert res.manifest["source"]["resolved_image_root"] == str(root / "images")
     from cliplab.data.tables import image_root_for
 
     assert image_root_for(root / "captions.csv", ["0.png"], root)[0] == str(root)  # --image-root wins
@@ -196,7 +196,7 @@ def test_precision_is_recorded_and_part_of_the_job(tmp_path):
     assert json.loads((out / "manifest.json").read_text())["precision"] == "bf16"
     with pytest.raises(JobMismatchError) as e:
         embed("synthetic:4", out, "test-tiny")
-    assert "options.precision: 'bf16' -> None" in str(e.value) and "{" not in str(e.value)
+    assert "options.precision: 'bf16' -> 'fp32'" in str(e.value) and "{" not in str(e.value)
 
 
 def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
@@ -320,3 +320,99 @@ def test_pickles_with_objects_are_refused_in_our_words(tmp_path):
 
 class _Unsafe:
     pass
+
+
+# --- review fixes: growth keeps the job readable, honest and resumable ----------------------------------------------
+def test_a_grown_job_keeps_its_schema(tmp_path, model):
+    _png(tmp_path / "0.png", 0)
+    table, out = tmp_path / "t.csv", tmp_path / "emb"
+    table.write_text("image,caption\n,a cat\n")
+    embed(table, out, model)
+    with table.open("a") as f:
+        f.write("0.png,a photo\n")
+    res = embed(table, out, model)
+    e = read_embeddings(out)  # one schema for every shard: readable
+    assert res.rows == 2 and e.image is None and e.captions == ["a cat", "a photo"]
+
+
+def test_an_unfinished_growth_is_not_reported_complete(tmp_path, model):
+    src, out = tmp_path / "p", tmp_path / "emb"
+    for i in range(5):
+        _png(src / f"a{i}.png", i)
+    embed(src, out, "test-tiny", shard_size=5, workers=2)
+    for i in range(5, 9):
+        _png(src / f"b{i}.png", i)
+    status = _forked_job_crashing_at(out, src, "shard:start")
+    assert os.WIFSIGNALED(status)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] is False and m["counts"]["items"] == 9
+    r = _run(["index", str(out)])
+    assert r.exit_code == 2 and "unfinished" in r.output
+
+
+def test_jobs_written_before_segments_resume_and_grow(tmp_path, model):
+    import pyarrow.parquet as pq
+
+    src, out = tmp_path / "p", tmp_path / "emb"
+    for i in range(4):
+        _png(src / f"a{i}.png", i)
+    embed(src, out, model, shard_size=3)
+    plan = pq.read_table(out / "plan.parquet").drop(["stamp", "segment"])  # the old plan format
+    pq.write_table(plan, out / "plan.parquet")
+    job = json.loads((out / "job.json").read_text())
+    job.pop("columns")
+    (out / "job.json").write_text(json.dumps(job))
+    _png(src / "b.png", 9)
+    res = embed(src, out, model, shard_size=3)
+    assert res.rows == 5 and res.shards_skipped == 2 and sorted(rows_by_id(out)) == [
+        "a0.png", "a1.png", "a2.png", "a3.png", "b.png"]
+
+
+def test_a_deleted_image_does_not_change_a_table_jobs_identity(tmp_path, model):
+    root = tmp_path / "data"
+    for i in range(3):
+        _png(root / "images" / f"{i}.png", i)
+    (root / "c.csv").write_text("image,caption\n" + "".join(f"{i}.png,pic {i}\n" for i in range(3)))
+    embed(root / "c.csv", tmp_path / "emb", model)
+    (root / "images" / "0.png").unlink()
+    res = embed(root / "c.csv", tmp_path / "emb", model)  # resumes: same job, nothing new
+    assert res.rows == 3 and res.shards_written == 0
+
+
+def test_embed_leaves_the_callers_model_alone(tmp_path, model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    embed("synthetic:3", tmp_path / "a", model, precision="bf16")
+    assert model.dtype == torch.float32 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    embed("synthetic:3", tmp_path / "a", model, precision="bf16")  # the same job again: resumes
+
+
+def test_an_unbalanced_quote_is_one_bad_row_not_the_rest_of_the_file(tmp_path):
+    from cliplab.data.tables import read_table_rows
+
+    (tmp_path / "t.csv").write_text('image,caption\na.jpg,fine\nb.jpg,"unbalanced\nc.jpg,kept\nd.jpg,kept too\n')
+    t = read_table_rows(tmp_path / "t.csv")
+    assert [r.get("caption") for r in t.rows] == ["fine", None, "kept", "kept too"] and t.lines == [2, 3, 4, 5]
+    assert "t.csv:3: a quote that is never closed" in t.errors[1]
+    (tmp_path / "q.csv").write_text('image,caption\na.jpg,"the word "tree" inside"\nb.jpg,ok\n')
+    assert len(read_table_rows(tmp_path / "q.csv").rows) == 2  # a stray inner quote is kept as text, as csv does
+    (tmp_path / "t.tsv").write_text('image\tcaption\na.jpg\t"quoted" start\n')
+    assert read_table_rows(tmp_path / "t.tsv").rows[0]["caption"] == '"quoted" start'
+    with pytest.raises(ValueError, match="unknown text encoding"):
+        read_table_rows(tmp_path / "t.csv", encoding="no-such-codec")
+
+
+def test_train_ctrl_c_before_any_step_says_nothing_was_saved(tmp_path, monkeypatch):
+    from cliplab.train import Trainer
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    r = _run(["train", "--preset", "tiny-smoke", "-o", str(tmp_path / "run"), "--steps", "5", "--no-progress"])
+    assert r.exit_code == 130 and "nothing was saved" in r.output and "--resume" not in r.output
+
+
+def test_root_usage_errors_are_one_line():
+    r = _run(["--bogus"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert r.output.startswith("error: No such option '--bogus'. (see ") and "Usage" not in r.output

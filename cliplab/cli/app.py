@@ -18,6 +18,24 @@ from .common import interrupt_message
 
 
 class CliplabGroup(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's own handling, except that a usage error of ``cliplab`` itself (``cliplab --bogus``) is one line
+        too (those of subcommands are caught in :meth:`invoke`)."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "cliplab"
+            click.echo(f"error: {_one_line(e.format_message())} (see {where} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+
     def invoke(self, ctx):
         from ..models import CheckpointError, ConfigError
         from ..models.lm.deps import MissingDependency

@@ -155,6 +155,6 @@ def _all_rejected_hint(rejects_file, src: dict) -> str:
     reasons = [r.get("reason", "") for r in read_rejects(rejects_file.parent)[:50]]
     first = f" (first: {reasons[0]})" if reasons else ""
     if src.get("kind") == "table" and reasons and all("no such file" in r.lower() for r in reasons):
-        return (f"{first}; the table's image paths were looked up under {src.get('image_root')}: pass the folder "
-                "that holds them with --image-root DIR")
+        return (f"{first}; the table's image paths were looked up under {src.get('resolved_image_root')}: pass "
+                "the folder that holds them with --image-root DIR")
     return first

@@ -4,7 +4,7 @@
     cliplab eval retrieval -m M --dataset captions-csv --data captions.csv --set limit=50
     cliplab eval clipscore -m M --dataset captions-csv --data captions.csv
     cliplab eval winoground -m M --dataset synthetic-winoground --set n=200
-    cliplab eval sts --embedder all-MiniLM-L6-v2 --data sts-test.csv --json
+    cliplab eval sts -m all-MiniLM-L6-v2 --data sts-test.csv --json
     cliplab eval datasets | tasks
 
 ``-m/--model`` takes what ``cliplab embed --model`` takes (default: the shipped ``shapes-tiny``). Every run writes
@@ -22,6 +22,7 @@ import click
 
 from .app import main
 from .common import (
+    AliasedOption,
     emit,
     json_option,
     model_option,
@@ -188,8 +189,10 @@ def _nan_to_none(obj):
 
 
 @eval_group.command("sts")
-@click.option("--embedder", "-e", default="all-MiniLM-L6-v2", show_default=True,
-              help="A text embedder: all-MiniLM-L6-v2, smollm2-135m, or any CLIP model name or path (its text tower).")
+@click.option("--model", "-m", "--embedder", "-e", "model", cls=AliasedOption, hidden_aliases=("--embedder", "-e"),
+              default="all-MiniLM-L6-v2", show_default=True,
+              help="A text embedder: all-MiniLM-L6-v2, smollm2-135m, a directory saved by embedder.save(), or any "
+                   "CLIP model name or path (its text tower).")
 @click.option("--pooling", "-p", default=None,
               help="A registered pooling (mean, first, last, max, weighted_mean, prompteol) [default: the "
                    "embedder's own].")
@@ -206,14 +209,14 @@ def _nan_to_none(obj):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def sts_cmd(embedder, pooling, data_path, encoding, limit, tp, tp_exit, readout_layer, precision, batch_size,
+def sts_cmd(model, pooling, data_path, encoding, limit, tp, tp_exit, readout_layer, precision, batch_size,
             progress, as_json):
     """Sentence similarity: Spearman x 100 of cosine vs gold scores (ties averaged), Pearson beside it.
 
     \b
     Example:
-      cliplab eval sts --embedder all-MiniLM-L6-v2 --data ../shared/data/stsb/sts-test.csv --json
-      cliplab eval sts -e smollm2-135m -p prompteol --token-prepending --data sts-dev.csv --limit 200
+      cliplab eval sts -m all-MiniLM-L6-v2 --data ../shared/data/stsb/sts-test.csv --json
+      cliplab eval sts -m smollm2-135m -p prompteol --token-prepending --data sts-dev.csv --limit 200
     """
     import warnings
 
@@ -228,13 +231,13 @@ def sts_cmd(embedder, pooling, data_path, encoding, limit, tp, tp_exit, readout_
         data = read_sts(data_path, encoding=encoding, limit=limit)
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    model = load_embedder(embedder, precision=precision)
+    embedder = load_embedder(model, precision=precision)
     if tp:
         from ..text_edit.token_prepending import TokenPrependingEmbedder
 
-        model = TokenPrependingEmbedder(model, exit=tp_exit, readout_layer=readout_layer)
+        embedder = TokenPrependingEmbedder(embedder, exit=tp_exit, readout_layer=readout_layer)
     show = sys.stderr.isatty() if progress is None else progress
-    res = evaluate_sts(model, data, pooling=pool, batch_size=batch_size, progress=show)
+    res = evaluate_sts(embedder, data, pooling=pool, batch_size=batch_size, progress=show)
     res["precision"] = precision
     if as_json:  # an undefined correlation (every embedding alike) is null, not the invalid JSON token NaN
         click.echo(json.dumps(_nan_to_none(res), indent=2))

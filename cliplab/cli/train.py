@@ -7,7 +7,7 @@ import json
 import click
 
 from .app import main
-from .common import emit, json_option, on_interrupt, progress_option, set_option
+from .common import emit, json_option, on_interrupt, progress_option, set_option, warnings_to_stderr
 
 
 @main.command("train")
@@ -75,8 +75,8 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
     if show:
         click.echo(cfg.to_json(), nl=False)
         return
-    with on_interrupt(f"a checkpoint was written to {cfg.out_dir}/checkpoints; add --resume to the same command to "
-                      "continue"):
+    with warnings_to_stderr(), on_interrupt("run the same command with --resume to continue from the newest "
+                                            "checkpoint, if any was written"):
         result = Trainer(cfg).fit(resume=resume)
     last = result.records[-1] if result.records else None
     data = {"out_dir": str(cfg.out_dir), "steps": cfg.steps, "reached": result.final_dir is not None,

@@ -51,10 +51,33 @@ def _undecodable(value: str, encoding: str) -> str | None:
     return None
 
 
+def _never_closed(lines: list[str], dialect: dict) -> bool:
+    """True when the CSV record starting at ``lines[0]`` opens a quote that no later line closes."""
+    try:
+        for _ in csv.reader(io.StringIO("".join(lines), newline=""), strict=True, **dialect):
+            return False
+    except csv.Error as e:
+        return "unexpected end of data" in str(e)
+    return False
+
+
+def _add_csv_row(out: TableRows, header: list[str], values: list[str], line: int, name: str, encoding: str) -> None:
+    row = dict(zip(header, values))
+    error = next((why for v in values if (why := _undecodable(v, encoding))), None)
+    if error is None and any(v.strip() for v in values[len(header):]):  # e.g. an unquoted comma in a caption
+        error = f"{len(values)} fields where the header has {len(header)} (quote fields holding commas)"
+    if error is not None:
+        row = {k: (None if _undecodable(v or "", encoding) else v) for k, v in row.items()}
+    out.add(row, line, f"{name}:{line}: {error}" if error else None)
+
+
 def read_table_rows(path: str | os.PathLike, encoding: str = "utf-8") -> TableRows:
     """The rows of a CSV/TSV/JSONL/Parquet table (see the module docstring)."""
     path = os.fspath(path)
-    codecs.lookup(encoding)  # an unknown encoding is a LookupError now, not a surprise mid-file
+    try:
+        codecs.lookup(encoding)  # an unknown encoding fails now, not mid-file
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
     suffix = os.path.splitext(path)[1].lower()
     name = os.path.basename(path)
     if suffix in (".csv", ".tsv"):
@@ -63,28 +86,38 @@ def read_table_rows(path: str | os.PathLike, encoding: str = "utf-8") -> TableRo
         if encoding.replace("-", "").lower() in ("utf8", "utf8sig") and raw.startswith(codecs.BOM_UTF8):
             raw = raw[len(codecs.BOM_UTF8):]
         text = raw.decode(encoding, errors="surrogateescape")
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        try:
-            header = next(reader)
-        except StopIteration:
-            return TableRows(path, [])
-        bad = next((why for h in header if (why := _undecodable(h, encoding))), None)
-        if bad:
-            raise ValueError(f"{name}:1: the header is {bad}; pass the file's encoding (--encoding)")
-        out = TableRows(path, header)
-        start = reader.line_num + 1
-        for values in reader:
-            line, start = start, reader.line_num + 1
-            if not values or not any(v.strip() for v in values):
-                continue
-            row = dict(zip(header, values))
-            error = next((why for v in values if (why := _undecodable(v, encoding))), None)
-            if error is None and any(v.strip() for v in values[len(header):]):  # e.g. an unquoted comma in a caption
-                error = f"{len(values)} fields where the header has {len(header)} (quote fields holding commas)"
-            if error is not None:
-                row = {k: (None if _undecodable(v or "", encoding) else v) for k, v in row.items()}
-            out.add(row, line, f"{name}:{line}: {error}" if error else None)
-        return out
+        lines = text.splitlines(keepends=True)
+        # TSV: tabs separate and quotes are text ("a "quoted" caption"). CSV is read leniently (a stray inner quote
+        # is kept as text, as the csv module does), except that a quote never closed is an error at its own line
+        # instead of a field that silently swallows the rest of the file.
+        dialect = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else dict(delimiter=",")
+        header, out, start = None, None, 0
+        while start < len(lines):
+            reader = csv.reader(io.StringIO("".join(lines[start:]), newline=""), **dialect)
+            records, record_line = [], start + 1
+            for values in reader:
+                records.append((record_line, values))
+                record_line = start + reader.line_num + 1
+            stop = None
+            if records and suffix != ".tsv" and _never_closed(lines[records[-1][0] - 1:], dialect):
+                stop = records.pop()[0]  # a quote opened there swallowed the rest of the file
+            for line, values in records:
+                if header is None:
+                    header = values
+                    bad = next((why for h in header if (why := _undecodable(h, encoding))), None)
+                    if bad:
+                        raise ValueError(f"{name}:{line}: the header is {bad}; pass the file's encoding (--encoding)")
+                    out = TableRows(path, header)
+                elif values and any(v.strip() for v in values):
+                    _add_csv_row(out, header, values, line, name, encoding)
+            if stop is None:
+                break
+            if out is None:
+                raise ValueError(f"{name}:{stop}: the header has a quote that is never closed")
+            out.add({}, stop, f"{name}:{stop}: a quote that is never closed (the rest of the file would be one "
+                              "field); the line is skipped")
+            start = stop  # the next line starts afresh
+        return out if out is not None else TableRows(path, [])
     if suffix in (".jsonl", ".ndjson"):
         out = TableRows(path, [])
         with open(path, "rb") as f:
@@ -132,6 +165,6 @@ def image_root_for(table_file: str | os.PathLike, paths, image_root: str | os.Pa
     beside = os.path.join(base, "images")
     if sample and os.path.isdir(beside) and not any(os.path.exists(os.path.join(base, p)) for p in sample) \
             and all(os.path.exists(os.path.join(beside, p)) for p in sample):
-        return beside, (f"image paths resolve against {beside} (the images/ folder beside the table; "
-                        "--image-root sets another)")
+        return beside, (f"image paths resolve against {beside} (the images/ folder beside the table; an explicit "
+                        "image root sets another)")
     return base, None

@@ -240,7 +240,12 @@ def _load_any(source, arch, layout) -> CLIP:
             return _load_hf_dir(path, arch)
         raise CheckpointError(f"{path}: directory has neither {NATIVE_CONFIG_FILE} nor a Hugging Face config.json")
     if path.is_file():
-        return model_from_state(read_state_dict(path), arch=arch, layout=layout)
+        try:
+            return model_from_state(read_state_dict(path), arch=arch, layout=layout)
+        except CheckpointError as e:  # name the file, as every other loading error does
+            if str(path) in str(e):
+                raise
+            raise CheckpointError(f"{path}: {e}") from e
     raise FileNotFoundError(not_found_message(str(source)))
 
 

@@ -8,12 +8,14 @@
 
 How a job is made exactly-once (see ``docs/pipeline.md``):
 
-1. The item list is frozen once into ``plan.parquet`` (then ``job.json``, which names the source, the model
-   fingerprint and the options that change the output). A rerun reads the plan back, so files that appear or
-   vanish later cannot shift rows between shards; a rerun with a different job refuses (``overwrite=True`` starts
-   over).
-2. Shard ``k`` holds the items ``[k * shard_size, (k + 1) * shard_size)``. It is committed by an atomic rename
-   after its rejects file is written; a rerun skips every committed shard and redoes the others from scratch.
+1. The item list is written once into ``plan.parquet`` (then ``job.json``, which names the source, the model
+   fingerprint and the options that change the output). A rerun reads the plan back and lists the source again:
+   new items are appended as a new *segment* (one atomic rewrite of the plan), changed and removed ones are only
+   reported, so committed rows never shift between shards; a rerun with a different job refuses (``overwrite=True``
+   starts over).
+2. Each segment's shard ``j`` holds its items ``[j * shard_size, (j + 1) * shard_size)`` (:func:`plan_segments`). A
+   shard is committed by an atomic rename after its rejects file is written; a rerun skips every committed shard and
+   redoes the others from scratch.
 3. The manifest and the merged ``rejects.jsonl`` are recomputed from the committed shards.
 
 Bad input never stops a job: every item ends up either as a row or as a reject with a reason.
@@ -258,6 +260,14 @@ class JobContext:
 # --------------------------------------------------------------------------------------------------------------------
 # the job
 
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 #: changed and removed item ids listed in the manifest, at most (the counts are exact)
 MAX_LISTED_CHANGES = 100
 
@@ -279,6 +289,8 @@ def describe_mismatch(old: dict, new: dict) -> str:
         return out
 
     a, b = flat(old), flat(new)
+    for d in (a, b):  # options recorded only when not the default read as the default
+        d.setdefault("options.precision", "fp32")
     diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return "; ".join(diffs) or "unknown difference"
 
@@ -293,7 +305,7 @@ class EmbedResult:
 
     @property
     def changes(self) -> dict[str, Any]:
-        """What this run found in the source since the job's plan was made: ``added`` (embedded now),
+        """What this run found when it listed the source again: ``added`` (items it appended to the plan),
         ``changed`` and ``removed`` (counts; ids in ``changed_ids`` / ``removed_ids``; rows kept as they were)."""
         return self.manifest.get("source_changes", {})
 
@@ -349,6 +361,10 @@ class EmbedJob:
         self.on_shard = on_shard
         self.model, self.model_info = resolve_model(model, device=self.options.device, seed=seed)
         if self.options.precision != "fp32":  # the fingerprint stays that of the fp32 weights
+            if self.model_info["kind"] == "object":  # the caller's model is theirs: cast a copy
+                import copy
+
+                self.model = copy.deepcopy(self.model)
             self.model.set_precision(self.options.precision)
         self.store = ShardStore(self.out)
         self._done: dict[int, dict[str, Any]] = {}
@@ -413,7 +429,9 @@ class EmbedJob:
         plan_path = self.out / PLAN_FILE
         tmp = plan_path.with_name(f".{plan_path.name}.tmp-{os.getpid()}")
         pq.write_table(table, tmp, compression="zstd")
+        _fsync(tmp)
         os.replace(tmp, plan_path)  # one atomic step: a grown plan is there whole, or not at all
+        _fsync(self.out)  # and the rename itself survives a power cut (the shards it points at are fsynced)
 
     def _load_or_make_plan(self) -> list[Item]:
         import json
@@ -434,6 +452,7 @@ class EmbedJob:
                 raise JobMismatchError(f"{self.out}: {JOB_FILE} exists but {PLAN_FILE} is missing; --overwrite "
                                        "to start over")
             self._job_meta = meta
+            self.source.restore(meta.get("source_info") or {})  # e.g. the image root the job resolved at first
             rows = pq.read_table(plan_path).to_pylist()
             items = [Item(r["index"], r["id"], r["path"], r["caption"], r["key"], r["error"], r.get("stamp"))
                      for r in rows]
@@ -549,18 +568,14 @@ class EmbedJob:
                 raise
             self.store.ensure()
             self.store.cleanup()
-            opts = self.options
-            with_image = opts.what in ("auto", "image") and any(it.has_image and not it.error for it in items)
-            with_text = opts.what in ("auto", "text") and any(it.caption is not None and not it.error
-                                                                for it in items)
-            if not with_image and not with_text:  # nothing embeddable: still a valid (empty) job
-                with_image = opts.what != "text"
-                with_text = opts.what == "text"
+            with_image, with_text = self._columns(items)
             self.ctx = ctx = JobContext(self, items, with_image, with_text)
             self._done = {k: v for k, v in self.store.committed().items() if k < ctx.n_shards}
             pending = [k for k in range(ctx.n_shards) if k not in self._done]
             skipped = ctx.n_shards - len(pending)
             if pending:
+                # say "unfinished" before any work: a grown job must not keep its old complete manifest if killed
+                self._write_manifest(complete=False)
                 self._run_engine(ctx, pending)
             rejects = self.store.read_rejects(self._done)
             write_jsonl_atomic(self.out / REJECTS_FILE, rejects)
@@ -575,6 +590,29 @@ class EmbedJob:
             return EmbedResult(self.out, manifest, len(pending), skipped, time.perf_counter() - self._t0)
         finally:
             self._unlock()
+
+    def _columns(self, items: list[Item]) -> tuple[bool, bool]:
+        """Which embeddings the job's shards hold (image, text), fixed when the job is first planned: a grown job
+        keeps its schema, so every shard reads as one table (a new item of another kind gets only the job's kinds,
+        or is rejected as having nothing to embed)."""
+        saved = self._job_meta.get("columns")
+        if saved is None:
+            committed = sorted(self.store.committed())
+            if committed:  # a job from before the columns were recorded: its shards say
+                import pyarrow.parquet as pq
+
+                names = pq.read_schema(self.store.shard_path(committed[0])).names
+                saved = {"image": "image_embedding" in names, "text": "text_embedding" in names}
+            else:
+                opts = self.options
+                image = opts.what in ("auto", "image") and any(it.has_image and not it.error for it in items)
+                text = opts.what in ("auto", "text") and any(it.caption is not None and not it.error for it in items)
+                if not image and not text:  # nothing embeddable: still a valid (empty) job
+                    image, text = opts.what != "text", opts.what == "text"
+                saved = {"image": image, "text": text}
+            self._job_meta = {**self._job_meta, "columns": saved}
+            atomic_write_json(self.out / JOB_FILE, self._job_meta)
+        return bool(saved["image"]), bool(saved["text"])
 
     def _run_engine(self, ctx: JobContext, pending: list[int]) -> None:
         from ..models.tokenizer import TruncationWarning

@@ -71,6 +71,9 @@ class Source(ABC):
         """What makes two runs "the same source" for resuming (settings only, nothing found while listing)."""
         return self.describe()
 
+    def restore(self, info: dict[str, Any]) -> None:
+        """Take back what the job's first run resolved (its :meth:`describe`), so a rerun lists the same way."""
+
     def image_input(self, item: Item):
         """What the preprocessor is given for ``item``: a path (decoded by ``load_image``) or a PIL image."""
         return item.path
@@ -259,14 +262,21 @@ class TableSource(Source):
             yield Item(0, item_id, path, caption, None, error)
 
     def identity(self) -> dict[str, Any]:
-        ident = {"kind": self.kind, "file": self.file, "image_root": self.root, "path_column": self.path_column,
-                 "caption_column": self.caption_column, "id_column": self.id_column}
+        # the root the user named (else the table's folder, as before the images/ rule): the resolved root is
+        # recorded in describe() and restored on reruns, so a file deleted later cannot change the job's identity
+        ident = {"kind": self.kind, "file": self.file, "image_root": self.image_root or os.path.dirname(self.file),
+                 "path_column": self.path_column, "caption_column": self.caption_column, "id_column": self.id_column}
         if self.encoding != "utf-8":  # only then, so jobs written before the option existed still resume
             ident["encoding"] = self.encoding
         return ident
 
     def describe(self) -> dict[str, Any]:
-        return {**self.identity(), "columns_used": self._columns, "image_root_note": self.root_note}
+        return {**self.identity(), "resolved_image_root": self.root, "columns_used": self._columns,
+                "image_root_note": self.root_note}
+
+    def restore(self, info: dict[str, Any]) -> None:
+        if self.image_root is None and info.get("resolved_image_root"):
+            self._root = info["resolved_image_root"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

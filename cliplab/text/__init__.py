@@ -14,9 +14,11 @@ from .embedder import (CLIPTextEmbedder, DecoderEmbedder, EncoderEmbedder, Seque
 from .generation import CausalLM, Generation, render_chat
 from .pooling import Pooling, get_pooling, list_poolings, register_pooling
 from .registry import list_embedders, list_lms, load_embedder, load_lm, register_embedder, register_lm
+from .saving import load_model_state, read_saved, register_embedder_kind, save_embedder
 
 __all__ = [
     "TextEmbedder", "SequenceEmbedder", "EncoderEmbedder", "DecoderEmbedder", "CLIPTextEmbedder", "CausalLM",
     "Generation", "render_chat", "Pooling", "get_pooling", "list_poolings", "register_pooling", "list_embedders",
-    "list_lms", "load_embedder", "load_lm", "register_embedder", "register_lm",
+    "list_lms", "load_embedder", "load_lm", "register_embedder", "register_lm", "save_embedder",
+    "register_embedder_kind", "read_saved", "load_model_state",
 ]

@@ -131,6 +131,13 @@ class SequenceEmbedder:
         if bar is not None:
             bar.close()
 
+    def save(self, directory, **kw):
+        """Write this embedder to ``directory`` (``cliplab.text.saving.save_embedder``); ``load_embedder(directory)``
+        and ``cliplab eval sts --embedder DIRECTORY`` read it back."""
+        from .saving import save_embedder
+
+        return save_embedder(self, directory, **kw)
+
     # --- precision -----------------------------------------------------------------------------------------------
     def set_precision(self, precision: str) -> "SequenceEmbedder":
         """``"fp32"`` (exact) or ``"bf16"`` (fast mode: bf16 weights and compute, fp32 embeddings)."""

@@ -65,11 +65,15 @@ def load_lm(name: str = "smollm2-135m") -> CausalLM:
 
 
 def load_embedder(name: str, precision: str = "fp32") -> SequenceEmbedder:
-    """A text embedder by name (case-insensitive), or the text tower of any CLIP checkpoint ``cliplab.load``
-    reads. ``precision="bf16"`` is the fast mode."""
+    """A text embedder by name (case-insensitive), a directory written by ``embedder.save(...)``, or the text tower
+    of any CLIP checkpoint ``cliplab.load`` reads. ``precision="bf16"`` is the fast mode."""
     factory = _lookup(_EMBEDDERS, name)
     if factory is not None:
         return factory().set_precision(precision)
+    from .saving import is_saved_embedder, load_saved
+
+    if is_saved_embedder(name):  # a directory written by embedder.save(...)
+        return load_saved(name).set_precision(precision)
     from ..models import load
 
     try:

@@ -454,9 +454,14 @@ class Trainer:
                         self.save_checkpoint()
                         last_ckpt = self.step
                     t_fetch = time.perf_counter()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if self.step > 0 and last_ckpt != self.step:
-                bar.write(f"interrupted: checkpoint at step {self.step} in {self.save_checkpoint()}")
+                last_ckpt, path = self.step, self.save_checkpoint()
+                bar.write(f"interrupted: checkpoint at step {self.step} in {path}")
+            # what a command line tells the user (cliplab.cli): only what was really saved
+            e.cliplab_message = (f"a checkpoint of step {last_ckpt} is in {self.out_dir / 'checkpoints'}; run the "
+                                 "same command with --resume to continue" if last_ckpt else
+                                 "interrupted before the first step: nothing was saved")
             raise
         finally:
             bar.close()

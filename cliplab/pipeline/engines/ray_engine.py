@@ -44,7 +44,9 @@ def _decode_batch(batch: dict[str, np.ndarray], source, preprocess: dict, size: 
     from ..sources import Item
     from .local import decode_one
 
-    pre = Preprocessor(PreprocessConfig.from_dict(preprocess))
+    settings = dict(preprocess)
+    fast = bool(settings.pop("fast", False))  # the bf16 mode decodes large JPEGs at reduced size, as locally
+    pre = Preprocessor(PreprocessConfig.from_dict(settings), fast=fast)
     n = len(batch["index"])
     pixels = np.zeros((n, 3, size, size), dtype=np.float32)
     errors = np.empty(n, dtype=object)
@@ -154,7 +156,8 @@ def run_ray(ctx: "JobContext", pending: list[int]) -> None:
         # fusing them into the embedding actor (decoding must overlap model compute, not run inside it)
         ds = ds.map_batches(_decode_batch, batch_size=chunk, batch_format="numpy", num_cpus=0.5,
                             fn_kwargs={"source": ctx.source, "size": size,
-                                       "preprocess": dict(ctx.model.config.to_dict()["preprocess"])})
+                                       "preprocess": {**ctx.model.config.to_dict()["preprocess"],
+                                                      "fast": ctx.model.precision != "fp32"}})
         try:
             pool = {"compute": ray.data.ActorPoolStrategy(size=1)}
         except (AttributeError, TypeError):  # pragma: no cover - older Ray
