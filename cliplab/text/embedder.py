@@ -133,7 +133,7 @@ class SequenceEmbedder:
 
     def save(self, directory, **kw):
         """Write this embedder to ``directory`` (``cliplab.text.saving.save_embedder``); ``load_embedder(directory)``
-        and ``cliplab eval sts --embedder DIRECTORY`` read it back."""
+        and ``cliplab eval sts -m DIRECTORY`` read it back."""
         from .saving import save_embedder
 
         return save_embedder(self, directory, **kw)

@@ -1,5 +1,5 @@
 """Saving and loading text embedders as directories, so a trained one is a name like any other:
-``cliplab.text.load_embedder("runs/gem-smollm2")``, ``cliplab eval sts --embedder runs/gem-smollm2``.
+``cliplab.text.load_embedder("runs/gem-smollm2")``, ``cliplab eval sts -m runs/gem-smollm2``.
 
 A directory holds ``cliplab-text.json`` (the kind, the model's architecture, the tokenizer settings, the default
 pooling and whatever the kind needs), ``model.safetensors`` and ``tokenizer.json``. A *kind* says how to rebuild the

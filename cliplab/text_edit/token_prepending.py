@@ -20,7 +20,7 @@ What is implemented:
 * :func:`encode_text_tp`, CLIP convenience: tokenize with one position left for the slot, insert ``<PST>`` right
   after SOT, summary position = EOT (shifted by one), pooled output = the projected EOT.
 * :class:`TokenPrependingEmbedder`, TP around any decoder or CLIP :class:`~cliplab.text.TextEmbedder`, with the
-  ``last`` or ``prompteol`` pooling: ``cliplab eval sts --embedder smollm2-135m --pooling prompteol
+  ``last`` or ``prompteol`` pooling: ``cliplab eval sts -m smollm2-135m --pooling prompteol
   --token-prepending``.
 
 Choices (where the notes, the paper and this library differ):
