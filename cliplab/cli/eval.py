@@ -247,6 +247,48 @@ def sts_cmd(model, pooling, data_path, encoding, limit, tp, tp_exit, readout_lay
                    + (f"; {len(res['rejected'])} line(s) rejected" if res["rejected"] else ""))
 
 
+@eval_group.command("paraphrase")
+@click.option("--model", "-m", "model", default="all-MiniLM-L6-v2", show_default=True,
+              help="A text embedder, as for `cliplab eval sts`.")
+@click.option("--pooling", "-p", default=None, help="A registered pooling [default: the embedder's own].")
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="A table of image,caption rows with several captions per image (Flickr8k's all_captions.csv).")
+@click.option("--held-out", type=click.IntRange(min=2), default=1000, show_default=True,
+              help="Images held out (scored); the same seeded split methods train beside "
+                   "(cliplab.eval.paraphrase.split_groups).")
+@click.option("--all", "use_all", is_flag=True, help="Score every image's captions instead of the held-out split.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split.")
+@precision_option()
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@json_option(help="Print the result as JSON.")
+def paraphrase_cmd(model, pooling, data_path, held_out, use_all, seed, precision, batch_size, as_json):
+    """Caption-to-caption retrieval: for each caption, are the other captions of its image ranked first?
+    R@1/5/10 and MRR on held-out images.
+
+    \b
+    Example:
+      cliplab eval paraphrase -m all-MiniLM-L6-v2 --data ../shared/data/flickr8k-1k/all_captions.csv
+    """
+    from ..eval.paraphrase import caption_retrieval, read_caption_groups, split_groups
+    from ..text import get_pooling, load_embedder
+
+    pool = get_pooling(pooling) if pooling else None
+    if not Path(data_path).is_file():
+        raise FileNotFoundError(f"no caption table at {data_path}")
+    groups = read_caption_groups(data_path)
+    if len(groups) < 2:
+        raise ValueError(f"{data_path}: {len(groups)} image(s) with two or more captions; retrieval needs at least 2")
+    scored = groups if use_all else split_groups(groups, held_out=held_out, seed=seed)[1]
+    embedder = load_embedder(model, precision=precision)
+    res = caption_retrieval(embedder, scored, pooling=pool, batch_size=batch_size)
+    res.update({"embedder": getattr(embedder, "name", str(model)), "pooling": pooling or "default",
+                "images": len(scored), "data": str(data_path), "split": "all" if use_all else
+                f"held_out={held_out},seed={seed}", "precision": precision})
+    emit(res, as_json, lambda r: click.echo(
+        f"{r['embedder']} ({r['pooling']}) on {r['n']} captions of {r['images']} images: R@1 {r['r@1']:.3f}, "
+        f"R@5 {r['r@5']:.3f}, R@10 {r['r@10']:.3f}, MRR {r['mrr']:.3f}"))
+
+
 @eval_group.command("datasets")
 @json_option()
 def datasets_cmd(as_json):

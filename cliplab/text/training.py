@@ -72,3 +72,47 @@ def fit(params: Iterable[torch.nn.Parameter], step: Callable[[int], tuple[torch.
                 window = []
     result.seconds = time.perf_counter() - t0
     return result
+
+
+# --- the registry of text-representation trainers (``cliplab textrep train SLUG``) ---------------------------------
+@dataclass(frozen=True)
+class TextTrainer:
+    """A method that trains a text embedder: ``train(model, texts, *, steps, batch_size=None, lr=None, seed=0,
+    progress=False) -> TextEmbedder`` (``None`` means the method's own default; ``model`` a name or saved directory
+    that :func:`cliplab.text.load_embedder` / :func:`cliplab.text.load_lm` read, or ``None`` for the method's
+    default model). The result saves with ``.save(dir)`` and loads back with ``load_embedder(dir)``."""
+
+    slug: str
+    train: Callable
+    default_model: str
+    summary: str
+
+
+_TRAINERS: dict[str, TextTrainer] = {}
+
+
+def register_trainer(slug: str, default_model: str, summary: str):
+    """Decorator on a method module's ``cli_train`` function (see :class:`TextTrainer`)."""
+
+    def register(fn):
+        if slug in _TRAINERS and _TRAINERS[slug].train.__module__ != fn.__module__:
+            raise ValueError(f"text trainer {slug!r} registered twice")
+        _TRAINERS[slug] = TextTrainer(slug, fn, default_model, summary)
+        return fn
+
+    return register
+
+
+def list_trainers() -> list[TextTrainer]:
+    """The registered trainers (import ``cliplab.textrep``'s modules first: ``cliplab.methods.import_capability``)."""
+    return [_TRAINERS[k] for k in sorted(_TRAINERS)]
+
+
+def get_trainer(slug: str) -> TextTrainer:
+    if slug not in _TRAINERS:
+        import difflib
+
+        close = difflib.get_close_matches(slug, list(_TRAINERS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown text trainer {slug!r}{hint} (known: {', '.join(sorted(_TRAINERS)) or 'none'})")
+    return _TRAINERS[slug]

@@ -10,7 +10,7 @@ install command.
 from .bert import BertConfig, BertEncoder, load_bert
 from .deps import MissingDependency
 from .llama import KVCache, LlamaConfig, LlamaDecoder
-from .tokenizer import TextBatch, TextTokenizer
+from .tokenizer import TextBatch, TextTokenizer, word_tokenizer
 
 __all__ = ["BertConfig", "BertEncoder", "load_bert", "MissingDependency", "KVCache", "LlamaConfig", "LlamaDecoder",
-           "TextBatch", "TextTokenizer"]
+           "TextBatch", "TextTokenizer", "word_tokenizer"]

@@ -145,3 +145,21 @@ def read_tokenizer_config(directory: Path) -> dict:
     """``tokenizer_config.json`` of a Hugging Face model folder (empty when absent)."""
     path = directory / "tokenizer_config.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def word_tokenizer(words: Sequence[str], max_length: int = 64, name: str = "words") -> TextTokenizer:
+    """A small BERT-style WordPiece tokenizer over ``words``, for tiny random models in tests and examples: ids 0-4
+    are the special tokens ``[PAD] [UNK] [CLS] [SEP] [MASK]``, then ``words`` in order (``##piece`` entries are word
+    continuations); texts are lower-cased and become ``[CLS] ... [SEP]``."""
+    tk = require("tokenizers", "word_tokenizer")
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for w in words:
+        vocab.setdefault(w.lower() if not w.startswith("##") else "##" + w[2:].lower(), len(vocab))
+    tok = tk.Tokenizer(tk.models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = tk.normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+    tok.add_special_tokens([tk.AddedToken(s, special=True) for s in specials])
+    tok.post_processor = tk.processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                          special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return TextTokenizer(tok, max_length=max_length, pad_id=0, add_special_tokens=True, name=name)
