@@ -22,6 +22,8 @@ def test_lines_skip_blanks_drop_duplicates_and_report_bad_bytes(tmp_path):
     assert c.duplicates == 1 and [line for line, _ in c.skipped] == [4]
     assert read_texts(p, dedupe=False).texts == ["a dog runs", "a dog runs", "a cat sleeps"]
     assert read_texts(p, limit=1).texts == ["a dog runs"]
+    (tmp_path / "notes").write_text("first\nsecond\n")  # no suffix: lines
+    assert read_texts(tmp_path / "notes").texts == ["first", "second"]
 
 
 def test_sts_files_give_both_sentences(tmp_path):
@@ -165,3 +167,8 @@ def test_textrep_train_then_eval_sts_on_the_real_model(tmp_path, method):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert res["n"] == 3 and method in res["embedder"]
+    # a pooling the method's embedder adds itself reaches it by name
+    own = {"gem": "gem_last", "text2token": "max", "dupmae": "dupmae_cls"}[method]
+    r = CliRunner().invoke(main, ["eval", "sts", "-m", str(out), "--data", str(sts), "-p", own, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["pooling"] == own

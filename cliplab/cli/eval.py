@@ -194,7 +194,8 @@ def _nan_to_none(obj):
               help="A text embedder: all-MiniLM-L6-v2, smollm2-135m, a directory saved by embedder.save(), or any "
                    "CLIP model name or path (its text tower).")
 @click.option("--pooling", "-p", default=None,
-              help="A registered pooling (mean, first, last, max, weighted_mean, prompteol) [default: the "
+              help="A registered pooling (mean, first, last, max, weighted_mean, prompteol) or one the embedder "
+                   "adds (a GEM model: gem_mean, gem_last; DupMAE: dupmae, dupmae_cls, dupmae_ot) [default: the "
                    "embedder's own].")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
               help="An STS-B style file: tab-separated genre, file, year, id, score, sentence 1, sentence 2.")
@@ -221,11 +222,11 @@ def sts_cmd(model, pooling, data_path, encoding, limit, tp, tp_exit, readout_lay
     import warnings
 
     from ..eval.sts import STSRowWarning, evaluate_sts, read_sts
-    from ..text import get_pooling, load_embedder
+    from ..text import load_embedder
 
     if (tp_exit is not None or readout_layer is not None) and not tp:
         raise click.BadParameter("--tp-exit and --layer go with --token-prepending", param_hint="--token-prepending")
-    pool = get_pooling(pooling) if pooling else None
+    pool = pooling or None  # a name: the embedder resolves it (methods add their own, e.g. gem_last, dupmae_cls)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", STSRowWarning)
         data = read_sts(data_path, encoding=encoding, limit=limit)
@@ -250,7 +251,8 @@ def sts_cmd(model, pooling, data_path, encoding, limit, tp, tp_exit, readout_lay
 @eval_group.command("paraphrase")
 @click.option("--model", "-m", "model", default="all-MiniLM-L6-v2", show_default=True,
               help="A text embedder, as for `cliplab eval sts`.")
-@click.option("--pooling", "-p", default=None, help="A registered pooling [default: the embedder's own].")
+@click.option("--pooling", "-p", default=None,
+              help="A pooling, as for `cliplab eval sts` [default: the embedder's own].")
 @click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
               help="A table of image,caption rows with several captions per image (Flickr8k's all_captions.csv).")
 @click.option("--held-out", type=click.IntRange(min=2), default=1000, show_default=True,
@@ -270,9 +272,9 @@ def paraphrase_cmd(model, pooling, data_path, held_out, use_all, seed, precision
       cliplab eval paraphrase -m all-MiniLM-L6-v2 --data ../shared/data/flickr8k-1k/all_captions.csv
     """
     from ..eval.paraphrase import caption_retrieval, read_caption_groups, split_groups
-    from ..text import get_pooling, load_embedder
+    from ..text import load_embedder
 
-    pool = get_pooling(pooling) if pooling else None
+    pool = pooling or None  # a name: the embedder resolves it (methods add their own, e.g. gem_last, dupmae_cls)
     if not Path(data_path).is_file():
         raise FileNotFoundError(f"no caption table at {data_path}")
     groups = read_caption_groups(data_path)

@@ -2,7 +2,7 @@
 
 Three layouts, told apart by ``fmt="auto"``:
 
-* ``lines``: a ``.txt`` file, one text per line (blank lines skipped);
+* ``lines``: a ``.txt`` file (or any file that is not a table), one text per line (blank lines skipped);
 * ``sts``: an STS-B file (tab-separated, no header, a numeric score in the fifth field): both sentences of each pair
   (read by :func:`cliplab.eval.sts.read_sts`, so its rejected lines are reported the same way);
 * ``table``: a CSV/TSV/JSONL/Parquet table (:func:`cliplab.data.tables.read_table_rows`), one text per row from
@@ -53,12 +53,14 @@ def _looks_like_sts(path: Path, encoding: str) -> bool:
 
 
 def detect_format(path: str | Path, encoding: str = "utf-8") -> str:
+    """``sts`` for an STS-B file, ``table`` for a CSV/TSV/JSONL/Parquet table, ``lines`` for anything else."""
+    from ..data.tables import TABLE_SUFFIXES
+
     path = Path(path)
-    if path.suffix.lower() == ".txt":
-        return "lines"
-    if _looks_like_sts(path, encoding):
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv") and _looks_like_sts(path, encoding):
         return "sts"
-    return "table"
+    return "table" if suffix in TABLE_SUFFIXES else "lines"
 
 
 def read_texts(path: str | Path, *, fmt: str = "auto", column: str | None = None, encoding: str = "utf-8",
