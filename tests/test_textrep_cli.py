@@ -22,6 +22,8 @@ def test_lines_skip_blanks_drop_duplicates_and_report_bad_bytes(tmp_path):
     assert c.duplicates == 1 and [line for line, _ in c.skipped] == [4]
     assert read_texts(p, dedupe=False).texts == ["a dog runs", "a dog runs", "a cat sleeps"]
     assert read_texts(p, limit=1).texts == ["a dog runs"]
+    with pytest.raises(ValueError, match="unknown text encoding"):
+        read_texts(p, encoding="utf-9")
     (tmp_path / "notes").write_text("first\nsecond\n")  # no suffix: lines
     assert read_texts(tmp_path / "notes").texts == ["first", "second"]
 
@@ -172,3 +174,13 @@ def test_textrep_train_then_eval_sts_on_the_real_model(tmp_path, method):
     r = CliRunner().invoke(main, ["eval", "sts", "-m", str(out), "--data", str(sts), "-p", own, "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["pooling"] == own
+
+
+def test_textrep_train_reports_unreadable_lines(tmp_path, fake_trainer):
+    p = tmp_path / "t.txt"
+    p.write_bytes(b"good one\n" + b"bad \xff\n" * 7 + b"good two\n")
+    r = CliRunner().invoke(main, ["textrep", "train", "fake_method", "--texts", str(p), "--steps", "1",
+                                  "-o", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("t.txt:") == 5 and "and 2 more unreadable line(s)" in r.output
+    assert fake_trainer[-1]["texts"] == ["good one", "good two"]

@@ -92,6 +92,8 @@ def train_cmd(method, model, texts_path, column, fmt, encoding, limit, steps, ba
     click.echo(f"{method}: {corpus.summary()}", err=True)
     for line, why in corpus.skipped[:5]:
         click.echo(f"warning: {Path(texts_path).name}:{line}: {why}", err=True)
+    if len(corpus.skipped) > 5:
+        click.echo(f"warning: ... and {len(corpus.skipped) - 5} more unreadable line(s)", err=True)
     t0 = time.perf_counter()
     with warnings_to_stderr(), on_interrupt(f"nothing was saved to {out}; run the command again"):
         embedder = trainer.train(model or trainer.default_model, corpus.texts, steps=steps, batch_size=batch_size,

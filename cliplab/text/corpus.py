@@ -15,6 +15,7 @@ never silently lost.
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def read_texts(path: str | Path, *, fmt: str = "auto", column: str | None = None
         raise FileNotFoundError(f"no text file at {path}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    try:
+        codecs.lookup(encoding)  # an unknown encoding fails now, as one clear error
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
     fmt = detect_format(path, encoding) if fmt == "auto" else fmt
     if column is not None and fmt != "table":
         raise ValueError(f"column={column!r} applies to a table, and {path.name} reads as {fmt}")
