@@ -251,9 +251,12 @@ def test_train_gem_keywords_reach_fit_and_the_loss(monkeypatch):
 
     monkeypatch.setattr(training, "fit", fake_fit)
     monkeypatch.setattr(gem, "gem_loss", fake_loss)
-    out = train_gem(emb, texts, steps=7, batch_size=5, lr=3e-3, ntp_fraction=1.0, prefix_loss=False, use_mask=False,
-                    train_blocks=1, train_embeddings=True, max_tokens=4, warmup=2, weight_decay=0.1, seed=9,
-                    progress=False, log_every=3)
+    from cliplab.models.tokenizer import TruncationWarning
+
+    with pytest.warns(TruncationWarning, match="were cut to max_tokens=4"):  # the crop is said, not silent
+        out = train_gem(emb, texts, steps=7, batch_size=5, lr=3e-3, ntp_fraction=1.0, prefix_loss=False,
+                        use_mask=False, train_blocks=1, train_embeddings=True, max_tokens=4, warmup=2,
+                        weight_decay=0.1, seed=9, progress=False, log_every=3)
     assert out == "result"
     fit_kw = calls["fit"]
     assert {k: fit_kw[k] for k in ("steps", "lr", "warmup", "weight_decay", "seed", "progress", "log_every")} == \

@@ -387,8 +387,12 @@ def train_gem(embedder: GEMEmbedder, texts: Sequence[str], *, steps: int, batch_
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     model = embedder.model
     tok = embedder.tokenizer
-    rows = [r[:max_tokens] for r in (tok.encode(t) for t in texts)]
-    rows = [r for r in rows if r]
+    encoded = [tok.encode(t) for t in texts]
+    cut = sum(len(r) > max_tokens for r in encoded)
+    if cut:  # a training crop, as the papers' scripts do, but said
+        warnings.warn(f"train_gem: {cut} of {len(encoded)} texts were cut to max_tokens={max_tokens} tokens",
+                      TruncationWarning, stacklevel=2)
+    rows = [r[:max_tokens] for r in encoded if r]
     if not rows:
         raise ValueError("no text has a token")
     params = [embedder.specials, *_trainable(model, train_blocks, train_embeddings)]
