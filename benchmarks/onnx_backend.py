@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import cliplab
 from cliplab.export import export_onnx, load_onnx
-from suite import DATA, best_rate, load_captions  # the suite's caption sample and timer (same directory)
+from common import DATA, best_rate, load_captions  # the caption sample and timer shared with suite.py
 
 CAPTIONS = DATA / "all_captions.csv"
 

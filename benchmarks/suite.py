@@ -25,11 +25,9 @@ Run it on a quiet machine: every figure is a rate on shared cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
-import random
 import resource
 import subprocess
 import sys
@@ -42,61 +40,13 @@ import torch
 import torch.nn.functional as F
 
 import cliplab
-from cliplab.export.parity import random_captions
 from cliplab.models.flops import image_flops, text_flops
 from cliplab.models.layouts.hf import config_to_hf
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k-1k"
+from common import DATA, best_rate, flickr_pairs, flickr_photos, interleaved, load_captions  # shared inputs and timer (same directory)
+
 TEXT_BATCH = 256
 PATHS = ("transformers fp32", "transformers bf16 autocast", "cliplab exact", "cliplab fast")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# inputs
-
-
-def load_captions(n: int, seed: int = 0) -> list[str]:
-    path = DATA / "all_captions.csv"
-    if path.exists():
-        with path.open(newline="", encoding="utf-8") as f:
-            caps = [row["caption"] for row in csv.DictReader(f)]
-    else:  # keeps the suite runnable without the shared data; the report says which
-        caps = random_captions(n, seed=seed, max_words=25)
-    random.Random(seed).shuffle(caps)
-    return caps[:n]
-
-
-def flickr_photos(n: int) -> list[Path]:
-    return sorted((DATA / "images").glob("*.jpg"))[:n] if (DATA / "images").exists() else \
-        sorted(DATA.rglob("*.jpg"))[:n]
-
-
-def flickr_pairs(n: int) -> tuple[list[Path], list[str]]:
-    """Photos with their first caption (for the retrieval overlap)."""
-    path = DATA / "captions.csv"
-    photos = flickr_photos(n)
-    first: dict[str, str] = {}
-    if path.exists():
-        with path.open(newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                key = Path(row.get("image") or row.get("filename") or "").name
-                first.setdefault(key, row["caption"])
-    return [p for p in photos if p.name in first], [first[p.name] for p in photos if p.name in first]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# timing
-
-
-def best_rate(fn, work: float, repeats: int) -> float:
-    """``work`` units per second, best of ``repeats`` timed calls after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return work / best
 
 
 def matmul_peaks(repeats: int = 5) -> dict[str, float]:
@@ -153,20 +103,6 @@ def path_functions(label: str, ref, exact, fast, captions: list[str], text_batch
     model = fast if label == "cliplab fast" else exact
     return (lambda: model.encode_texts(captions, batch_size=TEXT_BATCH), lambda px: model.encode_image(px),
             nullcontext)
-
-
-def interleaved(fns: dict[str, object], work: float, repeats: int, ctxs: dict[str, object]) -> dict[str, float]:
-    """Best rate of each path, timing the paths in turn each round, so a drift in machine speed hits all alike."""
-    best = {label: float("inf") for label in fns}
-    for r in range(repeats + 1):  # round 0 warms up
-        for label, fn in fns.items():
-            with torch.inference_mode(), ctxs[label]():
-                t = time.perf_counter()
-                fn()
-                elapsed = time.perf_counter() - t
-            if r:
-                best[label] = min(best[label], elapsed)
-    return {label: work / t for label, t in best.items()}
 
 
 def measure_arch(arch: str, args, peaks: dict[str, float]) -> list[dict]:
@@ -433,6 +369,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--no-onnx", dest="onnx", action="store_false")
+    ap.add_argument("--families", default="",
+                    help="also time these SigLIP / ResNet archs against their references (benchmarks/families.py), "
+                         "e.g. ViT-B-16-SigLIP,RN50-quickgelu")
     ap.add_argument("--quick", action="store_true", help="ViT-B-32 only, fewer inputs (a few minutes)")
     ap.add_argument("--out", help="also write the Markdown report (and a .json of the raw figures) here")
     ap.add_argument("--probe-memory", nargs=3, metavar=("ARCH", "PATH", "BATCH"), help=argparse.SUPPRESS)
@@ -467,6 +406,12 @@ def main() -> None:
     decode = decode_study(args)
     onnx = onnx_rows(archs[0], args) if args.onnx else []
     text = report(meta, peaks, results, fid, decode, onnx)
+    if args.families:
+        import families
+
+        fam_args = argparse.Namespace(image_batch=16, texts=256, text_batch=64, repeats=args.repeats)
+        fam = {arch: families.measure(arch, fam_args) for arch in args.families.split(",")}
+        text += "\n" + families.report(meta, fam, fam_args).replace("# Other families", "## Other families", 1)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -24,7 +24,7 @@ from .models import (
 from .index import Index  # noqa: E402  (the vector index: Index.build / Index.load / index.search)
 from .export import load_onnx  # noqa: E402  (the ONNX Runtime backend; onnxruntime is imported on first use)
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "CLIP", "CheckpointError", "ModelConfig", "convert", "create_model", "get_config", "list_models",

@@ -295,7 +295,7 @@ def test_models_lists_parameter_counts(tmp_path):
     data = json.loads(_run(["models", "--json"]).stdout)
     assert data["parameters"]["test-tiny"] == sum(p.numel() for p in cliplab.create_model("test-tiny").parameters())
     assert set(data["text_models"]) == {"all-MiniLM-L6-v2", "smollm2-135m"} and "shapes-tiny" in data["pretrained"]
-    assert json.loads(_run(["models", "test-*", "--json"]).stdout)["architectures"] == ["test-tiny"]
+    assert json.loads(_run(["models", "test-*", "--json"]).stdout)["architectures"] == ["test-tiny", "test-tiny-resnet"]
 
 
 @pytest.mark.parametrize("content,expect", [

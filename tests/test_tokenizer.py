@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cliplab.models import tokenizer as T
+from cliplab.models import text_normalization as N, tokenizer as T
 from cliplab.models.tokenizer import (
     EOT_ID,
     PAD_ID,
@@ -478,7 +478,7 @@ def test_offsets_deleted_and_adjacent_groups(tok):
     ids, spans = tok.encode_with_offsets(text)
     assert spans == [(0, 5), (9, 12), (16, 19), (19, 22)]
     # the generic alignment leaves deleted escapes out of a replaced group
-    assert T._align("\x1b[0m\u201c", '"') == [(4, 5)]
+    assert N._align("\x1b[0m\u201c", '"') == [(4, 5)]
 
 
 def test_offsets_examples(tok):

@@ -27,11 +27,13 @@ def list_models_cmd(pattern: str, as_json: bool):
     from ..models.hub import cached_clip_models, hf_cache_dir
     from ..models.lm.pretrained import available as text_models
 
-    archs = [{"name": n, "parameters": _parameters(get_config(n))} for n in cliplab.list_models(pattern)]
+    archs = [{"name": n, "parameters": _parameters(get_config(n)), "family": get_config(n).family}
+             for n in cliplab.list_models(pattern)]
     pretrained = [n for n in cliplab.list_pretrained() if fnmatch.fnmatch(n.lower(), pattern.lower())]
     cached = {k: str(v) for k, v in cached_clip_models().items() if fnmatch.fnmatch(k.lower(), pattern.lower())}
     text = {k: v for k, v in text_models().items() if fnmatch.fnmatch(k.lower(), pattern.lower())}
     data = {"architectures": [a["name"] for a in archs], "parameters": {a["name"]: a["parameters"] for a in archs},
+            "family": {a["name"]: a["family"] for a in archs},
             "pretrained": pretrained, "hf_cache": cached, "hf_cache_dir": str(hf_cache_dir()), "text_models": text}
 
     def render(d):
@@ -39,7 +41,7 @@ def list_models_cmd(pattern: str, as_json: bool):
             click.echo("architectures (cliplab.create_model; -m NAME gives random weights, "
                        "-m NAME --pretrained FILE loads a checkpoint):")
             for n in d["architectures"]:
-                click.echo(f"  {n:<28} {d['parameters'][n] / 1e6:8.1f}M parameters")
+                click.echo(f"  {n:<28} {d['family'][n]:<7} {d['parameters'][n] / 1e6:8.1f}M parameters")
         click.echo("available on this machine:")
         for n in d["pretrained"]:
             click.echo(f"  {n:<28} shipped with cliplab")

@@ -5,6 +5,7 @@ external data; :mod:`cliplab.data.tables`, reading tables of image paths and cap
 (bad rows as data, one rule for relative image paths).
 """
 
+from . import synthetic
 from .synthetic import *  # noqa: F401,F403
 from .synthetic import __all__ as _synthetic_all
 

@@ -104,7 +104,7 @@ def image_space_params(model) -> dict[str, Any]:
 
 def text_space_params(model) -> dict[str, Any]:
     """What a text embedding depends on besides the model and the text: the tokenizer."""
-    return {"kind": "text", "tokenizer": model.config.tokenizer, "context_length": model.config.text.context_length}
+    return {"kind": "text", "tokenizer": getattr(model, "tokenizer_id", model.config.tokenizer), "context_length": model.config.text.context_length}
 
 
 # --- storage -------------------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def export_onnx(model: CLIP, directory: str | Path, towers: Sequence[str] | str 
         for tower in towers:
             entries[tower] = _export_tower(fp32, tower, directory, opset)
     write_config(directory, model.config)
+    if model.checkpoint_tokenizer is not None:  # the tokenizer the checkpoint shipped travels with its graphs
+        model.checkpoint_tokenizer.save(directory)
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -93,6 +95,7 @@ def export_onnx(model: CLIP, directory: str | Path, towers: Sequence[str] | str 
         "versions": _versions(),
         "source_dtype": str(model.dtype).removeprefix("torch."),
         "logit_scale": float(model.logit_scale.detach().float().cpu()),
+        "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach().float().cpu()),
         "towers": entries,
         "quantized": False,
         "quantization": None,
@@ -237,7 +240,7 @@ def _opset_of(path: Path) -> int:
 
 
 def _versions() -> dict[str, str]:
-    from .. import __version__
+    from ..version import __version__
 
     return {"torch": torch.__version__, "onnx": require("onnx").__version__,
             "onnxscript": require("onnxscript").__version__, "cliplab": __version__,

@@ -25,6 +25,7 @@ from .manifest import OnnxExportError, read_config, read_manifest
 if TYPE_CHECKING:
     from ..models.config import ModelConfig
     from ..models.preprocess import Preprocessor
+    from ..models.hf_tokenizer import CheckpointTokenizer
     from ..models.tokenizer import CLIPTokenizer, TokenizedBatch
 
 
@@ -137,8 +138,9 @@ class OnnxCLIP:
             raise ValueError(f"token ids have length {ids.shape[1]} > context length {self.config.text.context_length}")
         if ids.shape[0] == 0:
             return torch.empty(0, self.config.embed_dim)
-        ids = np.ascontiguousarray(ids[:, : int(self.eot_index(ids).max()) + 1])
-        (out,) = self.session("text").run(None, {TEXT_INPUT: ids})
+        if self.config.text.causal and self.config.text.pool == "eot":  # SigLIP: padding counts, never cut
+            ids = ids[:, : int(self.eot_index(ids).max()) + 1]
+        (out,) = self.session("text").run(None, {TEXT_INPUT: np.ascontiguousarray(ids)})
         return _maybe_normalize(torch.from_numpy(out), normalize)
 
     def eot_index(self, ids: np.ndarray) -> np.ndarray:
@@ -161,16 +163,28 @@ class OnnxCLIP:
     def forward(self, pixels, tokens) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits_per_image, logits_per_text)`` like :meth:`cliplab.CLIP.forward`."""
         logits = self.logit_scale.exp() * self.encode_image(pixels, True) @ self.encode_text(tokens, True).t()
+        if self.manifest.get("logit_bias") is not None:  # SigLIP
+            logits = logits + float(self.manifest["logit_bias"])
         return logits, logits.t()
 
     __call__ = forward
 
     # --- text and image front ends (the same classes as the PyTorch model) -------------------------------------------
     @cached_property
-    def tokenizer(self) -> CLIPTokenizer:
+    def tokenizer(self) -> CLIPTokenizer | CheckpointTokenizer:
+        """The exported model's own tokenizer (``tokenizer.json`` written by the export), else OpenAI's BPE."""
+        from ..models.hf_tokenizer import TOKENIZER_FILE, CheckpointTokenizer
         from ..models.tokenizer import CLIPTokenizer
 
+        if (self.directory / TOKENIZER_FILE).is_file():
+            return CheckpointTokenizer.from_dir(self.directory, context_length=self.config.text.context_length,
+                                                pool=self.config.text.pool)
         return CLIPTokenizer(context_length=self.config.text.context_length)
+
+    @property
+    def tokenizer_id(self) -> str:
+        tok = self.tokenizer
+        return tok.fingerprint if hasattr(tok, "fingerprint") else self.config.tokenizer
 
     def tokenize(self, texts: str | Sequence[str], truncate: bool = True) -> TokenizedBatch:
         """Tokenize to this model's context length; truncation is reported (warning + flags), or refused."""

@@ -311,11 +311,10 @@ class Index:
             w.write_table(self.metadata)
         os.replace(tmp, d / META_FILE)
         from ..pipeline.shards import atomic_write_json
-
-        import cliplab
+        from ..version import __version__
 
         atomic_write_json(d / INFO_FILE, {**self.info, "faiss_version": getattr(_faiss(), "__version__", "?"),
-                                          "cliplab_version": cliplab.__version__})
+                                          "cliplab_version": __version__})
         return d
 
     @classmethod

@@ -62,6 +62,7 @@ from ..methods import register_method
 from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
 from ..tokens import word_scores
+from .clipscore import CLIPSCORE_W, TEMPLATE, prepare_images, with_template  # re-exported: shared with CLIPScore
 
 register_method("clip4dm", "Extract Free Dense Misalignment from CLIP",
                 "word-level misalignment from grad x attention on the text encoder (no clamp) + F-CLIPScore",
@@ -70,9 +71,7 @@ register_method("clip4dm", "Extract Free Dense Misalignment from CLIP",
 __all__ = ["TEMPLATE", "EPSILON", "CLIPSCORE_W", "TextAttribution", "Misalignment", "text_attribution",
            "caption_word_scores", "detect_misalignment", "f_clip_score", "prepare_images"]
 
-TEMPLATE = "A photo depicts "
 EPSILON = -5e-5
-CLIPSCORE_W = 2.5
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)  # a letter or digit
 
 
@@ -118,23 +117,6 @@ class Misalignment:
     f_clip_score: float
     mode: str = "threshold"
     token_scores: torch.Tensor | None = field(default=None, repr=False)
-
-
-def prepare_images(model, images) -> torch.Tensor:
-    """PIL images / paths (one or a list) or preprocessed pixels ``[3, S, S]`` / ``[B, 3, S, S]`` -> ``[B, 3, S, S]``
-    on the model's device."""
-    if isinstance(images, torch.Tensor):
-        pixels = images if images.dim() == 4 else images.unsqueeze(0)
-    else:
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        pixels = model.preprocessor.batch(items)
-    return pixels.to(model.device)
-
-
-def _with_template(template: str, caption: str) -> str:
-    if template and not template[-1].isspace():
-        template += " "
-    return template + caption
 
 
 def text_attribution(model, images, texts: Sequence[str] | TokenizedBatch | torch.Tensor, *, start_layer: int = -3,
@@ -238,7 +220,7 @@ def detect_misalignment(model, images, captions: str | Sequence[str], *, mode: s
     :class:`Misalignment` per caption.
     """
     captions = [captions] if isinstance(captions, str) else list(captions)
-    texts = [_with_template(template, c) for c in captions]
+    texts = [with_template(template, c) for c in captions]
     skip = len(template.split())
     batch = model.tokenize(texts)
     att = text_attribution(model, images, batch, start_layer=start_layer, clamp=clamp)

@@ -18,9 +18,28 @@ from typing import Sequence
 import torch
 
 from ..eval.metrics import clip_score as _clip_score, ref_clip_score as _ref_clip_score
-from .clip4dm import CLIPSCORE_W, TEMPLATE, _with_template, prepare_images
 
-__all__ = ["clip_score", "ref_clip_score", "encode_pairs"]
+__all__ = ["clip_score", "ref_clip_score", "encode_pairs", "prepare_images", "with_template", "TEMPLATE", "CLIPSCORE_W"]
+
+TEMPLATE = "A photo depicts "  # Hessel et al.'s caption prefix
+CLIPSCORE_W = 2.5  # CLIP-S's rescaling weight w
+
+
+def prepare_images(model, images) -> torch.Tensor:
+    """PIL images / paths (one or a list) or preprocessed pixels ``[3, S, S]`` / ``[B, 3, S, S]`` -> ``[B, 3, S, S]``
+    on the model's device."""
+    if isinstance(images, torch.Tensor):
+        pixels = images if images.dim() == 4 else images.unsqueeze(0)
+    else:
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        pixels = model.preprocessor.batch(items)
+    return pixels.to(model.device)
+
+
+def with_template(template: str, caption: str) -> str:
+    if template and not template[-1].isspace():
+        template += " "
+    return template + caption
 
 
 @torch.no_grad()
@@ -30,7 +49,7 @@ def encode_pairs(model, images, captions: str | Sequence[str], prefix: str = TEM
     captions = [captions] if isinstance(captions, str) else list(captions)
     pixels = prepare_images(model, images)
     img = torch.cat([model.encode_image(pixels[i: i + batch_size]) for i in range(0, len(pixels), batch_size)])
-    txt = model.encode_texts([_with_template(prefix, c) for c in captions], batch_size=batch_size)
+    txt = model.encode_texts([with_template(prefix, c) for c in captions], batch_size=batch_size)
     if img.shape[0] == 1 and len(captions) > 1:
         img = img.expand(len(captions), -1)
     if img.shape[0] != txt.shape[0]:
@@ -51,6 +70,6 @@ def ref_clip_score(model, images, captions: str | Sequence[str], references: Seq
     img, txt = encode_pairs(model, images, captions, prefix)
     if len(references) != txt.shape[0]:
         raise ValueError(f"{len(references)} reference lists for {txt.shape[0]} captions")
-    refs = [model.encode_texts([_with_template(prefix, r) for r in rs]) if len(rs)
+    refs = [model.encode_texts([with_template(prefix, r) for r in rs]) if len(rs)
             else txt.new_zeros(0, txt.shape[1]) for rs in references]
     return _ref_clip_score(img, txt, refs, w)

@@ -54,15 +54,25 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         eps = config.layer_norm_eps
-        self.visual = VisionTower(config.vision, config.embed_dim, eps)
+        if config.vision.is_resnet:
+            from .resnet import ResNetTower
+
+            self.visual = ResNetTower(config.vision, config.embed_dim)
+        else:
+            self.visual = VisionTower(config.vision, config.embed_dim, eps)
         self.text = TextTower(config.text, config.embed_dim, eps)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        # SigLIP's learned bias on the pairwise logits; CLIP's softmax models have none.
+        bias = config.init_logit_bias
+        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
 
     @torch.no_grad()
     def init_weights(self) -> "CLIP":
         self.visual.init_weights()
         self.text.init_weights()
         self.logit_scale.fill_(self.config.init_logit_scale)
+        if self.logit_bias is not None:
+            self.logit_bias.fill_(self.config.init_logit_bias)
         return self
 
     # --- encoders ----------------------------------------------------------------------------------------------------
@@ -111,7 +121,14 @@ class CLIP(nn.Module):
 
     def tower_layers(self) -> dict[str, int]:
         """Blocks per tower, for hook sets (``cliplab.tokens.InterventionSet.bind``)."""
-        return {"text": len(self.text.transformer.blocks), "image": len(self.visual.transformer.blocks)}
+        image = () if self.config.vision.is_resnet else self.visual.transformer.blocks  # a ResNet has no blocks
+        return {"text": len(self.text.transformer.blocks), "image": len(image)}
+
+    @property
+    def missing_sites(self) -> dict[str, str]:
+        """``"tower.place"`` -> why that hook site does not exist in this model (a ResNet image tower has only
+        ``tokens``); ``cliplab.tokens`` refuses interventions there with the reason."""
+        return {f"image.{place}": why for place, why in getattr(self.visual, "missing_sites", {}).items()}
 
     # --- hooks made active for every call (``cliplab.tokens.intervene`` manages this) -------------------------------
     active_hooks: Hooks | None = None
@@ -151,18 +168,58 @@ class CLIP(nn.Module):
         return torch.cat(out) if out else torch.empty(0, self.config.embed_dim)
 
     def forward(self, pixels: torch.Tensor, tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(logits_per_image, logits_per_text)`` like the reference implementations."""
+        """Returns ``(logits_per_image, logits_per_text)`` like the reference implementations (SigLIP's include its
+        learned bias)."""
         img = self.encode_image(pixels, normalize=True)
         txt = self.encode_text(tokens, normalize=True)
         logits = self.logit_scale.exp() * img @ txt.t()
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
         return logits, logits.t()
 
     # --- text and image front ends -----------------------------------------------------------------------------------
+    #: the tokenizer its checkpoint shipped (``tokenizer.json``, :mod:`.hf_tokenizer`); None: OpenAI's BPE
+    checkpoint_tokenizer = None
+
     @cached_property
     def tokenizer(self) -> "CLIPTokenizer":
+        if self.checkpoint_tokenizer is not None:  # at the current context length (set_context_length drops this)
+            return self.checkpoint_tokenizer.with_context_length(self.config.text.context_length)
         from .tokenizer import CLIPTokenizer
 
+        if self.config.text.vocab_size < CLIPTokenizer.vocab_size:  # its ids would index past the embedding table
+            raise ValueError(f"{self.config.name}: the text tower embeds {self.config.text.vocab_size} tokens, not "
+                             f"OpenAI's BPE ({CLIPTokenizer.vocab_size}), and no tokenizer came with the weights: load "
+                             "it from a directory that ships its tokenizer.json, or call "
+                             "model.set_tokenizer('tokenizer.json')")
         return CLIPTokenizer(context_length=self.config.text.context_length)
+
+    def set_tokenizer(self, path: str | Path) -> "CLIP":
+        """Tokenize with ``path`` (a ``tokenizer.json``, or a directory holding one, e.g. a SigLIP checkpoint's),
+        checked against the text tower as loading checks it; ``save`` writes it along. Returns the model."""
+        from .hf_tokenizer import TOKENIZER_FILE, attach_checkpoint_tokenizer
+
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        if path.is_file() and path.name != TOKENIZER_FILE:
+            raise ValueError(f"{path}: name the tokenizer file {TOKENIZER_FILE} (its side files are read beside it)")
+        if not (directory / TOKENIZER_FILE).is_file():
+            raise FileNotFoundError(f"no {TOKENIZER_FILE} at {directory}")
+        before = self.config.tokenizer
+        self.config.tokenizer = "openai-clip-bpe"  # look for tokenizer.json itself, not a previously recorded file
+        try:
+            attach_checkpoint_tokenizer(self, directory)
+        except Exception:
+            self.config.tokenizer = before  # a refused tokenizer leaves the model as it was
+            raise
+        return self
+
+    @property
+    def tokenizer_id(self) -> str:
+        """Which tokenizer this model uses: ``config.tokenizer`` (OpenAI's BPE), or the shipped tokenizer's
+        fingerprint (caches and embedding jobs key on it)."""
+        tok = self.checkpoint_tokenizer
+        return self.config.tokenizer if tok is None else tok.fingerprint
 
     def tokenize(self, texts: str | Sequence[str], truncate: bool = True) -> "TokenizedBatch":
         """Tokenize to this model's context length; truncation is reported (warning + flags), or refused."""
@@ -228,6 +285,8 @@ class CLIP(nn.Module):
         save_file(state, str(directory / NATIVE_WEIGHTS_FILE), metadata={"format": "cliplab"})
         meta = {"format": "cliplab", "format_version": NATIVE_FORMAT_VERSION, "config": self.config.to_dict()}
         (directory / NATIVE_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if self.checkpoint_tokenizer is not None:  # its files, which config.tokenizer names
+            self.checkpoint_tokenizer.save(directory)
         return directory
 
     def extra_repr(self) -> str:

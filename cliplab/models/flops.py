@@ -4,6 +4,10 @@ Counted: patch embedding (or the convolutional stem and its 1x1 projection), q/k
 and weighted sums, the MLP, the output projection.
 Not counted: LayerNorms, softmax, activations and additions (a few percent of the total at CLIP sizes). ViT-B/32 comes
 to 8.82 GFLOPs per 224 px image, the figure usually quoted for it.
+
+The ViT image tower and the causal text tower are counted by formula; the other image towers (SigLIP's probe-pooled
+ViT, OpenAI's ModifiedResNet) by PyTorch's ``FlopCounterMode`` on a shapes-only (meta-device) forward pass, which
+counts the same kinds of work (convolutions, matmuls, attention) and allocates nothing.
 """
 
 from __future__ import annotations
@@ -21,8 +25,24 @@ def _blocks(n: int, width: int, mlp_dim: int, layers: int, causal: bool = False)
     return layers * (linear + scores)
 
 
+def _counted_image_flops(config: ModelConfig) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .clip import CLIP
+
+    with torch.device("meta"):
+        model = CLIP(config).requires_grad_(False)  # FlopCounterMode's module tracker trips on leaf inputs otherwise
+        pixels = torch.empty(1, 3, config.vision.image_size, config.vision.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.visual(pixels)
+    return int(counter.get_total_flops())
+
+
 def image_flops(config: ModelConfig) -> int:
     """Matmul FLOPs to encode one image."""
+    if config.family != "vit":
+        return _counted_image_flops(config)
     v = config.vision
     patches = v.grid_size**2
     embed = 2 * patches * 3 * v.patch_size**2 * v.width
@@ -37,6 +57,7 @@ def image_flops(config: ModelConfig) -> int:
 
 
 def text_flops(config: ModelConfig, length: int) -> int:
-    """Useful matmul FLOPs to encode one text of ``length`` tokens (SOT and EOT included); padding not counted."""
+    """Useful matmul FLOPs to encode one text of ``length`` tokens (SOT and EOT included); padding not counted. A
+    bidirectional tower (SigLIP) attends over every position it is given: pass its fixed context length."""
     t = config.text
-    return _blocks(int(length), t.width, t.mlp_dim, t.layers, causal=True) + 2 * t.width * config.embed_dim
+    return _blocks(int(length), t.width, t.mlp_dim, t.layers, causal=t.causal) + 2 * t.width * config.embed_dim

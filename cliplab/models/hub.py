@@ -58,7 +58,7 @@ def find_cached(repo_id: str) -> Path | None:
 
 
 def cached_clip_models() -> dict[str, Path]:
-    """``{repo_id: snapshot}`` of the CLIP-family checkpoints in the local cache (``model_type`` clip)."""
+    """``{repo_id: snapshot}`` of the CLIP-family checkpoints in the local cache (``model_type`` clip or siglip)."""
     root = hf_cache_dir()
     out: dict[str, Path] = {}
     if not root.is_dir():
@@ -72,6 +72,6 @@ def cached_clip_models() -> dict[str, Path]:
             model_type = json.loads(cfg.read_text()).get("model_type")
         except (OSError, ValueError):
             continue
-        if model_type == "clip":
+        if model_type in ("clip", "siglip"):
             out[repo_dir.name[len("models--"):].replace("--", "/", 1)] = snap
     return out

@@ -28,10 +28,12 @@ import torch
 
 from .clip import PRECISIONS, NATIVE_CONFIG_FILE, NATIVE_WEIGHTS_FILE, CLIP
 from .config import ModelConfig
+from .hf_tokenizer import attach_checkpoint_tokenizer
 from .hub import cached_clip_models, find_cached, hf_cache_dir, looks_like_repo_id
 from .layouts import CheckpointError, detect_layout, get_layout
 from .layouts.base import describe_key_problems
 from .layouts.hf import config_from_hf, config_to_hf, preprocessor_to_hf
+from .layouts.siglip import config_from_siglip, config_to_siglip, preprocessor_to_siglip
 from .registry import find_matching_config, get_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -177,21 +179,30 @@ def _load_native_dir(d: Path) -> CLIP:
     if meta.get("format") != "cliplab":
         raise CheckpointError(f"{d / NATIVE_CONFIG_FILE}: not a cliplab model config")
     cfg = ModelConfig.from_dict(meta["config"])
-    return build_from_state(read_state_dict(d / NATIVE_WEIGHTS_FILE), cfg)
+    model = build_from_state(read_state_dict(d / NATIVE_WEIGHTS_FILE), cfg)
+    attach_checkpoint_tokenizer(model, d)
+    return model
+
+
+#: ``model_type`` of a Hugging Face config.json -> (layout, config reader); anything else reads as CLIP.
+_HF_DIR_KINDS = {"siglip": ("siglip", config_from_siglip), "siglip2": ("siglip", config_from_siglip)}
 
 
 def _load_hf_dir(d: Path, arch=None) -> CLIP:
     hf = json.loads((d / "config.json").read_text())
     pre_path = d / "preprocessor_config.json"
     pre = json.loads(pre_path.read_text()) if pre_path.exists() else None
+    layout, from_hf = _HF_DIR_KINDS.get(hf.get("model_type", "clip"), ("hf", config_from_hf))  # siglip(2): its own
     if arch is not None:
         cfg = resolve_arch(arch)
     else:
-        cfg = config_from_hf(hf, pre, name=d.name)
+        cfg = from_hf(hf, pre, name=d.name)
         cfg = cfg.replace(name=find_matching_config(cfg) or cfg.name)
     for fname in ("model.safetensors", "pytorch_model.bin"):
         if (d / fname).exists():
-            return model_from_state(read_state_dict(d / fname), arch=cfg, layout="hf")
+            model = model_from_state(read_state_dict(d / fname), arch=cfg, layout=layout)
+            attach_checkpoint_tokenizer(model, d)
+            return model
     raise CheckpointError(f"{d}: Hugging Face config found but no model.safetensors or pytorch_model.bin")
 
 
@@ -270,23 +281,32 @@ def not_found_message(name: str) -> str:
 def export_state(model: CLIP, layout: str) -> dict[str, torch.Tensor]:
     """The model's tensors in another layout (exact: renames, transposes and splits only)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_layout(layout).from_cliplab(state, model.config)
+    return get_layout(_hf_layout_of(model, layout)).from_cliplab(state, model.config)
+
+
+def _hf_layout_of(model: CLIP, layout: str) -> str:
+    """A SigLIP model's Hugging Face layout is ``SiglipModel``'s, not ``CLIPModel``'s."""
+    return "siglip" if layout == "hf" and model.config.family == "siglip" else layout
 
 
 def convert(model: CLIP, layout: str, out: str | Path) -> Path:
     """Write ``model`` in ``layout``: ``cliplab`` (a directory), ``hf`` (a directory ``CLIPModel.from_pretrained``
-    reads) or ``openai`` (a single ``.safetensors`` file)."""
+    reads; for a SigLIP model, ``SiglipModel``'s; ``siglip`` names that layout too) or ``openai`` (a single
+    ``.safetensors`` file)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if layout == "cliplab":
         return model.save(out)
     state = export_state(model, layout)
-    if layout == "hf":
+    layout = _hf_layout_of(model, layout)
+    if layout in ("hf", "siglip"):
+        to_hf, pre_to_hf = (config_to_hf, preprocessor_to_hf) if layout == "hf" else (config_to_siglip,
+                                                                                       preprocessor_to_siglip)
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
-        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_to_hf(model.config), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(to_hf(model.config), indent=2) + "\n")
+        (out / "preprocessor_config.json").write_text(json.dumps(pre_to_hf(model.config), indent=2) + "\n")
         return out
     if out.suffix != ".safetensors":
         raise ValueError(f"write the {layout} layout to a .safetensors file, got {out}")

@@ -39,6 +39,9 @@ ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, IO[by
 _INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _FILTER_SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}  # Pillow's filter radii (Resample.c)
 _CROP_ROUNDINGS = ("round", "floor")
+#: "shortest+crop": short side to S, then a centred S x S crop (CLIP); "squash": straight to S x S, no crop (SigLIP's
+#: processor, ``size={"height": S, "width": S}``)
+_RESIZE_MODES = ("shortest+crop", "squash")
 _ALPHA_POLICIES = ("drop", "white")
 _EXIF_ORIENTATION = 0x0112
 
@@ -69,6 +72,7 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     interpolation: str = "bicubic"  # "bicubic" | "bilinear"
     crop_rounding: str = "round"  # "round": OpenAI/torchvision; "floor": transformers
+    resize_mode: str = "shortest+crop"  # or "squash" (SigLIP): see _RESIZE_MODES
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)):
@@ -91,12 +95,16 @@ class PreprocessConfig:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.crop_rounding not in _CROP_ROUNDINGS:
             raise ValueError(f"crop_rounding must be one of {list(_CROP_ROUNDINGS)}, got {self.crop_rounding!r}")
+        if self.resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {list(_RESIZE_MODES)}, got {self.resize_mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (mean/std as lists)."""
         d = asdict(self)
         d["mean"] = list(self.mean)
         d["std"] = list(self.std)
+        if self.resize_mode == "shortest+crop":  # the default: CLIP configs stay as they were
+            del d["resize_mode"]
         return d
 
     @classmethod
@@ -308,6 +316,8 @@ class Preprocessor:
     def _resize_crop_rgb(self, img: Image.Image) -> Image.Image:
         s = self.config.image_size
         w, h = img.size
+        if self.config.resize_mode == "squash":  # SigLIP: both sides to S, aspect ratio not kept
+            return img if (w, h) == (s, s) else img.resize((s, s), self._resample)
         nw, nh = resized_size(w, h, s)
         top = crop_offset(nh, s, self.config.crop_rounding)
         left = crop_offset(nw, s, self.config.crop_rounding)

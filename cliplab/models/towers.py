@@ -1,4 +1,5 @@
-"""The two CLIP towers: a ViT image encoder (CLS pooling) and a causal text transformer (EOT pooling)."""
+"""The two towers: a ViT image encoder (CLS pooling, or SigLIP's attention-probe head) and a text transformer
+(causal with EOT pooling as CLIP's, or bidirectional pooled at the last position as SigLIP's)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 from .config import TextConfig, VisionConfig
 from .hooks import NO_HOOKS, Hooks, TowerOutput, run_blocks
 from .stem import ConvStem
-from .transformer import Transformer
+from .transformer import ProbeHead, Transformer, attention
 
 
 #: At inference, a large batch runs through a tower in slices of about this many tokens (``rows x sequence``), one
@@ -28,27 +29,36 @@ def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class VisionTower(nn.Module):
+    """A ViT. CLIP's: class token, pre-LayerNorm, CLS pooling and a projection. SigLIP's (``class_token=False``,
+    ``patch_bias``, ``ln_pre=False``, ``pool="map"``, ``proj=False``): patch tokens only, an attention-probe head
+    (:class:`~cliplab.models.transformer.ProbeHead`) after the final LayerNorm, features of the tower's width."""
+
     def __init__(self, cfg: VisionConfig, embed_dim: int, eps: float):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
         if cfg.stem_channels:  # hybrid ViT: CNN features, then a per-token linear map to the width
             self.stem = ConvStem(cfg.stem_channels)
-            self.patch_embed = nn.Conv2d(self.stem.out_channels, w, kernel_size=1, bias=False)
+            self.patch_embed = nn.Conv2d(self.stem.out_channels, w, kernel_size=1, bias=cfg.patch_bias)
         else:
             self.stem = nn.Identity()
-            self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
-        self.class_embedding = nn.Parameter(torch.empty(w))
+            self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias)
+        #: tokens before the patches: the class token, or none (SigLIP)
+        self.n_prefix = int(cfg.class_token)
+        if cfg.class_token:
+            self.class_embedding = nn.Parameter(torch.empty(w))
         self.pos_embed = nn.Parameter(torch.empty(cfg.num_positions, w))
-        self.ln_pre = nn.LayerNorm(w, eps=eps)
+        self.ln_pre = nn.LayerNorm(w, eps=eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, eps)
         self.ln_post = nn.LayerNorm(w, eps=eps)
-        self.proj = nn.Linear(w, embed_dim, bias=False)
+        self.head = ProbeHead(w, cfg.heads, cfg.mlp_dim, cfg.act, eps) if cfg.pool == "map" else None
+        self.proj = nn.Linear(w, embed_dim, bias=False) if cfg.proj else None
         # Max-skip: a side path from the stem's features straight to the output (see cliplab.models.stem).
         self.stem_skip = nn.Linear(self.stem.out_channels, embed_dim, bias=False) if cfg.stem_max_skip else None
 
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels ``[B, 3, H, W]`` -> ``[B, 1 + grid**2, width]``: CLS then patch embeddings, no positions yet."""
+        """Pixels ``[B, 3, H, W]`` -> ``[B, n_prefix + grid**2, width]``: CLS (none for SigLIP) then patch
+        embeddings, no positions yet."""
         return self._embed(pixels)[0]
 
     def _embed(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -61,9 +71,17 @@ class VisionTower(nn.Module):
             )
         features = self.stem(pixels.to(self.patch_embed.weight.dtype))
         x = self.patch_embed(features).flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         skip_features = features.flatten(2).transpose(1, 2) if self.stem_skip is not None else None
+        if not self.n_prefix:
+            return x, skip_features
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1), skip_features
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output ``[B, n, W]`` -> pooled features: CLS through ``ln_post`` (and ``proj``), or
+        the probe head over every token after ``ln_post``."""
+        pooled = self.ln_post(x[:, 0]) if self.head is None else self.head(self.ln_post(x))
+        return pooled if self.proj is None else self.proj(pooled)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         step = _slice_rows(pixels.shape[0], self.cfg.num_positions)
@@ -74,7 +92,7 @@ class VisionTower(nn.Module):
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x, skip_features = self._embed(pixels)
         x = self.transformer(self.ln_pre(x + self.pos_embed.to(self.patch_embed.weight.dtype)))
-        pooled = self.proj(self.ln_post(x[:, 0]))
+        pooled = self.pool(x)
         if skip_features is not None:
             pooled = pooled + self.stem_skip(skip_features.amax(1))
         return pooled
@@ -85,14 +103,23 @@ class VisionTower(nn.Module):
 
         ``keep``: patch indices to keep (``[K]`` or ``[B, K]``, into the ``grid**2`` patches), dropped after positions
         are added so kept patches keep their positions; CLS is always kept. ``prompts``: extra tokens ``[P, W]`` or
-        ``[B, P, W]`` inserted right after CLS (visual prompt tuning), before ``ln_pre``.
+        ``[B, P, W]`` inserted right after CLS (visual prompt tuning; first without a class token), before ``ln_pre``.
+
+        Shapes (``n = n_prefix + P + K`` tokens in the blocks, ``n_prefix`` 1 with a class token, 0 for SigLIP):
+        ``hidden`` ``layers + 1`` tensors ``[B, n, W]``; ``attn`` ``layers`` tensors ``[B, H, n, n]``; ``tokens``
+        ``[B, 1 + P + K, D]``, row 0 the pooled output. CLIP: the other rows are every token through ``ln_post``
+        and ``proj``. SigLIP (probe head): row ``1 + i`` is token ``i`` (prompts, then patches) after ``ln_post``
+        through the head's value path as if it attended only to itself, ``out(v(x_i))``, then the head's residual
+        MLP (``y + mlp(ln(y))``); with ``attn`` the probe's own attention ``[B, H, 1, n]`` is in
+        ``extras["head_attn"]``.
         """
         x, skip_features = self._embed(pixels)
         x = hooks.input("image", x)
         x = x + hooks.positions("image", self.pos_embed.to(x.dtype))
+        k = self.n_prefix
         if keep is not None:
             idx = keep.to(x.device).expand(x.shape[0], -1) if keep.dim() == 1 else keep.to(x.device)
-            x = torch.cat([x[:, :1], _take_rows(x[:, 1:], idx)], dim=1)
+            x = torch.cat([x[:, :k], _take_rows(x[:, k:], idx)], dim=1)
             if skip_features is not None:  # dropped patches leave the max-skip too
                 skip_features = _take_rows(skip_features, idx)
         n_prompts = 0
@@ -100,14 +127,18 @@ class VisionTower(nn.Module):
             p = prompts.to(x.dtype)
             p = p.expand(x.shape[0], -1, -1) if p.dim() == 2 else p
             n_prompts = p.shape[1]
-            x = torch.cat([x[:, :1], p, x[:, 1:]], dim=1)
+            x = torch.cat([x[:, :k], p, x[:, k:]], dim=1)
         x, hidden, attn = run_blocks(self.transformer, self.ln_pre(x), None, "image", hooks, want)
-        pooled = self.proj(self.ln_post(x[:, 0]))
+        extras = {}
+        if self.head is None:
+            pooled = self.pool(x)
+        else:
+            pooled, extras = self._probe_pool(self.ln_post(x), "attn" in want)
         if skip_features is not None:
             pooled = pooled + self.stem_skip(skip_features.amax(1))
         tokens = None
         if "tokens" in want or hooks.edits_tokens("image"):
-            tokens = self.proj(self.ln_post(x))
+            tokens = self._token_outputs(x, pooled)
             if skip_features is not None:  # each patch token gains its own cell's stem feature
                 tokens[:, 1 + n_prompts:] += self.stem_skip(skip_features)
             tokens[:, 0] = pooled  # the same bits as the pooled output (one matmul, not two)
@@ -116,8 +147,31 @@ class VisionTower(nn.Module):
                 pooled, tokens = edited[:, 0], edited
         index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         g = self.cfg.grid_size
-        extras = {"grid": (g, g), "n_prompts": n_prompts, "keep": keep}
+        extras.update({"grid": (g, g), "n_prompts": n_prompts, "keep": keep})
         return TowerOutput(pooled, index, tokens if "tokens" in want else None, hidden, attn, extras)
+
+    def _probe_pool(self, x: torch.Tensor, record: bool) -> tuple[torch.Tensor, dict]:
+        """The probe head on ``ln_post``'s output; with ``record``, its attention probabilities as well."""
+        if not record:
+            pooled = self.head(x)
+        else:
+            probe = self.head.probe.to(x.dtype).expand(x.shape[0], -1, -1)
+            q, k, v = self.head.attn.project(probe, x)
+            probs = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1)
+            # the output itself from the fused kernel, as the plain path computes it
+            pooled = self.head.finish(self.head.attn.merge_heads(attention(q, k, v)))[:, 0]
+        pooled = pooled if self.proj is None else self.proj(pooled)
+        return pooled, ({"head_attn": probs} if record else {})
+
+    def _token_outputs(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """``[B, 1 + n - n_prefix, D]``: a row for the pooled output (filled by the caller), then every token in
+        the joint space (see :meth:`forward_rich`)."""
+        if self.head is None:
+            tokens = self.ln_post(x)
+        else:
+            y = self.ln_post(x)
+            tokens = torch.cat([y[:, :1], self.head.finish(self.head.attn.value_path(y))], dim=1)
+        return tokens if self.proj is None else self.proj(tokens)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -128,9 +182,15 @@ class VisionTower(nn.Module):
         if self.stem_skip is not None:
             # Small, so the side path starts as a perturbation of the CLS output (the measured contrastive run's init).
             nn.init.normal_(self.stem_skip.weight, std=0.1 * self.stem.out_channels**-0.5)
-        nn.init.normal_(self.class_embedding, std=scale)
+        if self.patch_embed.bias is not None:
+            nn.init.zeros_(self.patch_embed.bias)
+        if self.n_prefix:
+            nn.init.normal_(self.class_embedding, std=scale)
         nn.init.normal_(self.pos_embed, std=scale)
-        nn.init.normal_(self.proj.weight, std=scale)
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=scale)
+        if self.head is not None:
+            self.head.init_weights()
         self.transformer.init_weights()
 
 
@@ -143,15 +203,23 @@ class TextTower(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, w))
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, eps)
         self.ln_final = nn.LayerNorm(w, eps=eps)
-        self.proj = nn.Linear(w, embed_dim, bias=False)
+        self.proj = nn.Linear(w, embed_dim, bias=cfg.proj_bias)
 
     def eot_index(self, ids: torch.Tensor) -> torch.Tensor:
-        """Position of the first end-of-text token in each row (the pooled position).
+        """The pooled position of each row: the first end-of-text token (``pool="eot"``), or the last position
+        (``pool="last"``, SigLIP: every row padded to the same fixed length).
 
-        Rows without one fall back to the position of the largest id, which is what OpenAI's code does for every row.
+        Rows without an EOT fall back to the position of the largest id, which is what OpenAI's code does for every
+        row.
         """
+        if self.cfg.pool == "last":
+            return torch.full(ids.shape[:1], ids.shape[-1] - 1, dtype=torch.long, device=ids.device)
         is_eot = ids == self.cfg.eot_token_id
         return torch.where(is_eot.any(-1), is_eot.int().argmax(-1), ids.argmax(-1))
+
+    def attn_mask(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
+        """The causal mask, or ``None`` for a bidirectional tower (SigLIP)."""
+        return self.causal_mask(n, like) if self.cfg.causal else None
 
     @staticmethod
     def causal_mask(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -164,6 +232,8 @@ class TextTower(nn.Module):
         if ids.shape[-1] > self.cfg.context_length:
             raise ValueError(f"token ids have length {ids.shape[-1]} > context length {self.cfg.context_length}")
         eot = self.eot_index(ids)
+        if not (self.cfg.causal and self.cfg.pool == "eot"):  # bidirectional or last-pooled: padding counts
+            return ids, eot
         # Causal attention means nothing after the EOT token can change the pooled output: cut the batch to its
         # longest real sequence (an exact saving; padding to 77 wastes most of the compute on short captions).
         return ids[:, : int(eot.max()) + 1], eot
@@ -177,10 +247,11 @@ class TextTower(nn.Module):
 
     def forward_padded(self, ids: torch.Tensor, eot: torch.Tensor | None = None) -> torch.Tensor:
         """The forward pass on ``ids`` as given, without cutting the padding (the shape stays static, as ONNX export
-        needs). Exact for any padding after EOT, only slower than :meth:`forward`."""
+        needs). Exact for any padding after EOT, only slower than :meth:`forward` (for a causal EOT-pooled tower;
+        a SigLIP tower is never cut)."""
         eot = self.eot_index(ids) if eot is None else eot
         x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]
-        x = self.ln_final(self.transformer(x, attn_mask=self.causal_mask(ids.shape[1], x)))
+        x = self.ln_final(self.transformer(x, attn_mask=self.attn_mask(ids.shape[1], x)))
         return self.proj(x[torch.arange(x.shape[0], device=x.device), eot])
 
     def forward_rich(self, ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
@@ -190,7 +261,10 @@ class TextTower(nn.Module):
 
         Runs from token ``ids`` or from ``inputs_embeds`` ``[B, n, W]`` (token embeddings before positions, e.g.
         learned context vectors or pseudo-words); with embeddings, ``eot_index`` (or ``ids`` to find it) says where
-        to pool. Batches of ids are cut to the longest EOT like the plain path unless ``keep_padding``.
+        to pool (a last-pooled tower, SigLIP, defaults to the last position). Batches of ids are cut to the longest
+        EOT like the plain path unless ``keep_padding`` (a SigLIP tower is never cut). Shapes: ``hidden``
+        ``layers + 1`` tensors ``[B, n, W]``, ``attn`` ``layers`` tensors ``[B, H, n, n]``, ``tokens`` ``[B, n, D]``
+        (every position through ``ln_final`` and the head; the pooled row is ``pooled``).
         """
         if inputs_embeds is None:
             if ids is None:
@@ -203,6 +277,8 @@ class TextTower(nn.Module):
         else:
             x = inputs_embeds
             eot = eot_index if eot_index is not None else (self.eot_index(ids) if ids is not None else None)
+            if eot is None and self.cfg.pool == "last":
+                eot = self.eot_index(x[..., 0])
             if eot is None:
                 raise ValueError("inputs_embeds needs eot_index (or ids) to know which position to pool")
         n = x.shape[1]
@@ -211,7 +287,7 @@ class TextTower(nn.Module):
         eot = eot.to(x.device)
         x = hooks.input("text", x)
         x = x + hooks.positions("text", self.pos_embed[:n])
-        x, hidden, attn = run_blocks(self.transformer, x, self.causal_mask(n, x), "text", hooks, want)
+        x, hidden, attn = run_blocks(self.transformer, x, self.attn_mask(n, x), "text", hooks, want)
         x = self.ln_final(x)
         rows = torch.arange(x.shape[0], device=x.device)
         pooled = self.proj(x[rows, eot])
@@ -237,4 +313,6 @@ class TextTower(nn.Module):
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
         self.transformer.init_weights()

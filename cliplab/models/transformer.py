@@ -1,4 +1,4 @@
-"""Pre-LayerNorm transformer blocks shared by both CLIP towers.
+"""Pre-LayerNorm transformer blocks shared by both CLIP towers, and SigLIP's attention-probe pooling head.
 
 Tensors are batch-first ``[B, L, D]``. Attention keeps q, k and v in one fused projection (``qkv``, the layout of
 OpenAI's ``in_proj_weight``) and runs through ``F.scaled_dot_product_attention``.
@@ -25,7 +25,9 @@ def make_activation(name: str) -> nn.Module:
         return QuickGELU()
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu' or 'gelu'")
+    if name == "gelu_tanh":  # transformers' "gelu_pytorch_tanh" (SigLIP)
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; expected 'quick_gelu', 'gelu' or 'gelu_tanh'")
 
 
 def match_dtype(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -125,3 +127,67 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.out.bias)
             nn.init.normal_(block.mlp.fc1.weight, std=fc_std)
             nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
+
+
+class ProbeAttention(nn.Module):
+    """Multi-head attention of learned queries over a sequence: ``nn.MultiheadAttention(query, x, x)`` with its
+    packed ``in_proj`` (q, k, v stacked on dim 0, kept here as ``qkv``) and ``out_proj`` (``out``)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def project(self, query: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[B, m, W]``, keys and values from ``x`` ``[B, n, W]`` -> q ``[B, H, m, d]``; k, v ``[B, H, n, d]``
+        (``d = W / heads``)."""
+        w = x.shape[-1]
+        wq, wkv = self.qkv.weight.split([w, 2 * w])
+        bq, bkv = self.qkv.bias.split([w, 2 * w])
+        q = F.linear(query, wq, bq)
+        k, v = F.linear(x, wkv, bkv).chunk(2, dim=-1)
+        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        return self.out(y.transpose(1, 2).flatten(2))
+
+    def value_path(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head gives for a token that attends only to itself: ``out(v(x))``, ``[B, n, W]``."""
+        w = x.shape[-1]
+        return self.out(F.linear(x, self.qkv.weight[2 * w:], self.qkv.bias[2 * w:]))
+
+    def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.merge_heads(attention(*self.project(query, x)))
+
+
+class ProbeHead(nn.Module):
+    """SigLIP's multihead attention pooling ("MAP") head: one learned probe attends over the tokens, then a
+    pre-LayerNorm MLP is added residually: ``y = attn(probe, x, x); y + mlp(ln(y))`` -> ``[B, W]``."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str, eps: float):
+        super().__init__()
+        self.probe = nn.Parameter(torch.empty(1, 1, width))
+        self.attn = ProbeAttention(width, heads)
+        self.ln = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.mlp(self.ln(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probe = self.probe.to(x.dtype).expand(x.shape[0], -1, -1)
+        return self.finish(self.attn(probe, x))[:, 0]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        width = self.probe.shape[-1]
+        nn.init.normal_(self.probe, std=width**-0.5)
+        nn.init.normal_(self.attn.qkv.weight, std=width**-0.5)
+        nn.init.zeros_(self.attn.qkv.bias)
+        nn.init.normal_(self.attn.out.weight, std=width**-0.5)
+        nn.init.zeros_(self.attn.out.bias)
+        nn.init.normal_(self.mlp.fc1.weight, std=(2 * width) ** -0.5)
+        nn.init.zeros_(self.mlp.fc1.bias)
+        nn.init.normal_(self.mlp.fc2.weight, std=width**-0.5)
+        nn.init.zeros_(self.mlp.fc2.bias)

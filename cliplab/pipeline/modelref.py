@@ -51,8 +51,7 @@ def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random:
     (:data:`DEFAULT_MODEL`), which must be the shipped *trained* weights: it never falls back to random ones.
     ``info`` lets :func:`load_model_from_info` rebuild the same weights later (``source`` is ``None`` for an
     in-memory model)."""
-    import cliplab
-    from cliplab.models import CLIP
+    from cliplab.models import CLIP, create_model, list_models, list_pretrained, load
     from cliplab.models.hub import looks_like_repo_id
     from cliplab.models.loading import not_found_message
 
@@ -63,31 +62,31 @@ def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random:
         spec, pretrained = spec.arch, spec.file
     if pretrained is not None:
         path = os.path.abspath(os.fspath(pretrained))
-        model = cliplab.load(os.fspath(spec), pretrained=path, device=device)
+        model = load(os.fspath(spec), pretrained=path, device=device)
         info = {"kind": "path", "source": path, "arch": os.fspath(spec)}
     elif isinstance(spec, CLIP):
         model, info = spec, {"kind": "object", "source": None}
     else:
         spec = os.fspath(spec)
-        if spec in cliplab.list_pretrained():
-            model, info = cliplab.load(spec, device=device), {"kind": "pretrained", "source": spec}
+        if spec in list_pretrained():
+            model, info = load(spec, device=device), {"kind": "pretrained", "source": spec}
         elif Path(spec).exists():
             path = os.path.abspath(spec)
-            model, info = cliplab.load(path, device=device), {"kind": "path", "source": path}
+            model, info = load(path, device=device), {"kind": "path", "source": path}
         elif looks_like_repo_id(spec):
-            model, info = cliplab.load(spec, device=device), {"kind": "hub", "source": spec}
-        elif allow_random and spec in cliplab.list_models():
+            model, info = load(spec, device=device), {"kind": "hub", "source": spec}
+        elif allow_random and spec in list_models():
             if warn_random:
                 warnings.warn(f"{spec!r} is an architecture, not trained weights: using seeded random weights "
                               f"(seed {seed}); embeddings are only good for testing the machinery",
                               RandomWeightsWarning, stacklevel=2)
-            model = cliplab.create_model(spec, seed=seed).to(device).eval()
+            model = create_model(spec, seed=seed).to(device).eval()
             info = {"kind": "random", "source": spec, "seed": seed}
         else:
             if not allow_random:
                 raise FileNotFoundError(
                     f"the default model {DEFAULT_MODEL!r} is not shipped in this installation (pretrained: "
-                    f"{cliplab.list_pretrained()}); name one with --model: a checkpoint path, a pretrained name, "
+                    f"{list_pretrained()}); name one with --model: a checkpoint path, a pretrained name, "
                     "or an architecture such as 'test-tiny' (random weights, for smoke tests)")
             raise FileNotFoundError(not_found_message(spec) + " (an architecture name gives random weights; see "
                                     "cliplab models)")

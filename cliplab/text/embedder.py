@@ -11,6 +11,7 @@ token in causal ones). ``set_precision("bf16")`` is the fast mode (weights and c
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
 import torch
@@ -21,6 +22,7 @@ from ..models.hooks import TowerOutput, parse_output
 from ..models.lm.tokenizer import TextBatch
 from ..models.tokenizer import TruncationWarning
 from .pooling import Pooling, get_pooling, shorten_to_fit
+from .saving import load_model_state, read_saved, register_embedder_kind, save_embedder
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -134,8 +136,6 @@ class SequenceEmbedder:
     def save(self, directory, **kw):
         """Write this embedder to ``directory`` (``cliplab.text.saving.save_embedder``); ``load_embedder(directory)``
         and ``cliplab eval sts -m DIRECTORY`` read it back."""
-        from .saving import save_embedder
-
         return save_embedder(self, directory, **kw)
 
     # --- precision -----------------------------------------------------------------------------------------------
@@ -220,3 +220,14 @@ class CLIPTextEmbedder(SequenceEmbedder):
         return self
 
 
+# --- saved embedders of these two kinds load back through cliplab.text.load_embedder ----------------------------
+@register_embedder_kind("encoder")
+def _load_encoder(directory: Path, meta: dict):
+    meta, state, tok = read_saved(directory)
+    return EncoderEmbedder(meta["name"], load_model_state(meta, state), tok, meta["default_pooling"])
+
+
+@register_embedder_kind("decoder")
+def _load_decoder(directory: Path, meta: dict):
+    meta, state, tok = read_saved(directory)
+    return DecoderEmbedder(meta["name"], load_model_state(meta, state), tok, meta["default_pooling"])

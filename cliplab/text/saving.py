@@ -134,19 +134,3 @@ def load_saved(directory):
     if kind not in _KINDS:
         raise ValueError(f"{directory}: unknown text embedder kind {kind!r}; known: {sorted(_KINDS)}")
     return _KINDS[kind](Path(directory), meta)
-
-
-@register_embedder_kind("encoder")
-def _load_encoder(directory: Path, meta: dict):
-    from .embedder import EncoderEmbedder
-
-    meta, state, tok = read_saved(directory)
-    return EncoderEmbedder(meta["name"], load_model_state(meta, state), tok, meta["default_pooling"])
-
-
-@register_embedder_kind("decoder")
-def _load_decoder(directory: Path, meta: dict):
-    from .embedder import DecoderEmbedder
-
-    meta, state, tok = read_saved(directory)
-    return DecoderEmbedder(meta["name"], load_model_state(meta, state), tok, meta["default_pooling"])

@@ -98,7 +98,8 @@ class InterventionSet(Hooks):
             s = iv.parsed
             if s.tower not in self.n_layers:
                 raise ValueError(f"{iv.site}: this model has no {s.tower} tower (it has {sorted(self.n_layers)})")
-            why = getattr(model, "missing_sites", {}).get(s.place)
+            missing = getattr(model, "missing_sites", {})  # keyed by place, or by "tower.place"
+            why = missing.get(f"{s.tower}.{s.place}") or missing.get(s.place)
             if why:
                 raise ValueError(f"{iv.site}: {why}")
             if isinstance(s.layers, int) and not -self.n_layers[s.tower] <= s.layers < self.n_layers[s.tower]:

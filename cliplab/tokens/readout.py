@@ -18,14 +18,17 @@ def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: in
     ("man" is not found inside "woman"; ``whole_word=False`` for plain substring search). Every occurrence is taken
     (``occurrence=None``), or only the ``occurrence``-th (0-based). Multi-token words select all their tokens;
     SOT/EOT never. ``width`` defaults to the longest row (``int(batch.lengths.max())``, what ``encode_text`` cuts
-    the batch to); pass ``batch.ids.shape[1]`` for ``keep_padding=True``.
+    the batch to), or to the whole padded row for a last-pooled (SigLIP) batch, which is never cut; pass
+    ``batch.ids.shape[1]`` for ``keep_padding=True``.
     Raises ``ValueError`` when a phrase is not in its text, selects no token (e.g. it lies in the truncated part),
     or has a token at or beyond ``width``. Matching is :meth:`TokenizedBatch.token_positions`."""
     rows = len(batch)
     phrases = [phrases] * rows if isinstance(phrases, str) else list(phrases)
     if len(phrases) != rows:
         raise ValueError(f"{len(phrases)} phrases for {rows} texts")
-    width = int(batch.lengths.max()) if width is None else int(width)
+    if width is None:
+        width = batch.ids.shape[1] if getattr(batch, "pool", "eot") == "last" else int(batch.lengths.max())
+    width = int(width)
     mask = torch.zeros(rows, width, dtype=torch.bool)
     for r, phrase in enumerate(phrases):
         if phrase is None:
@@ -51,7 +54,7 @@ def word_scores(batch: TokenizedBatch, row: int, token_scores: torch.Tensor) -> 
     n = int(batch.lengths[row])
     out = []
     for s, e, word in word_spans(batch.texts[row]):
-        pos = [p for p in range(1, n - 1) if spans[p][0] < e and spans[p][1] > s]
+        pos = [p for p in range(n) if spans[p][0] < e and spans[p][1] > s]  # special tokens: empty spans
         if pos:
             out.append((word, float(token_scores[pos].mean())))
     return out

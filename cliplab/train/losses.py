@@ -136,21 +136,37 @@ class SigLIPLoss(Loss):
         z_ij = scale * <img_i, txt_j> + bias,   y_ij = +1 if i == j else -1
         loss = -1/B * sum_ij log sigmoid(y_ij * z_ij)
 
-    ``scale`` is the model's ``exp(logit_scale)``; the learnable ``bias`` (init ``-10``) belongs to this module.
+    ``scale`` is the model's ``exp(logit_scale)``. ``bias`` is the model's own ``logit_bias`` when it has one (a
+    SigLIP architecture: the trained model carries its bias, and the trainer optimises it with the model's
+    parameters); otherwise a learnable bias of this module (init ``init_bias``, -10), dropped in :meth:`attach` when
+    the model has its own.
     """
 
     def __init__(self, init_bias: float = -10.0):
         super().__init__()
         self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        self._model_bias: list[nn.Parameter] = []  # a plain list: the model's parameter must not register here too
+
+    def attach(self, model: nn.Module) -> None:
+        model_bias = getattr(model, "logit_bias", None)
+        if model_bias is not None:
+            self._model_bias = [model_bias]
+            self.bias = None  # unregisters the private bias: not optimised, not in the loss's state dict
+
+    @property
+    def logit_bias(self) -> torch.Tensor:
+        """The bias in use: the model's ``logit_bias`` after :meth:`attach` to a model with one, else this module's."""
+        return self._model_bias[0] if self._model_bias else self.bias
 
     def forward(self, out: BatchOutput) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = out.logits() + self.bias
+        bias = self.logit_bias
+        logits = out.logits() + bias.to(out.image_features.dtype)
         n = logits.shape[0]
         signs = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
         loss = -F.logsigmoid(signs * logits).sum() / n
         with torch.no_grad():
             labels = torch.arange(n, device=logits.device)
-            logs = {"bias": self.bias.item(), "acc_i2t": _accuracy(logits, labels),
+            logs = {"bias": bias.item(), "acc_i2t": _accuracy(logits, labels),
                     "acc_t2i": _accuracy(logits.t(), labels)}
         return loss, logs
 

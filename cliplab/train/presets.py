@@ -2,6 +2,8 @@
 
 * ``tiny-smoke``: a very small CLIP on 64 px synthetic scenes, 300 steps of batch 32 in fp32, well under a minute on
   two CPU cores. Checks that the whole pipeline learns (the loss falls far below ln(32)).
+* ``siglip-tiny``: ``tiny-smoke`` with SigLIP's architecture (model ``siglip-tiny`` at 64 px) and its sigmoid loss,
+  which trains the model's own ``logit_bias``.
 * ``shapes-tiny``: the recipe of the shipped default model (architecture ``shapes-tiny``: a ViT 64 px / patch 8 with
   a convolutional stem and the stem max-skip, width 192 x 6 layers; text width 128 x 4 layers with the full CLIP
   vocabulary; embed 128). Endless synthetic stream, short and long captions mixed half and half (long ones truncated
@@ -68,6 +70,36 @@ def tiny_smoke() -> TrainConfig:
         checkpoint_every=100,
         threads=1,  # a model this small gains nothing from a second thread; one keeps it robust on a busy machine
         out_dir="runs/tiny-smoke",
+    )
+
+
+def siglip_tiny_model() -> dict:
+    """``siglip-tiny`` (SigLIP's architecture: probe head, bidirectional last-pooled text, logit bias) at 64 px with
+    16 px patches, like ``tiny-smoke``'s model."""
+    cfg = get_config("siglip-tiny").to_dict()
+    cfg["vision"].update(image_size=64, patch_size=16)
+    cfg["preprocess"]["image_size"] = 64
+    return cfg
+
+
+@register_preset("siglip-tiny")
+def siglip_tiny() -> TrainConfig:
+    """``tiny-smoke``'s recipe with SigLIP's sigmoid loss on a SigLIP-architecture model: the loss uses the model's
+    own ``logit_bias`` (init -10), so the trained model carries its learned bias."""
+    return TrainConfig(
+        model=siglip_tiny_model(),
+        data=DataConfig(source="synthetic", caption="short"),
+        loss="siglip",
+        batch_size=32,
+        steps=300,
+        lr=1e-3,
+        warmup_steps=20,
+        weight_decay=0.1,
+        precision="fp32",
+        log_every=20,
+        checkpoint_every=100,
+        threads=1,
+        out_dir="runs/siglip-tiny",
     )
 
 

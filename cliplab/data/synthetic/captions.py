@@ -25,15 +25,14 @@ that it falls beyond a 77-token context for 3-4 object scenes.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .protocols import SceneLike
 from .vocabulary import (
     COLOURS, NUMBER_WORDS, ORDINALS, PLURALS, RELATIONS, SHAPES, SIZES, TEXTURES,
     article, opposite_relation,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .scene import Scene
 
 __all__ = [
     "CaptionParseError",
@@ -72,7 +71,7 @@ _SHAPES = frozenset(SHAPES)
 # ======================================================================
 
 
-def short_caption_content(scene: "Scene") -> dict[str, Any]:
+def short_caption_content(scene: SceneLike) -> dict[str, Any]:
     """What the short caption of ``scene`` states, in the parser's format."""
     groups: dict[str, list[int]] = {}
     for i, o in enumerate(scene.objects):
@@ -103,7 +102,7 @@ def short_caption_content(scene: "Scene") -> dict[str, Any]:
     return {"form": "short", "objects": objects, "relation": relation, "word": scene.word}
 
 
-def _np_text(p: dict[str, Any]) -> str:
+def noun_phrase_text(p: dict[str, Any]) -> str:
     words = [w for w in (p.get("size"), p.get("colour")) if w]
     tex = p.get("texture")
     if tex and tex != "plain":
@@ -126,7 +125,7 @@ def short_caption_text(content: dict[str, Any]) -> str:
     """Render short-caption content (as returned by the parser) to text."""
     objs = content["objects"]
     rel = content.get("relation")
-    nps = [_np_text(p) for p in objs]
+    nps = [noun_phrase_text(p) for p in objs]
     if (rel is not None and len(objs) == 2 and objs[0]["count"] == 1 and objs[1]["count"] == 1
             and rel["subject"] == objs[0]["shape"] and rel["object"] == objs[1]["shape"]):
         text = f"{nps[0]} {_REL_TEXT[rel['relation']]} {nps[1]}"
@@ -139,7 +138,7 @@ def short_caption_text(content: dict[str, Any]) -> str:
     return text
 
 
-def short_caption(scene: "Scene") -> str:
+def short_caption(scene: SceneLike) -> str:
     return short_caption_text(short_caption_content(scene))
 
 
@@ -149,7 +148,7 @@ _DIRECT_RE = re.compile(rf"^(.+?) ({_REL_ALT}) (.+)$")
 _SPLIT_RE = re.compile(r", | and ")
 
 
-def _parse_np(text: str) -> dict[str, Any]:
+def parse_noun_phrase(text: str) -> dict[str, Any]:
     toks = text.split()
     if len(toks) < 2:
         raise CaptionParseError(f"bad noun phrase {text!r}")
@@ -195,17 +194,17 @@ def parse_short_caption(text: str) -> dict[str, Any]:
     if m:
         relation = {"subject": m.group(1), "relation": _TEXT_REL[m.group(2)], "object": m.group(3)}
         t = t[: m.start()]
-        objects = [_parse_np(p) for p in _SPLIT_RE.split(t)]
+        objects = [parse_noun_phrase(p) for p in _SPLIT_RE.split(t)]
     else:
         m = _DIRECT_RE.match(t)
         if m:
-            a, b = _parse_np(m.group(1)), _parse_np(m.group(3))
+            a, b = parse_noun_phrase(m.group(1)), parse_noun_phrase(m.group(3))
             if a["count"] != 1 or b["count"] != 1:
                 raise CaptionParseError("a direct relation needs two single objects")
             objects = [a, b]
             relation = {"subject": a["shape"], "relation": _TEXT_REL[m.group(2)], "object": b["shape"]}
         else:
-            objects = [_parse_np(p) for p in _SPLIT_RE.split(t)]
+            objects = [parse_noun_phrase(p) for p in _SPLIT_RE.split(t)]
     shapes = [p["shape"] for p in objects]
     if len(set(shapes)) != len(shapes):
         raise CaptionParseError("a shape may be mentioned only once")
@@ -237,7 +236,7 @@ _TEXT_REGION = {v: k for k, v in _REGION_TEXT.items()}
 _CLUTTER_TEXT = {False: "The background is plain.", True: "The background is cluttered with small grey marks."}
 
 
-def long_caption_content(scene: "Scene") -> dict[str, Any]:
+def long_caption_content(scene: SceneLike) -> dict[str, Any]:
     """What the long caption of ``scene`` states, in the parser's format."""
     n = len(scene.objects)
     return {
@@ -283,7 +282,7 @@ def long_caption_text(content: dict[str, Any]) -> str:
     return " ".join(s)
 
 
-def long_caption(scene: "Scene") -> str:
+def long_caption(scene: SceneLike) -> str:
     return long_caption_text(long_caption_content(scene))
 
 

@@ -14,16 +14,14 @@ Pipeline for one scene (all integer, hence bit-exact and deterministic):
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .geometry import ring_width, shape_outline
+from .protocols import SceneLike
 from .vocabulary import COLOURS, TEXTURE_SHADE, brightness_lut
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .scene import Scene
 
 __all__ = ["render", "render_with_masks", "word_size", "texture_pattern", "object_shades"]
 
@@ -76,7 +74,7 @@ def object_shades(colour: str) -> tuple[tuple[int, int, int], tuple[int, int, in
 _SHADES = {c: tuple(np.array(v, dtype=np.uint8) for v in object_shades(c)) for c in COLOURS}
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, scene: "Scene") -> None:
+def _draw_clutter(draw: ImageDraw.ImageDraw, scene: SceneLike) -> None:
     """8-16 grey marks at 64 px; counts, lengths and widths scale with the image
     side so the clutter looks the same at every resolution."""
     s = scene.image_size
@@ -100,7 +98,7 @@ def _draw_clutter(draw: ImageDraw.ImageDraw, scene: "Scene") -> None:
             draw.line([x, y, x + length * np.cos(ang), y + length * np.sin(ang)], fill=(g, g, g), width=width)
 
 
-def _draw_word(img: Image.Image, draw: ImageDraw.ImageDraw, scene: "Scene") -> None:
+def _draw_word(img: Image.Image, draw: ImageDraw.ImageDraw, scene: SceneLike) -> None:
     x, y, x1, y1 = scene.word_box
     bg = scene.background
     draw.rectangle([x - 1, y - 1, x1, y1], fill=(bg, bg, bg))
@@ -129,7 +127,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_with_masks(scene: "Scene") -> tuple[Image.Image, np.ndarray]:
+def render_with_masks(scene: SceneLike) -> tuple[Image.Image, np.ndarray]:
     """Render ``scene``; also return visible-pixel masks, bool array [n_objects, H, W]."""
     s = scene.image_size
     bg = scene.background
@@ -159,7 +157,7 @@ def render_with_masks(scene: "Scene") -> tuple[Image.Image, np.ndarray]:
     return Image.fromarray(arr, "RGB"), masks
 
 
-def render(scene: "Scene") -> Image.Image:
+def render(scene: SceneLike) -> Image.Image:
     """Render ``scene`` to an RGB PIL image."""
     return render_with_masks(scene)[0]
 

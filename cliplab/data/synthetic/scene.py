@@ -13,6 +13,7 @@ import numpy as np
 from . import captions as _captions
 from .geometry import bounding_radius, object_box, region_of, relation_between
 from .render import render_with_masks, word_size
+from .views import SceneDataset, write_image_folder
 from .vocabulary import BRIGHTNESS, COLOURS, SHAPES, SIZE_RADIUS, SIZES, TEXTURES, WORDS
 
 __all__ = ["SceneObject", "Scene", "SceneWorld", "layout_ok", "object_radius"]
@@ -518,12 +519,8 @@ class SceneWorld:
 
     def dataset(self, n: int, offset: int = 0, caption: str = "short"):
         """Sequence of ``(PIL image, caption)`` for scenes ``offset .. offset+n-1``."""
-        from .tasks import SceneDataset
-
         return SceneDataset(self, n, offset=offset, caption=caption)
 
     def write_folder(self, directory, n: int, offset: int = 0):
-        """Write ``n`` scenes as PNGs plus ``captions.csv``; see :func:`tasks.write_image_folder`."""
-        from .tasks import write_image_folder
-
+        """Write ``n`` scenes as PNGs plus ``captions.csv``; see :func:`views.write_image_folder`."""
         return write_image_folder(self, directory, n, offset=offset)

@@ -6,9 +6,7 @@ Every builder is a pure function of its arguments (``seed`` included): item
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,8 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .captions import _np_text
+from .captions import noun_phrase_text, parse_noun_phrase
 from .scene import Scene, SceneWorld
+from .views import SceneDataset, write_image_folder  # re-exported: they were defined here
 from .vocabulary import BRIGHTNESS, COLOURS, SHAPES, SIZES
 
 __all__ = [
@@ -71,15 +70,15 @@ def zero_shot_task(
     if kind == "colour":
         classes = [{"colour": c} for c in colours]
         names = colours
-        prompts = [[f"{_np_text({'count': 1, 'shape': s, 'colour': c})}" for s in shapes] for c in colours]
+        prompts = [[f"{noun_phrase_text({'count': 1, 'shape': s, 'colour': c})}" for s in shapes] for c in colours]
     elif kind == "shape":
         classes = [{"shape": s} for s in shapes]
         names = shapes
-        prompts = [[_np_text({"count": 1, "shape": s, "colour": c}) for c in colours] for s in shapes]
+        prompts = [[noun_phrase_text({"count": 1, "shape": s, "colour": c}) for c in colours] for s in shapes]
     elif kind == "colour_shape":
         classes = [{"colour": c, "shape": s} for c in colours for s in shapes]
         names = [f"{c} {s}" for c in colours for s in shapes]
-        prompts = [[_np_text({"count": 1, **cl})] for cl in classes]
+        prompts = [[noun_phrase_text({"count": 1, **cl})] for cl in classes]
     else:
         raise ValueError(f"unknown zero-shot kind {kind!r}")
     world = _world(image_size, seed, shapes=shapes, colours=colours)
@@ -182,7 +181,6 @@ _MOD_RES = [
 
 def parse_modification(text: str) -> dict[str, Any]:
     """Parse a CIR modification text into a change dict."""
-    from .captions import _parse_np
 
     for rx, op in _MOD_RES:
         m = rx.match(text.strip())
@@ -201,7 +199,7 @@ def parse_modification(text: str) -> dict[str, Any]:
             if m.group(1) not in SHAPES:
                 break
             return {"op": "remove", "shape": m.group(1)}
-        np_ = _parse_np(m.group(1))
+        np_ = parse_noun_phrase(m.group(1))
         if np_["count"] != 1 or np_["colour"] is None or np_["size"] is None:
             break
         return {"op": "add", "shape": np_["shape"], "colour": np_["colour"], "size": np_["size"],
@@ -217,7 +215,7 @@ def _modification_text(change: dict[str, Any]) -> str:
         return f"make the {change['shape']} {change['size']}"
     if op == "remove":
         return f"remove the {change['shape']}"
-    return "add " + _np_text({"count": 1, **{k: change[k] for k in ("shape", "colour", "size", "texture")}})
+    return "add " + noun_phrase_text({"count": 1, **{k: change[k] for k in ("shape", "colour", "size", "texture")}})
 
 
 def apply_modification(scene: Scene, change: dict[str, Any], world: SceneWorld,
@@ -378,52 +376,6 @@ def few_shot_split(
 
 
 # ---------------------------------------------------------------- datasets
-
-
-class SceneDataset(Sequence):
-    """Lazy ``(PIL image, caption)`` view of scenes ``offset .. offset+n-1``."""
-
-    def __init__(self, world: SceneWorld, n: int, offset: int = 0, caption: str = "short") -> None:
-        if caption not in ("short", "long"):
-            raise ValueError("caption must be 'short' or 'long'")
-        self.world, self.n, self.offset, self.caption = world, int(n), int(offset), caption
-
-    def __len__(self) -> int:
-        return self.n
-
-    def scene(self, i: int) -> Scene:
-        if i < 0:
-            i += self.n
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.world.sample(self.offset + i)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            start, stop, step = i.indices(self.n)
-            if step != 1:
-                return [self[j] for j in range(start, stop, step)]
-            return SceneDataset(self.world, max(0, stop - start), self.offset + start, self.caption)
-        scene = self.scene(i)
-        text = scene.short_caption if self.caption == "short" else scene.long_caption
-        return scene.render(), text
-
-
-def write_image_folder(world: SceneWorld, directory: str | os.PathLike, n: int, offset: int = 0) -> str:
-    """Write scenes ``offset .. offset+n-1`` as ``{index:07d}.png`` into
-    ``directory`` plus ``captions.csv`` (columns image, caption, long_caption;
-    image paths relative to ``directory``).  Returns the CSV path."""
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "captions.csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption", "long_caption"])
-        for i in range(offset, offset + n):
-            scene = world.sample(i)
-            name = f"{i:07d}.png"
-            scene.image.save(os.path.join(directory, name))
-            writer.writerow([name, scene.short_caption, scene.long_caption])
-    return path
 
 
 def brightness_variants(scene: Scene) -> dict[str, Scene]:

@@ -72,6 +72,8 @@ class Layout(ABC):
     crop_rounding: ClassVar[str | None] = None
     #: whether the layout can hold a ViT with a convolutional stem (``vision.stem_channels``; cliplab's own only).
     has_conv_stem: ClassVar[bool] = False
+    #: whether the layout can hold OpenAI's ModifiedResNet image tower (``vision.resnet_layers``).
+    has_resnet: ClassVar[bool] = False
 
     @abstractmethod
     def detect(self, state: dict[str, torch.Tensor]) -> bool:
@@ -91,6 +93,9 @@ class Layout(ABC):
         if cfg.vision.stem_channels and not self.has_conv_stem:
             raise CheckpointError(f"{cfg.name}: its image tower has a convolutional stem, which the {self.name} layout "
                                   "has no place for (only the cliplab layout holds one)")
+        if cfg.vision.is_resnet and not self.has_resnet:
+            raise CheckpointError(f"{cfg.name}: its image tower is a ModifiedResNet (RN50 family), which the "
+                                  f"{self.name} layout has no place for; write the cliplab or openai layout")
 
     def to_cliplab(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         self.check_architecture(cfg)

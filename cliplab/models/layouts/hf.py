@@ -45,7 +45,7 @@ class HFLayout(Layout):
     ignored_keys = ("position_ids",)  # a buffer older transformers versions saved
 
     def detect(self, state) -> bool:
-        return "text_model.embeddings.token_embedding.weight" in state
+        return "text_model.embeddings.token_embedding.weight" in state and "text_model.head.weight" not in state
 
     def rules(self, cfg: ModelConfig) -> list[Rule]:
         v, t = "vision_model", "text_model"

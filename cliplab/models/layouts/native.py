@@ -19,9 +19,11 @@ def native_keys(cfg: ModelConfig) -> list[str]:
 class NativeLayout(Layout):
     name = "cliplab"
     has_conv_stem = True
+    has_resnet = True
 
     def detect(self, state) -> bool:
-        return "visual.patch_embed.weight" in state and "text.token_embed.weight" in state
+        image = "visual.patch_embed.weight" in state or "visual.stem.conv1.weight" in state  # ViT or ResNet
+        return image and "text.token_embed.weight" in state
 
     def rules(self, cfg: ModelConfig) -> list[Rule]:
         return [Rule(k, (k,)) for k in native_keys(cfg)]

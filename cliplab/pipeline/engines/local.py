@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..embed import JobContext, ShardBuilder
+    from ..context import JobContext, ShardBuilder
     from ..sources import Item
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..embed import JobContext
+    from ..context import JobContext
 
 __all__ = ["run_ray", "ray_available", "EngineUnavailable"]
 
