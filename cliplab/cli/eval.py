@@ -325,3 +325,77 @@ def tasks_cmd(as_json):
     data = {n: {"dataset_kind": e.data_kind, "metrics": list_metrics(n), "help": e.help}
             for n, e in sorted(TASKS.items())}
     emit(data, as_json, lambda d: [click.echo(f"{n} ({v['dataset_kind']}): {v['help']}") for n, v in d.items()])
+
+
+@eval_group.command("segmentation")
+@model_option(help=EVAL_MODEL_HELP)
+@click.option("--method", type=click.Choice(["naive", "maskclip", "sclip"]), default="maskclip", show_default=True,
+              help="Dense maps (cliplab.dense.maps): naive last-layer patch tokens, maskclip or sclip.")
+@click.option("--synthetic", "n_synthetic", type=click.IntRange(min=1), default=None,
+              help="Score N scenes of the synthetic world (labels from the renderer's object masks) "
+                   "[default: 100, unless --folder].")
+@click.option("--by", type=click.Choice(["shape", "colour"]), default="shape", show_default=True,
+              help="With --synthetic: label objects by shape or by colour.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="With --synthetic: the world's seed (shapes-tiny trained on seed 0's scenes; 1 is held out).")
+@click.option("--folder", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A folder of NAME.png + NAME.mask.png pairs with classes.txt (background first).")
+@click.option("--background", type=click.Choice(["prompt", "threshold", "none"]), default="prompt",
+              show_default=True, help="Background rule (see cliplab segment --help).")
+@click.option("--threshold", type=float, default=None, help="With --background threshold: the cosine threshold.")
+@click.option("--templates", default="generic", show_default=True, help="Prompt templates for every class.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@out_option(help="Write results.json here.")
+@precision_option()
+@progress_option()
+@json_option(help="Print the results as JSON.")
+def segmentation_cmd(model, method, n_synthetic, by, seed, folder, background, threshold, templates, batch_size,
+                     out_dir, precision, progress, as_json):
+    """Training-free segmentation: mIoU (with and without the background) and pixel accuracy.
+
+    Every class name of the dataset (the background's too, with --background prompt) is a text prompt; each pixel
+    gets the class whose text is most similar to its patch feature.
+
+    \b
+    Examples:
+      cliplab eval segmentation --synthetic 500 --by colour --method sclip
+      cliplab eval segmentation --folder my-masks/ -m ViT-B-32 --json
+    """
+    from ..dense.segment import evaluate_segmentation
+    from ..eval import load_model
+
+    if folder is not None and n_synthetic is not None:
+        raise click.UsageError("choose one dataset: --synthetic N or --folder DIR")
+    if (background == "threshold") != (threshold is not None):
+        raise click.UsageError("--threshold goes with --background threshold (and that rule needs it)")
+    if folder is not None:
+        from ..dense.data import FolderSegmentation
+
+        data, described = FolderSegmentation(folder), {"folder": str(folder)}
+    else:
+        from ..data.synthetic import SceneWorld
+        from ..dense.data import SyntheticSegmentation
+
+        n = n_synthetic or 100
+        data = SyntheticSegmentation(SceneWorld(image_size=64, seed=seed), n=n, by=by)
+        described = {"synthetic": n, "by": by, "seed": seed}
+    with warnings_to_stderr():
+        net, mid, info = load_model(model, precision=precision, details=True)
+        res = evaluate_segmentation(net, data, method=method, background=background, threshold=threshold,
+                                    templates=templates, batch_size=batch_size, progress=progress)
+    res = {"task": "segmentation", "dataset": described, "model": {"name": net.config.name, "id": mid, **info},
+           **res}
+    res = _nan_to_none(res)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "results.json").write_text(json.dumps(res, indent=2), encoding="utf-8")
+
+    def render(r):
+        pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        click.echo(f"segmentation ({r['method']}, background: {r['background']}) of {r['images']} images, "
+                   f"{json.dumps(r['dataset'])}, model {r['model']['name']}")
+        click.echo(f"  mIoU {pct(r['miou'])}  mIoU without background {pct(r['miou_foreground'])}  "
+                   f"pixel accuracy {pct(r['pixel_acc'])}")
+        click.echo("  IoU: " + ", ".join(f"{k} {pct(v)}" for k, v in r["iou"].items()))
+
+    emit(res, as_json, render)
