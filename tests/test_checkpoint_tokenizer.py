@@ -336,6 +336,9 @@ def test_hf_clip_directory_is_tokenized_by_its_tokenizer(clip_dir, tmp_path):
     assert torch.allclose(loaded.encode_text(batch), model.encode_text(batch.ids), atol=1e-6)
     out = loaded.encode_text(batch, output="tokens")
     assert torch.equal(out.pool_index.cpu(), batch.eot_index)
+    again = cliplab.convert(loaded, "hf", tmp_path / "again")  # converting carries the tokenizer files along
+    assert (again / "tokenizer.json").read_bytes() == (clip_dir / "tokenizer.json").read_bytes()
+    assert torch.equal(cliplab.load(again).tokenize(texts).ids, batch.ids)
     # a tokenizer whose end token is not the one the tower pools at is refused
     cfg_bad = cfg.replace(text=dataclasses.replace(cfg.text, eot_token_id=eot - 1))
     bad = cliplab.convert(create_model(cfg_bad, seed=1), "hf", tmp_path / "bad")

@@ -307,6 +307,8 @@ def convert(model: CLIP, layout: str, out: str | Path) -> Path:
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(to_hf(model.config), indent=2) + "\n")
         (out / "preprocessor_config.json").write_text(json.dumps(pre_to_hf(model.config), indent=2) + "\n")
+        if model.checkpoint_tokenizer is not None:  # the directory stays self-contained: its tokenizer goes along
+            model.checkpoint_tokenizer.save(out)
         return out
     if out.suffix != ".safetensors":
         raise ValueError(f"write the {layout} layout to a .safetensors file, got {out}")
