@@ -1,7 +1,8 @@
 """Registry of the seed papers' methods: each method module registers itself with :func:`register_method`.
 
 ``cliplab.methods.list_methods()`` imports the capability packages (so their modules register) and lists what is
-implemented; ``cliplab methods`` prints it.
+implemented; ``cliplab methods`` prints it. Every seed paper, implemented or not, is in
+:mod:`cliplab.methods_catalog` (``cliplab methods --all``); a slug registered here must be one of its slugs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 # Capability packages whose modules hold paper methods (one file per paper).
 CAPABILITIES = ("text_edit", "longtext", "metrics", "zeroshot", "dense", "vision_tokens", "objectives", "curation",
-                "textrep", "apps")
+                "textrep", "apps", "generation")
 
 
 @dataclass(frozen=True)

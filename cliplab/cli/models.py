@@ -118,16 +118,29 @@ def convert_cmd(source: str, out: str, layout: str, arch: str | None, as_json: b
 
 @main.command("methods")
 @click.argument("pattern", default="*")
+@click.option("--all", "show_all", is_flag=True,
+              help="Every seed paper (49 methods, 3 surveys) with its status: implemented (module) or not yet (the "
+                   "issue that plans it), and a count line.")
 @json_option()
-def methods_cmd(pattern: str, as_json: bool):
-    """List the seed papers' methods implemented in cliplab (slug, module, what it does).
+def methods_cmd(pattern: str, show_all: bool, as_json: bool):
+    """List the seed papers' methods implemented in cliplab (slug, module, what it does); with --all, every seed
+    paper, implemented or not (the same table as docs/methods/README.md).
 
     \b
     Examples:
       cliplab methods
       cliplab methods 'token*' --json
+      cliplab methods --all
+      cliplab methods --all 'clip*' --json
     """
     from dataclasses import asdict
+
+    if show_all:
+        from ..methods_catalog import catalog, counts, render_text
+
+        rows = catalog(pattern)
+        emit({**counts(rows), "papers": rows}, as_json, lambda d: click.echo(render_text(d["papers"])))
+        return
 
     from ..methods import list_methods
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .config import ModelConfig
 
-__all__ = ["image_flops", "text_flops"]
+__all__ = ["block_flops", "image_flops", "text_flops"]
 
 
 def _blocks(n: int, width: int, mlp_dim: int, layers: int, causal: bool = False) -> int:
@@ -23,6 +23,11 @@ def _blocks(n: int, width: int, mlp_dim: int, layers: int, causal: bool = False)
     if causal:
         scores //= 2  # kernels that skip the masked half are not assumed; kept as the useful work
     return layers * (linear + scores)
+
+
+def block_flops(n: int, width: int, mlp_dim: int, layers: int = 1, causal: bool = False) -> int:
+    """Matmul FLOPs of ``layers`` transformer blocks over ``n`` tokens (the towers' formula, for reduced-token counts)."""
+    return _blocks(n, width, mlp_dim, layers, causal)
 
 
 def _counted_image_flops(config: ModelConfig) -> int:
