@@ -52,12 +52,17 @@ def test_load_fast_mode(tmp_path):
 
 
 def test_fast_rich_path_matches_fast_plain_path(b32_pair):
-    """A no-op token-level call runs the same kernels as the plain path in fast mode too: identical bits."""
+    """A no-op token-level call runs the same kernels as the plain path in fast mode too: identical bits. (With
+    gradients on and attention recorded, the rich path multiplies the probabilities by hand so that attention maps
+    get gradients, as in fp32; where the plain path uses the fused kernel, that differs in the last bits.)"""
     _, fast = b32_pair
     ids = fast.tokenize(CAPTIONS[:5])
-    assert torch.equal(fast.encode_text(ids, output=True).pooled.float(), fast.encode_text(ids))
     px = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(fast.encode_image(px, output=True).pooled.float(), fast.encode_image(px))
+    with torch.no_grad():
+        assert torch.equal(fast.encode_text(ids, output=True).pooled.float(), fast.encode_text(ids))
+        assert torch.equal(fast.encode_image(px, output=True).pooled.float(), fast.encode_image(px))
+    recorded = fast.encode_image(px, output=True).pooled.float()  # gradients on: by-hand attention
+    assert torch.nn.functional.cosine_similarity(recorded, fast.encode_image(px)).min() > 0.999
 
 
 def test_fast_mode_close_to_fp32_on_real_captions(b32_pair):
@@ -158,3 +163,29 @@ def test_inference_slices_match_the_whole_batch():
         whole_img, whole_txt = model.encode_image(px).detach(), model.encode_text(ids).detach()
     assert (sliced_img - whole_img).abs().max() < 1e-5
     assert (sliced_txt - whole_txt).abs().max() < 1e-5
+
+
+def test_slice_and_attention_choices_follow_the_cpu(monkeypatch, tmp_path):
+    """The inference slice follows the L2 cache (2 MiB or more per core: 2048 tokens, else 512, unknown: 512) and
+    the short-attention limit follows AMX (32 with it, 96 without), as measured (cliplab.models.hardware)."""
+    from cliplab.models import hardware
+
+    read_l2 = hardware.l2_cache_bytes
+    for l2, want in ((512 * 1024, 512), (1024 * 1024, 512), (2 * 1024 * 1024, 2048), (None, 512)):
+        monkeypatch.setattr(hardware, "l2_cache_bytes", lambda l2=l2: l2)
+        assert hardware.slice_tokens() == want
+    for flags, want in ((frozenset({"avx512f", "amx_bf16"}), 32), (frozenset({"avx512_bf16"}), 96), (None, 96)):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
+        assert hardware.short_attention_limit() == want
+    cache = tmp_path / "cpu0" / "cache"
+    for i, (level, size) in enumerate((("1", "48K"), ("2", "2048K"), ("3", "105M"))):
+        (cache / f"index{i}").mkdir(parents=True)
+        (cache / f"index{i}" / "level").write_text(level + "\n")
+        (cache / f"index{i}" / "size").write_text(size + "\n")
+    real_path = hardware.Path
+    monkeypatch.setattr(hardware, "Path", lambda p: cache if p == "/sys/devices/system/cpu/cpu0/cache" else real_path(p))
+    read_l2.cache_clear()
+    try:
+        assert read_l2() == 2 * 1024 * 1024
+    finally:
+        read_l2.cache_clear()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .config import TextConfig, VisionConfig
+from .hardware import slice_tokens
 from .hooks import NO_HOOKS, Hooks, TowerOutput, run_blocks
 from .stem import ConvStem
 from .transformer import ProbeHead, Transformer, attention
@@ -15,8 +16,10 @@ from .transformer import ProbeHead, Transformer, attention
 #: At inference, a large batch runs through a tower in slices of about this many tokens (``rows x sequence``), one
 #: slice after the other. Smaller working sets stay in cache: on the 2-core development CPU, ViT-B/32 encoded real
 #: captions at 133 vs 94 texts/s (fp32) and 252 vs 198 (bf16) against whole batches of 256, and images at 19.0 vs
-#: 17.4 per s (fp32; bf16 unchanged) against a batch of 64. Under autograd (training) the batch runs whole.
-SLICE_TOKENS = 512
+#: 17.4 per s (fp32; bf16 unchanged) against a batch of 64. The size follows the CPU's L2 cache: 512 tokens, or 2048
+#: where a core has 2 MiB or more (:func:`cliplab.models.hardware.slice_tokens`). Under autograd (training) the batch
+#: runs whole.
+SLICE_TOKENS = slice_tokens()
 
 
 def _slice_rows(rows: int, tokens_per_row: int) -> int:

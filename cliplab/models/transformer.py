@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hardware import short_attention_limit
+
 
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the activation OpenAI's CLIP was trained with."""
@@ -39,9 +41,11 @@ def match_dtype(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor |
 
 
 #: In low precision, sequences up to this length run attention as two plain matmuls and a softmax: measured 1.9x
-#: faster than PyTorch's fused CPU kernel for ViT-B/32's 50 tokens and 20-token captions in bf16 (2 cores), while the
-#: fused kernel wins at 197 tokens. fp32 always uses the fused kernel (the exact path).
-SHORT_SEQUENCE = 96
+#: faster than PyTorch's fused CPU kernel for ViT-B/32's 50 tokens and 20-token captions in bf16 (2 cores of an AMD
+#: EPYC), while the fused kernel wins at 197 tokens; with AMX the fused kernel wins from about 50 tokens, so the
+#: limit is 32 there (:func:`cliplab.models.hardware.short_attention_limit`). fp32 always uses the fused kernel (the
+#: exact path).
+SHORT_SEQUENCE = short_attention_limit()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

@@ -27,7 +27,8 @@ from .saving import load_model_state, read_saved, register_embedder_kind, save_e
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 #: Rows of one forward pass are capped so that ``rows x length`` stays near this many tokens: a smaller working set
-#: stays in cache (the CLIP towers use the same budget; see ``cliplab.models.towers.SLICE_TOKENS``).
+#: stays in cache (the CLIP towers size theirs by the CPU's L2 cache, ``cliplab.models.towers.SLICE_TOKENS``; these
+#: models keep 512 until measured otherwise).
 SLICE_TOKENS = 512
 
 
