@@ -86,21 +86,7 @@ def siglip_tiny_model() -> dict:
 def siglip_tiny() -> TrainConfig:
     """``tiny-smoke``'s recipe with SigLIP's sigmoid loss on a SigLIP-architecture model: the loss uses the model's
     own ``logit_bias`` (init -10), so the trained model carries its learned bias."""
-    return TrainConfig(
-        model=siglip_tiny_model(),
-        data=DataConfig(source="synthetic", caption="short"),
-        loss="siglip",
-        batch_size=32,
-        steps=300,
-        lr=1e-3,
-        warmup_steps=20,
-        weight_decay=0.1,
-        precision="fp32",
-        log_every=20,
-        checkpoint_every=100,
-        threads=1,
-        out_dir="runs/siglip-tiny",
-    )
+    return tiny_smoke().replace(model=siglip_tiny_model(), loss="siglip", out_dir="runs/siglip-tiny")
 
 
 #: The shipped model's run: 2400 steps at 1.6-2.1 steps/s (1.85 on average) with two torch threads on the otherwise
