@@ -53,6 +53,43 @@ def _keep_all_reducers(layer: int):
     return reducers
 
 
+
+class _TextRecorder(TokenReducer):
+    """Keeps everything; records the text rows and the batch size each call saw."""
+
+    def __init__(self):
+        self.calls = []
+
+    def reduce(self, tokens, attention, keys, text, *, sizes):
+        self.calls.append((tokens.shape[0], None if text is None else text.clone()))
+        return tokens, torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1).clone()
+
+
+@torch.no_grad()
+def test_large_batches_run_in_the_plain_forwards_slices(monkeypatch):
+    """Pooled-only calls slice the batch as ``encode_image`` does, so keep-everything gives its bits even where it
+    slices; per-image text rows follow their images into the slices."""
+    import cliplab.models.towers as towers
+
+    model = randomize_(cliplab.create_model("test-tiny", seed=0), seed=1).eval()
+    n_pos = model.config.vision.num_positions
+    monkeypatch.setattr(towers, "SLICE_TOKENS", 3 * n_pos)  # slices of 3 images
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    text = torch.arange(8.0).unsqueeze(1).expand(-1, model.config.embed_dim)
+    rec = _TextRecorder()
+    out = encode_image_reduced(model, pixels, rec, layer=1, text=text)
+    assert [c[0] for c in rec.calls] == [3, 3, 2]
+    assert torch.cat([c[1] for c in rec.calls])[:, 0].tolist() == list(range(8))
+    assert torch.equal(out.pooled, model.encode_image(pixels))
+    assert out.extras["index_map"].assign.shape == (8, model.config.vision.grid_size ** 2)
+    shared = torch.ones(model.config.embed_dim)  # one text for all images goes to every slice whole
+    rec = _TextRecorder()
+    encode_image_reduced(model, pixels, rec, layer=1, text=shared)
+    assert all(torch.equal(c[1], shared) for c in rec.calls)
+    rec = _TextRecorder()  # rich outputs are never sliced
+    encode_image_reduced(model, pixels, rec, layer=1, output="tokens")
+    assert [c[0] for c in rec.calls] == [8]
+
 @torch.no_grad()
 def test_keep_everything_is_the_plain_forward_bit_for_bit(tiny):
     model, pixels = tiny

@@ -215,17 +215,23 @@ class CachedEncoder:
     ``images(items)`` takes objects with ``.key`` (an identity string) and ``.load()`` (a PIL image or path);
     ``texts(strings)``. Both return L2-normalised float32 features in input order. Every encoded batch is one cache
     chunk. ``stats`` counts cached vs encoded items per kind. ``progress`` (:mod:`cliplab.progress`): ``False``
-    silent, ``True`` a bar, ``None`` a bar on a terminal and a plain line every 10 s otherwise."""
+    silent, ``True`` a bar, ``None`` a bar on a terminal and a plain line every 10 s otherwise.
+
+    ``image_encoder``: encodes pixels instead of ``model.encode_image`` (e.g. a
+    :class:`cliplab.vision_tokens.ReducedImageEncoder`); its ``params`` dict joins the image cache key."""
 
     def __init__(self, model, cache: EmbeddingCache | None = None, *, batch_size: int = 64,
-                 text_batch_size: int = 256, progress: bool | None = False, workers: int = 2):
+                 text_batch_size: int = 256, progress: bool | None = False, workers: int = 2, image_encoder=None):
         self.model = model
+        self.image_encoder = image_encoder
         self.cache = cache
         self.batch_size = batch_size
         self.text_batch_size = text_batch_size
         self.progress = progress
         self.workers = workers
         ip, tp = image_space_params(model), text_space_params(model)
+        if image_encoder is not None:
+            ip = {**ip, **image_encoder.params}
         self.image_space = cache.space(ip) if cache is not None else _MemorySpace(ip)
         self.text_space = cache.space(tp) if cache is not None else _MemorySpace(tp)
         self.stats = {"image": {"cached": 0, "encoded": 0}, "text": {"cached": 0, "encoded": 0}}
@@ -258,7 +264,8 @@ class CachedEncoder:
                 pixels = pending.result()
                 if b + 1 < len(batches):
                     pending = pool.submit(prepare, batches[b + 1][0])
-                feats = model.encode_image(pixels.to(device=model.device, dtype=model.dtype))
+                pixels = pixels.to(device=model.device, dtype=model.dtype)
+                feats = model.encode_image(pixels) if self.image_encoder is None else self.image_encoder(pixels)
                 self.image_space.put(bkeys, feats.float().cpu())
                 bar.update(len(batch))
 

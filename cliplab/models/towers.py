@@ -22,7 +22,8 @@ from .transformer import ProbeHead, Transformer, attention
 SLICE_TOKENS = slice_tokens()
 
 
-def _slice_rows(rows: int, tokens_per_row: int) -> int:
+def slice_rows(rows: int, tokens_per_row: int) -> int:
+    """Rows per inference slice of a batch with ``tokens_per_row`` tokens each (all of them under autograd)."""
     return rows if torch.is_grad_enabled() else max(1, SLICE_TOKENS // max(1, tokens_per_row))
 
 
@@ -87,7 +88,7 @@ class VisionTower(nn.Module):
         return pooled if self.proj is None else self.proj(pooled)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        step = _slice_rows(pixels.shape[0], self.cfg.num_positions)
+        step = slice_rows(pixels.shape[0], self.cfg.num_positions)
         if pixels.shape[0] > step:
             return torch.cat([self._forward(chunk) for chunk in pixels.split(step)])
         return self._forward(pixels)
@@ -243,7 +244,7 @@ class TextTower(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids, eot = self._cut(ids)
-        step = _slice_rows(ids.shape[0], ids.shape[1])
+        step = slice_rows(ids.shape[0], ids.shape[1])
         if ids.shape[0] > step:  # each slice is cut again, to its own longest text
             return torch.cat([self.forward_padded(*self._cut(chunk)) for chunk in ids.split(step)])
         return self.forward_padded(ids, eot)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.hooks import TowerOutput, parse_output
+from ..models.towers import slice_rows
 from ..models.transformer import attention
 from .reducer import IndexMap, TokenReducer, check_assignment, merge_tokens
 
@@ -40,6 +41,10 @@ def encode_image_reduced(model, pixels: torch.Tensor, reducer: TokenReducer, lay
     ``layer == layers`` reduces after the last block, before pooling). The class token is never handed to the
     reducer and always kept; ``text`` is passed through to it (text-guided reducers).
 
+    Pooled-only calls (``output=False``) at inference run a large batch in slices, as the plain ``encode_image`` does
+    (``cliplab.models.towers.SLICE_TOKENS``), so a reducer that keeps everything gives ``encode_image``'s very bits at
+    any batch size; a reducer then sees one slice at a time (``text`` rows follow their images).
+
     Returns a :class:`~cliplab.models.hooks.TowerOutput`: ``pooled`` ``[B, D]``; with ``output`` (``True`` or names
     from ``"tokens"``, ``"hidden"``, ``"attn"``) ``tokens`` ``[B, 1 + M, D]`` (row 0 the pooled output, then the ``M``
     reduced tokens in the joint space), ``hidden`` (the stream entering block 0, after a reduction at layer 0, then
@@ -51,8 +56,31 @@ def encode_image_reduced(model, pixels: torch.Tensor, reducer: TokenReducer, lay
     if model.config.vision.is_resnet:
         raise ValueError("token reduction needs a ViT image tower; this model's is a ResNet")
     want = parse_output(output)
+    at = _layers(layer, len(visual.transformer.blocks))
+    step = slice_rows(pixels.shape[0], visual.cfg.num_positions)
+    if not want and pixels.shape[0] > step:  # pooled only: slice the batch as the plain forward does
+        per_row = torch.is_tensor(text) and text.dim() >= 2 and text.shape[0] == pixels.shape[0]
+        return _concat([_encode(model, pixels[i: i + step], reducer, at, text[i: i + step] if per_row else text, want,
+                                normalize) for i in range(0, pixels.shape[0], step)])
+    return _encode(model, pixels, reducer, at, text, want, normalize)
+
+
+def _concat(outs: list[TowerOutput]) -> TowerOutput:
+    """One pooled-only output from the slices' outputs. Adaptive reducers may keep different counts per slice: the
+    index map's ``sizes`` are padded with zeros (no token) and ``tokens_per_layer`` is the largest over the slices."""
+    maps = [o.extras["index_map"] for o in outs]
+    m = max(im.sizes.shape[1] for im in maps)
+    sizes = torch.cat([F.pad(im.sizes, (0, m - im.sizes.shape[1])) for im in maps])
+    counts = [max(c) for c in zip(*(o.extras["tokens_per_layer"] for o in outs))]
+    extras = {**outs[0].extras, "index_map": IndexMap(torch.cat([im.assign for im in maps]), sizes),
+              "tokens_per_layer": counts}
+    return TowerOutput(torch.cat([o.pooled for o in outs]), torch.cat([o.pool_index for o in outs]), None, None, None,
+                       extras)
+
+
+def _encode(model, pixels, reducer, at, text, want, normalize) -> TowerOutput:
+    visual = model.visual
     depth = len(visual.transformer.blocks)
-    at = _layers(layer, depth)
     x, skip = visual._embed(pixels)
     x = visual.ln_pre(x + visual.pos_embed.to(x.dtype))
     p = visual.n_prefix
