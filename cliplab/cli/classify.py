@@ -103,6 +103,9 @@ def _write_csv(path: str, results: list[dict]) -> int:
                    "prompts.md#Dataset.")
 @click.option("--template", "template_list", multiple=True,
               help="A template such as 'a photo of a {}.' (repeatable; replaces --templates).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Learned prompts (a file from `cliplab train --preset coop` or mocoop): their classes and learned "
+                   "context replace --templates; --labels, if given, must name the same classes (and sets the order).")
 @top_k_option(default=5, help="Classes shown per image.")
 @model_option()
 @precision_option()
@@ -113,8 +116,8 @@ def _write_csv(path: str, results: list[dict]) -> int:
 @click.option("--all-files", is_flag=True, help="In folders, try every file, not only image extensions.")
 @progress_option()
 @json_option()
-def classify_cmd(images, labels, labels_file, templates, template_list, top_k, model, precision, out_file,
-                 batch_size, all_files, progress, as_json):
+def classify_cmd(images, labels, labels_file, templates, template_list, prompts_file, top_k, model, precision,
+                 out_file, batch_size, all_files, progress, as_json):
     """Classify IMAGES (files or folders) zero-shot among the given labels.
 
     Each label is put into every prompt template, the prompts are encoded and averaged into one text embedding
@@ -126,6 +129,7 @@ def classify_cmd(images, labels, labels_file, templates, template_list, top_k, m
     Example:
       cliplab classify a.png b.jpg --labels "red circle,blue square,green star" --templates synthetic
       cliplab classify photos/ --labels-file classes.txt -k 3 -o predictions.csv
+      cliplab classify photos/ --prompts runs/coop/prompts.safetensors
     """
     import numpy as np
     import torch
@@ -135,7 +139,20 @@ def classify_cmd(images, labels, labels_file, templates, template_list, top_k, m
     from ..progress import Progress
     from ..zeroshot import ZeroShotClassifier
 
-    classes = _read_labels(labels, labels_file)
+    if prompts_file is not None and (template_list or templates != "generic"):
+        raise click.UsageError("--prompts replaces --templates/--template: give one or the other")
+    learned = None
+    if prompts_file is not None:
+        from ..zeroshot import load_prompts
+
+        try:
+            learned = load_prompts(prompts_file)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--prompts") from None
+    if learned is not None and labels is None and labels_file is None:
+        classes = list(learned.classnames)
+    else:
+        classes = _read_labels(labels, labels_file)
     paths, folders, skipped = _expand(images, all_files)
     if not paths:
         where = ", ".join(folders)
@@ -148,8 +165,14 @@ def classify_cmd(images, labels, labels_file, templates, template_list, top_k, m
         net, _ = resolve_model(model)
         if precision != "fp32":
             net.set_precision(precision)
-        tmpl = list(template_list) if template_list else templates
-        clf = ZeroShotClassifier.from_classnames(net, classes, tmpl, progress=progress)
+        if learned is not None:
+            try:
+                clf = ZeroShotClassifier.from_learned_prompts(net, learned, classnames=classes)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--prompts") from None
+        else:
+            tmpl = list(template_list) if template_list else templates
+            clf = ZeroShotClassifier.from_classnames(net, classes, tmpl, progress=progress)
         pre = net.preprocessor
         results: list[dict] = []
         with Progress(total=len(paths), desc="classify", unit="image", enabled=progress) as bar:
@@ -170,7 +193,9 @@ def classify_cmd(images, labels, labels_file, templates, template_list, top_k, m
                 bar.update(len(paths[start:start + batch_size]))
     n_failed = sum(1 for r in results if "error" in r)
     data = {"model": net.config.name, "precision": precision, "labels": classes,
-            "templates": len(clf.prompts[0][0]) if clf.prompts else None, "results": results, "failed": n_failed,
+            "templates": len(clf.prompts[0][0]) if clf.prompts else None,
+            "prompts": None if learned is None else {"file": str(prompts_file), "method": learned.method},
+            "results": results, "failed": n_failed,
             "skipped": skipped, "csv": None}
     if out_file:
         n_rows = _write_csv(out_file, results)
@@ -186,7 +211,8 @@ def classify_cmd(images, labels, labels_file, templates, template_list, top_k, m
                 continue
             for t in r["top"]:
                 rows.append([r["image"] if t["rank"] == 1 else "", t["rank"], t["label"], f"{t['prob']:.4f}"])
-        render_table(shorten(f"zero-shot: {len(classes)} labels x {d['templates']} templates ({d['model']})", 100),
+        how = (f"{d['prompts']['method']} learned prompts" if d["prompts"] else f"{d['templates']} templates")
+        render_table(shorten(f"zero-shot: {len(classes)} labels x {how} ({d['model']})", 100),
                      ["image", "#", "label", "prob"], rows)
         more = len(d["results"]) - len(shown)
         if more:

@@ -62,6 +62,11 @@ def _common(fn):
         click.option("--text-batch-size", type=int, default=256, show_default=True),
         click.option("--device", default="cpu", show_default=True),
         precision_option(),
+        click.option("--reduce", "reduction", default=None, metavar="NAME[:KEEP][@LAYER]",
+                     help="Encode images with fewer vision tokens: a reducer of cliplab.vision_tokens (tome, "
+                          "centerclip, tcc_compress, recoverable_compression, keep-random, keep-cls-attention), the "
+                          "share of patch tokens kept (default 0.5) and the block it runs before (default: the "
+                          "method's own), e.g. centerclip:0.25@3."),
         progress_option(),
         json_option(help="Print the results JSON instead of the summary."),
     ]
@@ -88,10 +93,18 @@ def _run(task: str, p: dict, **task_options) -> None:
     with warnings_to_stderr():
         model, mid, info = load_model(p["model"], random_init=p["random_init"], seed=p["seed"], device=p["device"],
                                       precision=p["precision"], arch=p["arch"], details=True)
+        image_encoder = None
+        if p["reduction"] is not None:
+            from ..vision_tokens import ReducedImageEncoder
+
+            try:
+                image_encoder = ReducedImageEncoder(model, p["reduction"])
+            except (KeyError, ValueError) as e:
+                raise click.BadParameter(str(e).strip("'\""), param_hint="--reduce") from None
         try:
             res = evaluate(task, model, dataset, dataset_options=options, model_id=mid, cache_dir=cache_dir,
                            out_dir=out_dir, batch_size=p["batch_size"], text_batch_size=p["text_batch_size"],
-                           progress=p["progress"], model_info=info, **task_options)
+                           progress=p["progress"], model_info=info, image_encoder=image_encoder, **task_options)
         except KeyboardInterrupt:
             where = "the embedding cache" if cache_dir is not None else "nowhere (--no-cache)"
             click.echo(f"interrupted: finished chunks are kept in {where}; re-run the same command to resume",
@@ -123,7 +136,10 @@ def eval_group():
 @click.option("--description-mode", type=click.Choice(["pool", "balanced", "only"]), default="pool",
               show_default=True)
 @click.option("--description-template", default=None, help="Default: 'a photo of a {c}, which has {d}.'")
-def zeroshot_cmd(templates, descriptions, description_mode, description_template, **p):
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Learned prompts (from `cliplab train --preset coop` or mocoop) instead of templates; they must "
+                   "cover the dataset's classes.")
+def zeroshot_cmd(templates, descriptions, description_mode, description_template, prompts_file, **p):
     """Zero-shot classification: top-1/top-5, mean per-class recall, confusion matrix (PNG).
 
     Class names come from the dataset (folder names), from --set classnames=FILE (one name per line or a JSON
@@ -135,9 +151,13 @@ def zeroshot_cmd(templates, descriptions, description_mode, description_template
       cliplab eval zeroshot --dataset cifar-folder --data cifar10-test --set per_class=20 \\
           --templates prompts.md#CIFAR10 -o runs/cifar10
       cliplab eval zeroshot --dataset image-folder --data imagenet-val --set classnames=imagenet-names.txt
+      cliplab eval zeroshot --set kind=colour_shape --prompts runs/coop/prompts.safetensors
     """
+    if prompts_file is not None and (templates is not None or descriptions is not None):
+        raise click.UsageError("--prompts replaces --templates/--descriptions: give one or the other")
+    options = {"prompts": prompts_file} if prompts_file is not None else {}
     _run("zeroshot", p, templates=templates, descriptions=descriptions, description_mode=description_mode,
-         description_template=description_template)
+         description_template=description_template, **options)
 
 
 @eval_group.command("retrieval")
@@ -167,15 +187,19 @@ def clipscore_cmd(weight, **p):
 
 @eval_group.command("winoground")
 @_common
-def winoground_cmd(**p):
+@click.option("--scoring", type=click.Choice(["clip", "comclip"]), default="clip", show_default=True,
+              help="clip: cosine of the global embeddings; comclip: ComCLIP's region sub-images of the caption's "
+                   "entities and relations added to the image embedding (docs/methods/comclip.md).")
+def winoground_cmd(scoring, **p):
     """Winoground text / image / group scores on caption-image pairs.
 
     \b
     Example:
       cliplab eval winoground --set n=200
+      cliplab eval winoground --set n=200 --scoring comclip
       cliplab eval winoground -m test-tiny --random-init --set n=200 --no-cache
     """
-    _run("winoground", p)
+    _run("winoground", p, scoring=scoring)
 
 
 def _nan_to_none(obj):

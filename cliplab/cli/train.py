@@ -7,7 +7,15 @@ import json
 import click
 
 from .app import main
-from .common import emit, json_option, on_interrupt, progress_option, set_option, warnings_to_stderr
+from .common import (
+    emit,
+    json_option,
+    on_interrupt,
+    parse_settings,
+    progress_option,
+    set_option,
+    warnings_to_stderr,
+)
 
 
 @main.command("train")
@@ -46,15 +54,29 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
       cliplab train --preset shapes-tiny --set steps=200 --set lr=1e-3
       cliplab train --preset tiny-smoke --data captions.csv --image-root images/ --init-from runs/smoke/final
       cliplab train --config runs/smoke/config.json --resume
+      cliplab train --preset coop -o runs/coop      # learned prompts: runs/coop/prompts.safetensors
     """
     from ..train import Trainer, TrainConfig, get_preset, list_presets as _list_presets
+    from ..zeroshot.grain import GRAIN_PRESETS
+    from ..zeroshot.prompt_learning import prompt_presets
 
     if list_presets:
         data = {name: _preset_summary(get_preset(name)) for name in _list_presets()}
+        data.update(prompt_presets())
+        data.update(GRAIN_PRESETS)
         emit(data, as_json, lambda d: [click.echo(f"{n:<14} {s}") for n, s in d.items()])
         return
     if (preset is None) == (config_path is None):
         raise click.UsageError("give exactly one of --preset NAME or --config FILE")
+    if preset in GRAIN_PRESETS:
+        _train_grain(preset, out, steps, settings, show, as_json,
+                     unsupported={"--data": data_path, "--image-root": image_root, "--resume": resume or None,
+                                  "--init-from": init_from})
+        return
+    if preset in prompt_presets():
+        _train_prompts(preset, out, steps, settings, init_from, show, as_json,
+                       unsupported={"--data": data_path, "--image-root": image_root, "--resume": resume or None})
+        return
     if image_root is not None and data_path is None:
         raise click.UsageError("--image-root goes with --data")
     cfg = get_preset(preset) if preset else TrainConfig.load(config_path)
@@ -90,6 +112,68 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
         click.echo(f"{summary}; final model: {d['final'] or '(not reached)'}")
 
     emit(data, as_json, render)
+
+
+def _train_prompts(preset, out, steps, settings, init_from, show, as_json, unsupported) -> None:
+    """A prompt-learning preset (coop, mocoop): a frozen model, a few-shot synthetic task, a learned-prompts file
+    written to -o (a .safetensors path, or a folder for prompts.safetensors). --set passes task and training
+    options (shots=4, n_ctx=4, ctx_init="a photo of a", class_specific=true, names=unseen-colours, lr=0.01, ...)."""
+    from ..pipeline import resolve_model
+    from ..zeroshot.prompt_learning import prompts_path, run_prompt_preset
+
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do(es) not apply to the prompt-learning preset {preset!r} "
+                               "(it trains on the synthetic few-shot task; see docs/methods/coop.md)")
+    options = parse_settings(settings)
+    if steps is not None:
+        options["steps"] = int(steps)
+    if show:
+        emit({"preset": preset, "model": init_from or "shapes-tiny", "out": str(prompts_path(out, preset)),
+              "options": options}, True, None)
+        return
+    with warnings_to_stderr():
+        model, _ = resolve_model(init_from)
+        try:
+            summary = run_prompt_preset(preset, model, out, **options)
+        except TypeError as e:  # an unknown --set key reaches a function as an unexpected keyword
+            if "unexpected keyword" not in str(e):
+                raise
+            raise click.BadParameter(str(e), param_hint="--set") from None
+
+    def render(d):
+        click.echo(f"{preset}: {d['steps']} steps, test accuracy {100 * d['test_accuracy']:.1f}% "
+                   f"(hand prompt 'a photo of a {{}}.' {100 * d['hand_prompt_accuracy']:.1f}%) on {d['classes']} "
+                   f"classes; learned prompts: {d['prompts']}")
+
+    emit(summary, as_json, render)
+
+
+def _train_grain(preset, out, steps, settings, show, as_json, unsupported) -> None:
+    """GRAIN (region queries + boxes + descriptions) trains its own model from scratch on synthetic scenes: not a
+    TrainConfig run. --set passes GrainConfig fields (steps=, batch_size=, seed=, ...) and control=true (CLIP's loss
+    only, the paper's control)."""
+    from ..zeroshot.grain import run_grain_preset
+
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do(es) not apply to {preset!r} (it trains from scratch on the "
+                               "synthetic world; see docs/methods/grain.md)")
+    options = parse_settings(settings)
+    if steps is not None:
+        options["steps"] = int(steps)
+    target = out or f"runs/{preset}"
+    if show:
+        emit({"preset": preset, "out": target, "options": options}, True, None)
+        return
+    with warnings_to_stderr():
+        try:
+            summary = run_grain_preset(preset, target, log_every=0 if as_json else 50, **options)
+        except TypeError as e:  # an unknown --set key reaches GrainConfig as an unexpected keyword
+            if "unexpected keyword" not in str(e):
+                raise
+            raise click.BadParameter(str(e), param_hint="--set") from None
+    emit(summary, as_json, lambda d: click.echo(json.dumps(d, indent=1)))
 
 
 def _preset_summary(cfg) -> str:

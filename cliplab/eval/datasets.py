@@ -86,6 +86,7 @@ class WinogroundData:
     captions: list[str]
     kinds: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    scenes: list[Any] | None = None  # synthetic scenes of ``items`` (same order), when known: region-aware scorers
 
     kind = "winoground"
 
@@ -316,7 +317,8 @@ def synthetic_winoground(n: int = 100, seed: int = 0, image_size: int = 64,
                   ImageItem(_synthetic_key("winoground_pairs", params, (p, 1)), pair.image1)]
         captions += [pair.caption0, pair.caption1]
     return WinogroundData("synthetic-winoground", items, captions, [p.kind for p in pairs],
-                          info={"synthetic": {**params, "n": n}})
+                          info={"synthetic": {**params, "n": n}},
+                          scenes=[s for pair in pairs for s in (pair.scene0, pair.scene1)])
 
 
 @register_dataset("synthetic-retrieval", "captions")

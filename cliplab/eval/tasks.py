@@ -138,15 +138,24 @@ def _ids_error(names: Sequence) -> ValueError:
 @register_task("zeroshot", "classification")
 def zeroshot_task(data: ClassificationData, encoder: CachedEncoder, templates=None,
                   descriptions: Mapping[str, Sequence[str]] | str | None = None, description_mode: str = "pool",
-                  description_template: str | None = None) -> dict[str, Any]:
-    """Zero-shot classification: class names x templates (or the dataset's own prompts) -> top-1/5, recall."""
+                  description_template: str | None = None, prompts: str | Path | None = None) -> dict[str, Any]:
+    """Zero-shot classification: class names x templates (or the dataset's own prompts, or learned prompts: a file
+    from ``cliplab train --preset coop``, which must cover the dataset's classes) -> top-1/5, recall."""
     from ..zeroshot import DEFAULT_DESCRIPTION_TEMPLATE, ZeroShotClassifier, load_descriptions, load_prompt_set
 
     from ..zeroshot.classifier import describe_duplicates, duplicate_classnames
 
     notes = []
     classnames: list = list(data.classnames)
-    if templates is None and data.prompts is not None:
+    if prompts is not None:
+        from ..zeroshot import load_prompts
+
+        learned = load_prompts(prompts)
+        prompt_info = {"source": "learned prompts", "file": str(prompts), "method": learned.method,
+                       "experts": len(learned.experts), "count": len(learned.classnames) * len(learned.experts)}
+        t0 = time.perf_counter()
+        clf = ZeroShotClassifier.from_learned_prompts(encoder.model, learned, classnames=data.classnames)
+    elif templates is None and data.prompts is not None:
         prompt_info = {"source": "dataset prompts", "count": sum(len(p) for p in data.prompts)}
         t0 = time.perf_counter()
         clf = ZeroShotClassifier.from_prompts(encoder.model, data.prompts, data.classnames,
@@ -228,30 +237,52 @@ def clipscore_task(data: CaptionData, encoder: CachedEncoder, w: float = 2.5) ->
 
 
 # --- Winoground ------------------------------------------------------------------------------------------------------
+WINOGROUND_SCORINGS = ("clip", "comclip")
+
+
 @register_task("winoground", "winoground")
-def winoground_task(data: WinogroundData, encoder: CachedEncoder) -> dict[str, Any]:
-    """Winoground text / image / group scores (strict inequalities: ties fail)."""
+def winoground_task(data: WinogroundData, encoder: CachedEncoder, scoring: str = "clip",
+                    comclip: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Winoground text / image / group scores (strict inequalities: ties fail).
+
+    ``scoring``: ``"clip"`` (cosine of the global embeddings) or ``"comclip"`` (:mod:`cliplab.zeroshot.comclip`:
+    region sub-images of the parsed caption's entities and relations; ``comclip`` holds its options, e.g.
+    ``{"weight": 1.0, "cutout": "mask"}``)."""
+    if scoring not in WINOGROUND_SCORINGS:
+        raise ValueError(f"scoring must be one of {WINOGROUND_SCORINGS}, got {scoring!r}")
+    if comclip and scoring != "comclip":
+        raise ValueError("comclip options need scoring='comclip'")
     img, txt, timing = _encode_captions(
         CaptionData(data.name, data.items, data.captions, list(range(len(data.items)))), encoder)
     p = len(data.kinds)
     i, t = img.view(p, 2, -1), txt.view(p, 2, -1)
-    scores = torch.einsum("pcd,pid->pci", t, i)  # scores[p, c, i] = cos(caption c, image i)
+    if scoring == "comclip":
+        from ..zeroshot.comclip import winoground_comclip_scores
+
+        t0 = time.perf_counter()
+        scores = winoground_comclip_scores(data, encoder, image_features=img, text_features=txt,
+                                           **dict(comclip or {}))
+        timing["comclip_s"] = round(time.perf_counter() - t0, 3)
+    else:
+        scores = torch.einsum("pcd,pid->pci", t, i)  # scores[p, c, i] = cos(caption c, image i)
     metrics = compute_metrics("winoground", scores=scores, kinds=list(data.kinds))
-    return {"task": "winoground", "num_pairs": p, "metrics": metrics, "timing": timing}
+    return {"task": "winoground", "scoring": scoring, "num_pairs": p, "metrics": metrics, "timing": timing}
 
 
 # --- one call --------------------------------------------------------------------------------------------------------
 def evaluate(task: str, model, dataset: str | Any, *, dataset_options: Mapping[str, Any] | None = None,
              model_id: str | None = None, cache_dir: str | Path | None = "default", out_dir: str | Path | None = None,
              batch_size: int = 64, text_batch_size: int = 256, progress: bool | None = False,
-             model_info: Mapping | None = None,
+             model_info: Mapping | None = None, image_encoder=None,
              **task_options) -> dict[str, Any]:
     """Run ``task`` on ``dataset`` (a registered name + ``dataset_options``, or a data object) with ``model``.
 
     ``cache_dir``: ``"default"`` (:func:`default_cache_dir`), a path, or ``None`` for no disk cache. ``model_id``
     keys the cache (default: :func:`model_identity`). With ``out_dir``, writes ``results.json``, ``summary.md`` and,
     for zero-shot, ``confusion.png``. ``progress``: ``False`` silent, ``True`` bars, ``None`` bars on a terminal and
-    plain lines every 10 s otherwise (:mod:`cliplab.progress`). Returns the results dict."""
+    plain lines every 10 s otherwise (:mod:`cliplab.progress`). ``image_encoder``: encodes images instead of
+    ``model.encode_image`` (a :class:`cliplab.vision_tokens.ReducedImageEncoder`, say); recorded in the results.
+    Returns the results dict."""
     from .report import write_report
 
     t0 = time.perf_counter()
@@ -261,10 +292,12 @@ def evaluate(task: str, model, dataset: str | Any, *, dataset_options: Mapping[s
     cache = None
     if cache_dir is not None:
         cache = EmbeddingCache(default_cache_dir() if cache_dir == "default" else cache_dir, model_id)
-    encoder = CachedEncoder(model, cache, batch_size=batch_size, text_batch_size=text_batch_size, progress=progress)
+    encoder = CachedEncoder(model, cache, batch_size=batch_size, text_batch_size=text_batch_size, progress=progress,
+                            image_encoder=image_encoder)
     results = run_task(task, data, encoder, **task_options)
     results["dataset"] = {"name": data.name, **{k: v for k, v in data.info.items() if k != "dataset"}}
-    results["model"] = {"name": model.config.name, "id": model_id, **dict(model_info or {})}
+    results["model"] = {"name": model.config.name, "id": model_id, **dict(model_info or {}),
+                        **(image_encoder.params if image_encoder is not None else {})}
     results["cache"] = {"dir": str(cache.root) if cache else None, **encoder.stats}
     results["timing"] = {**results.get("timing", {}), "total_s": round(time.perf_counter() - t0, 3)}
     if out_dir is not None:

@@ -32,7 +32,7 @@ from ..progress import Progress
 from .templates import ClassName, fill_template, load_templates, normalize_name
 
 __all__ = ["ZeroShotClassifier", "encode_prompts", "class_prompt_groups", "DEFAULT_DESCRIPTION_TEMPLATE",
-           "duplicate_classnames", "DuplicateClassWarning"]
+           "duplicate_classnames", "DuplicateClassWarning", "RoutedPromptClassifier"]
 
 DEFAULT_DESCRIPTION_TEMPLATE = "a photo of a {c}, which has {d}."
 DESCRIPTION_MODES = ("pool", "balanced", "only")
@@ -219,6 +219,25 @@ class ZeroShotClassifier:
         return cls.from_prompts(model, groups, display, text_encoder=text_encoder, batch_size=batch_size,
                                 progress=progress, logit_scale=logit_scale)
 
+    @classmethod
+    def from_learned_prompts(cls, model, prompts, classnames: Sequence[str] | None = None) -> "ZeroShotClassifier":
+        """A classifier from learned prompts (CoOp/MoCoOp): a learned-prompts file, a
+        :class:`~cliplab.zeroshot.prompt_learning.LearnedPrompts` or a ``PromptMixture``. ``classnames`` reorders
+        (and checks) the classes. A mixture with a router gives a ``MixturePromptClassifier`` (routes each image).
+        See :func:`cliplab.zeroshot.prompt_learning.prompt_classifier`."""
+        from .prompt_learning import learned_class_features
+
+        mixture, feats, names = learned_class_features(model, prompts, classnames=classnames)
+        if mixture.num_experts > 1:
+            return RoutedPromptClassifier(F.normalize(feats, dim=-1), mixture, names, model=model)
+        # one class embedding per class, through the same normalise-and-average code as hand prompts
+        keys = [f"\0learned:{c}" for c in names]
+        table = dict(zip(keys, feats[0]))
+        clf = cls.from_prompts(model, [[k] for k in keys], names, logit_scale=mixture.logit_scale,
+                               text_encoder=lambda texts: torch.stack([table[t] for t in texts]))
+        clf.prompts = None
+        return clf
+
     # --- using ---------------------------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
@@ -272,6 +291,25 @@ class ZeroShotClassifier:
 
     def __repr__(self) -> str:
         return f"ZeroShotClassifier(classes={self.num_classes}, dim={self.weights.shape[1]})"
+
+
+class RoutedPromptClassifier(ZeroShotClassifier):
+    """Learned prompts with several experts and a router (MoCoOp): :meth:`predict` routes each image to its top-k
+    experts (``PromptMixture.logits_from``); ``weights`` (for code that ignores routing) is the normalised mean of the
+    experts' class embeddings ``expert_weights`` ``[K, C, D]``. Save the learned-prompts file, not this."""
+
+    def __init__(self, expert_weights: torch.Tensor, mixture, classnames: Sequence[str], model=None):
+        super().__init__(expert_weights.float().mean(0), classnames, logit_scale=mixture.logit_scale, model=model)
+        self.expert_weights = expert_weights.float()
+        self.mixture = mixture.cpu().eval()
+
+    @torch.no_grad()
+    def predict(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.mixture.logits_from(image_features.float().cpu(), self.expert_weights)[0]
+
+    def save(self, path: str | Path) -> Path:
+        raise ValueError("a routed classifier is saved as its learned-prompts file (LearnedPrompts.save), not as "
+                         "fixed weights")
 
 
 def _model_logit_scale(model) -> float:
