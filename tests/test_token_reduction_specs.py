@@ -68,7 +68,7 @@ def test_the_reduction_joins_the_image_cache_key(model):
     assert plain != reduced and reduced["reduction"] == "tome:0.5@1"
 
 
-def test_eval_reduce_reaches_the_reducer(monkeypatch):
+def test_eval_reduce_reaches_the_reducer(monkeypatch, tmp_path):
     seen = []
     real = registry.encode_image_reduced
 
@@ -78,7 +78,7 @@ def test_eval_reduce_reaches_the_reducer(monkeypatch):
 
     monkeypatch.setattr(registry, "encode_image_reduced", spy)
     args = ["eval", "zeroshot", "-m", "test-tiny", "--random-init", "--set", "n_per_class=1", "--set",
-            "image_size=32", "--no-cache", "--json", "--reduce", "centerclip:0.25@2"]
+            "image_size=32", "--no-cache", "--json", "-o", str(tmp_path), "--reduce", "centerclip:0.25@2"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
