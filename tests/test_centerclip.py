@@ -311,8 +311,8 @@ def test_small_object_colour_survives_centerclip_on_the_shipped_model(shapes):
         return (clf.predict(encode_image_reduced(shapes, pixels, reducer, 1).pooled).argmax(1) == labels).float().mean()
 
     full = (clf.predict(shapes.encode_image(pixels)).argmax(1) == labels).float().mean()
-    ours, sparse, rand = accuracy(CenterCLIP(ratio=0.75)), accuracy(SparseSampling(ratio=0.75)), \
-        accuracy(KeepTopK(0.75, "random"))
+    ours, sparse = accuracy(CenterCLIP(ratio=0.75)), accuracy(SparseSampling(ratio=0.75))
+    rand = torch.stack([accuracy(KeepTopK(0.75, "random", seed=s)) for s in range(4)]).mean()  # a seed is one draw
     assert full >= 0.95 and ours >= 0.9, (full, ours)
     assert ours >= sparse + 0.15 and ours >= rand + 0.15, (ours, sparse, rand)
 

@@ -128,7 +128,8 @@ def count_to_remove(ratio: float, n: int) -> int:
 class KeepTopK(TokenReducer):
     """The generic pruning reducer: keep the ``1 - ratio`` share of tokens with the highest score, in their original
     order, and drop the rest. ``score``: ``"cls_attention"`` (the attention CLS pays each patch, averaged over heads;
-    needs a block before it), ``"norm"`` (the token's L2 norm) or ``"random"`` (a seeded control)."""
+    needs a block before it), ``"norm"`` (the token's L2 norm) or ``"random"`` (a seeded control: each call draws
+    from ``seed`` afresh, so each slice of a sliced batch gets the same draws; average a few seeds for a control)."""
 
     def __init__(self, ratio: float, score: str = "cls_attention", seed: int = 0):
         if score not in ("cls_attention", "norm", "random"):
