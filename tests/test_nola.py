@@ -201,3 +201,30 @@ def test_doc_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "docs/methods/nola.md has no python example"
     exec(compile(blocks[0], "nola.md", "exec"), {})
+
+
+def test_cli_train_preset_nola(tmp_path):
+    """``cliplab train --preset nola`` fits on unlabelled synthetic images, writes a classifier that loads back onto
+    the same model, and reports it beside the description classifier; --set keys reach the preset."""
+    import json
+
+    from click.testing import CliRunner
+
+    import cliplab
+    from cliplab.cli import main
+    from cliplab.zeroshot.nola import NoLAClassifier
+
+    out = tmp_path / "nola.safetensors"
+    args = ["train", "--preset", "nola", "--steps", "2", "--set", "n_train=4", "--set", "n_test=2", "--set",
+            "mlp_epochs=2", "--set", "n_prompts=3", "-o", str(out), "--json"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and summary["classifier"] == str(out) and summary["classes"] == 8
+    clf = NoLAClassifier.load(out, cliplab.load("shapes-tiny").eval())
+    assert clf.prompts.shape[0] == 3
+    assert "nola" in CliRunner().invoke(main, ["train", "--list-presets"]).output
+    refused = CliRunner().invoke(main, ["train", "--preset", "nola", "--data", "x.csv"])
+    assert refused.exit_code == 2 and "--data" in refused.output
+    unknown = CliRunner().invoke(main, ["train", "--preset", "nola", "--set", "nonsense=1", "-o", str(tmp_path / "x")])
+    assert unknown.exit_code == 2 and "--set" in unknown.output

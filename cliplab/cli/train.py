@@ -58,12 +58,14 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
     """
     from ..train import Trainer, TrainConfig, get_preset, list_presets as _list_presets
     from ..zeroshot.grain import GRAIN_PRESETS
+    from ..zeroshot.nola import NOLA_PRESETS
     from ..zeroshot.prompt_learning import prompt_presets
 
     if list_presets:
         data = {name: _preset_summary(get_preset(name)) for name in _list_presets()}
         data.update(prompt_presets())
         data.update(GRAIN_PRESETS)
+        data.update(NOLA_PRESETS)
         emit(data, as_json, lambda d: [click.echo(f"{n:<14} {s}") for n, s in d.items()])
         return
     if (preset is None) == (config_path is None):
@@ -72,6 +74,10 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
         _train_grain(preset, out, steps, settings, show, as_json,
                      unsupported={"--data": data_path, "--image-root": image_root, "--resume": resume or None,
                                   "--init-from": init_from})
+        return
+    if preset in NOLA_PRESETS:
+        _train_nola(preset, out, steps, settings, init_from, show, as_json,
+                    unsupported={"--data": data_path, "--image-root": image_root, "--resume": resume or None})
         return
     if preset in prompt_presets():
         _train_prompts(preset, out, steps, settings, init_from, show, as_json,
@@ -174,6 +180,40 @@ def _train_grain(preset, out, steps, settings, show, as_json, unsupported) -> No
                 raise
             raise click.BadParameter(str(e), param_hint="--set") from None
     emit(summary, as_json, lambda d: click.echo(json.dumps(d, indent=1)))
+
+
+def _train_nola(preset, out, steps, settings, init_from, show, as_json, unsupported) -> None:
+    """NoLA tunes a copy of a model (--init-from, default shapes-tiny) on unlabelled synthetic images and writes a
+    NoLA classifier file. --set passes NoLAConfig fields and the task's (n_train=, n_test=, ssl_encoder=)."""
+    from ..pipeline import resolve_model
+    from ..zeroshot.nola import run_nola_preset
+
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do(es) not apply to {preset!r} (it tunes on the synthetic "
+                               "blurred-shape task; see docs/methods/nola.md)")
+    options = parse_settings(settings)
+    if steps is not None:
+        options["steps"] = int(steps)
+    if show:
+        emit({"preset": preset, "model": init_from or "shapes-tiny", "out": out or f"runs/{preset}",
+              "options": options}, True, None)
+        return
+    with warnings_to_stderr():
+        model, _ = resolve_model(init_from)
+        try:
+            summary = run_nola_preset(preset, model, out, **options)
+        except TypeError as e:  # an unknown --set key reaches NoLAConfig as an unexpected keyword
+            if "unexpected keyword" not in str(e):
+                raise
+            raise click.BadParameter(str(e), param_hint="--set") from None
+
+    def render(d):
+        click.echo(f"{preset}: {d['steps']} steps, test accuracy {100 * d['test_accuracy']:.1f}% (description "
+                   f"zero-shot {100 * d['description_zero_shot_accuracy']:.1f}%) on {d['classes']} classes; "
+                   f"classifier: {d['classifier']}")
+
+    emit(summary, as_json, render)
 
 
 def _preset_summary(cfg) -> str:

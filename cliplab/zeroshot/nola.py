@@ -388,3 +388,47 @@ def unlabelled_scene_pixels(n: int, seed: int, blur: float = 0.8, image_size: in
     images = [world.compose([{}], np.random.default_rng([seed, 7919, i]), brightness="normal", clutter=False,
                             word=False).render().filter(ImageFilter.GaussianBlur(blur)) for i in range(n)]
     return images_to_pixels(images)
+
+
+NOLA_PRESETS = {"nola": "NoLA label-free tuning of shapes-tiny on the blurred 8-shape task: description classifier, "
+                        "top-k pseudo-labels, the shipped self-distilled encoder's labeller, VPT + LayerNorms + head "
+                        "(a NoLA classifier file); no labels read"}
+
+
+def run_nola_preset(name: str = "nola", model=None, out=None, *, n_train: int = 40, n_test: int = 30,
+                    task_seed: int = 11, ssl_encoder: str | None = None, **options) -> dict:
+    """Run preset ``name`` on ``model`` (default the shipped ``shapes-tiny``): fit NoLA on ``n_train`` unlabelled
+    images per class of :func:`blurred_shape_task` (seed ``task_seed``), save the classifier to ``out`` (a
+    ``.safetensors`` path, or a folder for ``nola.safetensors``) and score it on ``n_test`` held-out images per
+    class against the description classifier it starts from. ``options``: :class:`NoLAConfig` fields;
+    ``ssl_encoder``: a shipped encoder's name or a saved encoder's folder (default the shipped one)."""
+    from ..data.synthetic import SceneWorld
+    from ..models import load as load_model
+    from .ssl_encoder import load_shipped_ssl_encoder, load_ssl_encoder
+
+    if name not in NOLA_PRESETS:
+        raise ValueError(f"unknown NoLA preset {name!r}; choose from {sorted(NOLA_PRESETS)}")
+    model = load_model("shapes-tiny").eval() if model is None else model
+    cfg = NoLAConfig(**options)
+    if ssl_encoder is None:
+        ssl = load_shipped_ssl_encoder()
+    elif Path(ssl_encoder).is_dir():
+        ssl = load_ssl_encoder(ssl_encoder)
+    else:
+        ssl = load_shipped_ssl_encoder(ssl_encoder)
+    train, test = blurred_shape_task(n_train, seed=task_seed), blurred_shape_task(n_test, seed=task_seed + 1)
+    x, xt = images_to_pixels(train.images), images_to_pixels(test.images)
+    yt = torch.tensor(test.labels)  # scoring only: the fit never sees a label
+    res = fit_nola(model, train.classnames, x, ssl, descriptions=world_descriptions(SceneWorld(), "shape"),
+                   config=cfg)
+    path = Path(out or Path("runs") / name)
+    path = path if path.suffix == ".safetensors" else path / "nola.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    res.classifier.save(path)
+
+    def acc(pred):
+        return round(float((pred == yt).float().mean()), 4)
+
+    return {"preset": name, "steps": cfg.steps, "classes": len(train.classnames), "k": res.k, "classifier": str(path),
+            "test_accuracy": acc(res.classifier.predict(xt).argmax(1)),
+            "description_zero_shot_accuracy": acc(zero_shot_probs(model, res.cde, xt).argmax(1))}
