@@ -33,7 +33,7 @@ def test_specs_parse(spec, name, keep, layer):
     assert Reduction.parse(spec) == Reduction(name, keep, layer)
 
 
-@pytest.mark.parametrize("spec", ["", "tome:", "tome:0", "tome:1.5", "tome@x", "nope:0.5"])
+@pytest.mark.parametrize("spec", ["", "tome:", "tome:0", "tome:1.5", "tome:0.5.5", "tome@x", "nope:0.5"])
 def test_bad_specs_fail_with_one_clear_error(spec):
     with pytest.raises((ValueError, KeyError)):
         Reduction.parse(spec)

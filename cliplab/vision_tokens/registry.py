@@ -54,7 +54,7 @@ def get_reducer(name: str) -> ReducerEntry:
     return _REDUCERS[name]
 
 
-_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_\-]+)(?::(?P<keep>[0-9.]+))?(?:@(?P<layer>[0-9]+))?$")
+_SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_\-]+)(?::(?P<keep>[0-9]*\.?[0-9]+))?(?:@(?P<layer>[0-9]+))?$")
 
 
 @dataclass(frozen=True)
