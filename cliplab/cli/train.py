@@ -120,6 +120,29 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
     emit(data, as_json, render)
 
 
+def _method_preset(preset, steps, settings, show, as_json, unsupported, why: str, shown: dict, run, render) -> None:
+    """The shared shell of the method presets that are not TrainConfig runs (prompt learning, GRAIN, NoLA): refuse
+    flags that do not apply, pass --set keys (and --steps) as keywords to ``run(options)``, map an unknown key to a
+    --set error, and print the summary ``run`` returns."""
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} do(es) not apply to {preset!r} ({why})")
+    options = parse_settings(settings)
+    if steps is not None:
+        options["steps"] = int(steps)
+    if show:
+        emit({"preset": preset, **shown, "options": options}, True, None)
+        return
+    with warnings_to_stderr():
+        try:
+            summary = run(options)
+        except TypeError as e:  # an unknown --set key reaches a function as an unexpected keyword
+            if "unexpected keyword" not in str(e):
+                raise
+            raise click.BadParameter(str(e), param_hint="--set") from None
+    emit(summary, as_json, render)
+
+
 def _train_prompts(preset, out, steps, settings, init_from, show, as_json, unsupported) -> None:
     """A prompt-learning preset (coop, mocoop): a frozen model, a few-shot synthetic task, a learned-prompts file
     written to -o (a .safetensors path, or a folder for prompts.safetensors). --set passes task and training
@@ -127,32 +150,15 @@ def _train_prompts(preset, out, steps, settings, init_from, show, as_json, unsup
     from ..pipeline import resolve_model
     from ..zeroshot.prompt_learning import prompts_path, run_prompt_preset
 
-    given = [flag for flag, value in unsupported.items() if value]
-    if given:
-        raise click.UsageError(f"{', '.join(given)} do(es) not apply to the prompt-learning preset {preset!r} "
-                               "(it trains on the synthetic few-shot task; see docs/methods/coop.md)")
-    options = parse_settings(settings)
-    if steps is not None:
-        options["steps"] = int(steps)
-    if show:
-        emit({"preset": preset, "model": init_from or "shapes-tiny", "out": str(prompts_path(out, preset)),
-              "options": options}, True, None)
-        return
-    with warnings_to_stderr():
-        model, _ = resolve_model(init_from)
-        try:
-            summary = run_prompt_preset(preset, model, out, **options)
-        except TypeError as e:  # an unknown --set key reaches a function as an unexpected keyword
-            if "unexpected keyword" not in str(e):
-                raise
-            raise click.BadParameter(str(e), param_hint="--set") from None
-
     def render(d):
         click.echo(f"{preset}: {d['steps']} steps, test accuracy {100 * d['test_accuracy']:.1f}% "
                    f"(hand prompt 'a photo of a {{}}.' {100 * d['hand_prompt_accuracy']:.1f}%) on {d['classes']} "
                    f"classes; learned prompts: {d['prompts']}")
 
-    emit(summary, as_json, render)
+    _method_preset(preset, steps, settings, show, as_json, unsupported,
+                   "it trains on the synthetic few-shot task; see docs/methods/coop.md",
+                   {"model": init_from or "shapes-tiny", "out": str(prompts_path(out, preset))},
+                   lambda options: run_prompt_preset(preset, resolve_model(init_from)[0], out, **options), render)
 
 
 def _train_grain(preset, out, steps, settings, show, as_json, unsupported) -> None:
@@ -161,25 +167,11 @@ def _train_grain(preset, out, steps, settings, show, as_json, unsupported) -> No
     only, the paper's control)."""
     from ..zeroshot.grain import run_grain_preset
 
-    given = [flag for flag, value in unsupported.items() if value]
-    if given:
-        raise click.UsageError(f"{', '.join(given)} do(es) not apply to {preset!r} (it trains from scratch on the "
-                               "synthetic world; see docs/methods/grain.md)")
-    options = parse_settings(settings)
-    if steps is not None:
-        options["steps"] = int(steps)
     target = out or f"runs/{preset}"
-    if show:
-        emit({"preset": preset, "out": target, "options": options}, True, None)
-        return
-    with warnings_to_stderr():
-        try:
-            summary = run_grain_preset(preset, target, log_every=0 if as_json else 50, **options)
-        except TypeError as e:  # an unknown --set key reaches GrainConfig as an unexpected keyword
-            if "unexpected keyword" not in str(e):
-                raise
-            raise click.BadParameter(str(e), param_hint="--set") from None
-    emit(summary, as_json, lambda d: click.echo(json.dumps(d, indent=1)))
+    _method_preset(preset, steps, settings, show, as_json, unsupported,
+                   "it trains from scratch on the synthetic world; see docs/methods/grain.md", {"out": target},
+                   lambda options: run_grain_preset(preset, target, log_every=0 if as_json else 50, **options),
+                   lambda d: click.echo(json.dumps(d, indent=1)))
 
 
 def _train_nola(preset, out, steps, settings, init_from, show, as_json, unsupported) -> None:
@@ -188,32 +180,15 @@ def _train_nola(preset, out, steps, settings, init_from, show, as_json, unsuppor
     from ..pipeline import resolve_model
     from ..zeroshot.nola import run_nola_preset
 
-    given = [flag for flag, value in unsupported.items() if value]
-    if given:
-        raise click.UsageError(f"{', '.join(given)} do(es) not apply to {preset!r} (it tunes on the synthetic "
-                               "blurred-shape task; see docs/methods/nola.md)")
-    options = parse_settings(settings)
-    if steps is not None:
-        options["steps"] = int(steps)
-    if show:
-        emit({"preset": preset, "model": init_from or "shapes-tiny", "out": out or f"runs/{preset}",
-              "options": options}, True, None)
-        return
-    with warnings_to_stderr():
-        model, _ = resolve_model(init_from)
-        try:
-            summary = run_nola_preset(preset, model, out, **options)
-        except TypeError as e:  # an unknown --set key reaches NoLAConfig as an unexpected keyword
-            if "unexpected keyword" not in str(e):
-                raise
-            raise click.BadParameter(str(e), param_hint="--set") from None
-
     def render(d):
         click.echo(f"{preset}: {d['steps']} steps, test accuracy {100 * d['test_accuracy']:.1f}% (description "
                    f"zero-shot {100 * d['description_zero_shot_accuracy']:.1f}%) on {d['classes']} classes; "
                    f"classifier: {d['classifier']}")
 
-    emit(summary, as_json, render)
+    _method_preset(preset, steps, settings, show, as_json, unsupported,
+                   "it tunes on the synthetic blurred-shape task; see docs/methods/nola.md",
+                   {"model": init_from or "shapes-tiny", "out": out or f"runs/{preset}"},
+                   lambda options: run_nola_preset(preset, resolve_model(init_from)[0], out, **options), render)
 
 
 def _preset_summary(cfg) -> str:
