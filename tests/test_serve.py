@@ -8,6 +8,7 @@ import io
 import re
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -301,3 +302,70 @@ def test_bf16_service_answers_close_to_fp32(site, service):
         assert max(abs(h["score"] - by_id[h["id"]]) for h in fast) < 0.03  # the same ranking up to bf16 noise
     finally:
         svc.close()
+
+
+def test_a_request_waiting_too_long_for_the_model_gets_504(site):
+    svc = SearchService(str(site / "emb"), settings=ServeSettings(timeout_s=0.2))
+    real = svc.text_batcher.fn
+    svc.text_batcher.fn = lambda items: (time.sleep(1.0), real(items))[1]  # an overloaded model
+    try:
+        with TestClient(create_app(svc)) as c:
+            r = c.get("/api/search", params={"q": "a red circle"})
+            assert r.status_code == 504 and "did not answer within 0.2 s" in r.json()["detail"]
+            svc.text_batcher.fn = real
+            time.sleep(1.0)  # the worker finishes the slow batch it had started
+            assert c.get("/api/search", params={"q": "a red circle"}).status_code == 200  # and it recovers
+    finally:
+        svc.close()
+
+
+def test_image_to_text_over_a_caption_index(tmp_path):
+    import csv
+
+    from cliplab.data.synthetic.captions import short_caption
+
+    world = cliplab.data.SceneWorld(image_size=64, seed=1)
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        table = csv.writer(f)
+        table.writerow(["path", "caption"])
+        for i in range(8):
+            scene = world.sample(i)
+            scene.render().save(tmp_path / f"p{i}.png")
+            table.writerow([f"p{i}.png", short_caption(scene)])
+    embed(str(tmp_path / "pairs.csv"), tmp_path / "emb", "shapes-tiny")
+    r = CliRunner().invoke(main, ["index", str(tmp_path / "emb"), "--field", "text"])
+    assert r.exit_code == 0, r.output
+    svc = SearchService(str(tmp_path / "emb"))
+    try:
+        with TestClient(create_app(svc)) as c:
+            assert c.get("/health").json()["field"] == "text"
+            got = c.post("/api/search", files={"image": ("q.png", (tmp_path / "p3.png").read_bytes(), "image/png")},
+                         data={"k": "8"}).json()["hits"]
+            want = Index.load(tmp_path / "emb").search_image(str(tmp_path / "p3.png"), k=8)
+            assert [h["caption"] for h in got] == [h.caption for h in want] and all(h["caption"] for h in got)
+            # a caption's explanation is computed against the image its row names (encoded from the file)
+            ex = c.get("/api/explain", params={"q": "a red circle", "id": got[0]["id"]}).json()
+            assert [w["word"] for w in ex["words"]] == ["a", "red", "circle"]
+    finally:
+        svc.close()
+
+
+def test_a_timed_out_item_is_withdrawn_before_the_model_sees_it():
+    seen, gate = [], threading.Event()
+
+    def fn(items):
+        gate.wait(5)
+        seen.extend(items)
+        return items
+
+    b = MicroBatcher(fn, max_batch=1, wait_ms=0)
+    try:
+        first = b.submit("first")  # occupies the worker until the gate opens
+        time.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            b("late", timeout=0.1)
+        gate.set()
+        assert first.result(5) == "first" and b("next", timeout=5) == "next"
+        assert seen == ["first", "next"]
+    finally:
+        b.close()

@@ -46,8 +46,14 @@ class MicroBatcher:
         return fut
 
     def __call__(self, item: Any, timeout: float | None = None) -> Any:
-        """Submit and wait (``TimeoutError`` after ``timeout`` seconds)."""
-        return self.submit(item).result(timeout)
+        """Submit and wait. After ``timeout`` seconds: ``TimeoutError``, and the item is withdrawn if the worker has
+        not taken it yet (an overloaded server does not go on to compute answers nobody waits for)."""
+        fut = self.submit(item)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
 
     def close(self) -> None:
         self._closed = True
