@@ -173,6 +173,8 @@ class SearchService:
         try:
             vecs = [f.result(self.settings.timeout_s)[0] for f in futures]
         except TimeoutError:
+            for f in futures:
+                f.cancel()
             raise RequestError(504, f"the model did not answer within {self.settings.timeout_s:g} s") from None
         return {"model": self.model.config.name, "dim": self.index.dim, "vectors": [v.tolist() for v in vecs],
                 "warnings": notes}
