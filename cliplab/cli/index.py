@@ -23,8 +23,9 @@ def _need_faiss():
 @click.argument("embeddings", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where to save the index [default: EMBEDDINGS/index].")
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default="auto", show_default=True,
-              help="auto: exact flat index up to --approx-threshold vectors, IVF-Flat above.")
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]), default="auto", show_default=True,
+              help="auto: exact flat index up to --approx-threshold vectors, IVF-Flat above, IVF-PQ (compressed "
+                   "codes) when full vectors exceed --max-index-memory.")
 @click.option("--field", type=click.Choice(["auto", "image", "text"]), default="auto", show_default=True,
               help="Which embeddings to index (auto: images when the job has any; text: the captions, for "
                    "image-to-text search).")
@@ -32,10 +33,19 @@ def _need_faiss():
               help="Collections larger than this get an approximate index (kind auto).")
 @click.option("--recall-target", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Approximate indexes: smallest nprobe/efSearch reaching this recall@10 vs exact search.")
+@click.option("--max-index-memory", "max_memory", default=None, metavar="SIZE",
+              help="Budget for the index's size, e.g. 4GB or 512MB: auto picks the largest compressed code that "
+                   "fits (the choice and its reasons are recorded in index.json).")
+@click.option("--max-query-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Approximate indexes: cap the tuned search breadth by the measured median query time.")
+@click.option("--rerank", type=click.IntRange(0), default=0, show_default=True,
+              help="Approximate indexes: keep the exact vectors (vectors.npy, memory-mapped) and rescore the top "
+                   "RERANK x k candidates of each query with them (0: off).")
 @click.option("--allow-partial", is_flag=True,
               help="Index an unfinished job (an interrupted embed) as it is; the index records that it is partial.")
 @json_option("Print the build report as JSON.")
-def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, allow_partial, as_json):
+def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, max_memory, max_query_ms, rerank,
+              allow_partial, as_json):
     """Build a vector index over the output of `cliplab embed` in EMBEDDINGS.
 
     Vectors are normalised and searched by inner product (cosine). For an approximate index, recall@10 against
@@ -47,28 +57,34 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
       cliplab index emb/
       cliplab index emb/ --field text -o emb/captions   # captions: image-to-text search
       cliplab index emb/ --allow-partial --json         # an interrupted embed, so far
+      cliplab index emb/ --max-index-memory 4GB --rerank 4   # compressed codes, exact re-ranking
     """
     _need_faiss()
     from ..index import Index, IncompleteJobError
 
     try:
         ix = Index.build(embeddings, field=field, kind=kind, approx_threshold=approx_threshold,
-                         recall_target=recall_target, allow_partial=allow_partial)
+                         recall_target=recall_target, allow_partial=allow_partial, max_memory=max_memory,
+                         max_query_ms=max_query_ms, rerank=rerank)
     except IncompleteJobError as e:
         fail(f"{embeddings} is an unfinished embedding job: {e.done} of {e.total} items embedded; rerun the same "
              f"cliplab embed command (-o {embeddings}) to finish it (it resumes), or pass --allow-partial to index "
              f"the {e.done} done", 2)
+    except ValueError as e:  # a memory budget no index fits, a bad size
+        fail(str(e), 2)
     path = ix.save(out_dir or Path(embeddings) / "index")
     info = ix.info
     data = {"index": str(path), "kind": info["kind"], "field": info["field"], "n": info["n"], "dim": info["dim"],
             "duplicates_skipped": info["duplicates_skipped"], "partial": info["partial"],
             "exact": info["exact"], "recall_at_10": info["recall_at_10"], "params": info["params"],
-            "build_seconds": info["build_seconds"]}
+            "build_seconds": info["build_seconds"], "plan": info["plan"]}
     if info["partial"]:
         data.update(items_done=info["items_done"], items_total=info["items_total"])
     if not info["exact"]:
         data.update(recall_queries=info["recall_queries"], recall_query_source=info["recall_query_source"],
                     tuning=info["tuning"])
+        if "query_ms_p50" in info:
+            data.update(query_ms_p50=info["query_ms_p50"], latency_bound=info["latency_bound"])
 
     def render(d):
         extra = "" if d["exact"] else f", {', '.join(f'{k}={v}' for k, v in d['params'].items())}"
@@ -79,11 +95,17 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
                        f"finish the embed and index again for the rest")
         if d["duplicates_skipped"]:
             click.echo(f"  {d['duplicates_skipped']} rows share an image with an earlier row: indexed once")
+        for reason in d["plan"]["reasons"]:
+            click.echo(f"  why: {reason}")
+        click.echo(f"  estimated size: {d['plan']['est_bytes'] / 2**20:.1f} MB")
         if d["exact"]:
             click.echo("  exact search (recall@10 = 1.0)")
         else:
             click.echo(f"  recall@10 vs exact: {d['recall_at_10']:.3f} on {d['recall_queries']} queries "
                        f"({d['recall_query_source']})")
+            if "query_ms_p50" in d:
+                bound = " (the latency budget capped the search breadth)" if d["latency_bound"] else ""
+                click.echo(f"  median query: {d['query_ms_p50']} ms{bound}")
 
     emit(data, as_json, render)
 

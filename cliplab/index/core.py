@@ -22,10 +22,12 @@ import numpy as np
 
 __all__ = ["Index", "Hit", "IncompleteJobError", "APPROX_THRESHOLD", "KINDS", "SELF_TOLERANCE", "faiss_available"]
 
-APPROX_THRESHOLD = 100_000
-KINDS = ("auto", "flat", "ivf", "hnsw")
+from .sizing import APPROX_THRESHOLD, PLAN_KINDS, parse_bytes, plan_index
+
+KINDS = PLAN_KINDS
 INDEX_FILE = "index.faiss"
 META_FILE = "metadata.arrow"
+VECTORS_FILE = "vectors.npy"  # exact (normalised float32) vectors of an approximate index, for re-ranking
 INFO_FILE = "index.json"
 FORMAT = "cliplab-index"
 FORMAT_VERSION = 1
@@ -95,6 +97,46 @@ def _recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     return hits / float(exact.shape[0] * k) if exact.size else 1.0
 
 
+_ADD_CHUNK = 65_536
+
+
+def _set_breadth(index, param: str, value: int) -> None:
+    """``nprobe`` of an IVF index (also behind an OPQ rotation) or ``efSearch`` of an HNSW one."""
+    faiss = _faiss()
+    if param == "nprobe":
+        faiss.extract_index_ivf(index).nprobe = int(value)
+    else:
+        index.hnsw.efSearch = int(value)
+
+
+def _top_k(index, q: np.ndarray, k: int, vectors: np.ndarray | None, rerank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The index's top ``k``; with ``rerank`` and the exact ``vectors``, its top ``rerank * k`` candidates rescored
+    exactly and the best ``k`` of those kept (rows ``-1`` where there are fewer)."""
+    if not rerank or vectors is None:
+        return index.search(q, k)
+    cand_scores, cand = index.search(q, min(int(rerank) * k, index.ntotal))
+    scores = np.full((len(q), k), -np.inf, np.float32)
+    rows = np.full((len(q), k), -1, np.int64)
+    for i in range(len(q)):
+        c = cand[i][cand[i] >= 0]
+        if not len(c):
+            continue
+        order = np.sort(c)  # sorted rows read a memory-mapped file front to back
+        exact = np.asarray(vectors[order], np.float32) @ q[i]
+        best = np.argsort(-exact, kind="stable")[:k]
+        scores[i, :len(best)], rows[i, :len(best)] = exact[best], order[best]
+    return scores, rows
+
+
+def _median_query_ms(index, q: np.ndarray, k: int, vectors, rerank: int, n: int = 50) -> float:
+    times = []
+    for row in q[:n]:
+        t = time.perf_counter()
+        _top_k(index, row[None], k, vectors, rerank)
+        times.append(1000 * (time.perf_counter() - t))
+    return float(np.median(times))
+
+
 class Index:
     """A searchable collection of normalised vectors plus metadata. Build with :meth:`build`, persist with
     :meth:`save`, reopen with :meth:`load`; query with :meth:`search` (vectors), :meth:`search_text` or
@@ -106,6 +148,7 @@ class Index:
         self.info = info
         self._model = model
         self._cols: dict[str, list] | None = None
+        self._exact: np.ndarray | None = None  # exact vectors for re-ranking (memory-mapped when loaded)
         self._apply_search_params()
 
     # --- properties ------------------------------------------------------------------------------------------------
@@ -129,8 +172,8 @@ class Index:
 
     def _apply_search_params(self) -> None:
         params = self.info.get("params", {})
-        if "nprobe" in params and hasattr(self.faiss_index, "nprobe"):
-            self.faiss_index.nprobe = int(params["nprobe"])
+        if "nprobe" in params:
+            _set_breadth(self.faiss_index, "nprobe", params["nprobe"])
         if "ef_search" in params and hasattr(self.faiss_index, "hnsw"):
             self.faiss_index.hnsw.efSearch = int(params["ef_search"])
 
@@ -139,7 +182,9 @@ class Index:
     def build(cls, data, *, field: str = "auto", kind: str = "auto", approx_threshold: int = APPROX_THRESHOLD,
               recall_target: float = 0.95, nlist: int | None = None, hnsw_m: int = 32,
               queries: np.ndarray | None = None, metadata: dict[str, Sequence] | None = None, seed: int = 0,
-              dedupe: bool = True, allow_partial: bool = False, model=None) -> "Index":
+              dedupe: bool = True, allow_partial: bool = False, model=None, max_memory: int | str | None = None,
+              max_query_ms: float | None = None, rerank: int = 0, pq_m: int | None = None,
+              opq: bool | None = None) -> "Index":
         """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, or an array
         ``[n, dim]`` (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
         ``text`` or ``auto`` (image vectors when the job has any). ``queries`` (optional ``[q, dim]``) are used to
@@ -147,7 +192,14 @@ class Index:
         ``dedupe``: in an image index, rows that share an image file (one row per caption) are indexed once, with
         the first row's metadata. An unfinished job (manifest ``complete: false``, e.g. an interrupted embed) raises
         :class:`IncompleteJobError` unless ``allow_partial``; then what is done is indexed and ``info["partial"]``
-        says so (with ``items_done`` and ``items_total``)."""
+        says so (with ``items_done`` and ``items_total``).
+
+        Large collections (see :mod:`cliplab.index.sizing`): ``max_memory`` (bytes or ``"4GB"``) bounds the index's
+        size, so ``kind="auto"`` moves from IVF-Flat to IVF-PQ (``kind="ivfpq"`` forces it; ``pq_m`` and ``opq``
+        override the code size and the rotation); the choice and its reasons go to ``info["plan"]``.
+        ``max_query_ms`` caps the tuned search breadth by the measured median query time. ``rerank=R`` keeps the
+        exact vectors next to an approximate index (``vectors.npy``, memory-mapped when loaded) and rescores the
+        top ``R * k`` candidates of every query with them."""
         import pyarrow as pa
 
         faiss = _faiss()
@@ -221,12 +273,16 @@ class Index:
             raise ValueError("metadata lists must have one entry per vector")
         x = _normalize(vecs)
         dim = x.shape[1]
-        if kind == "auto":
-            kind = "flat" if n <= approx_threshold else "ivf"
+        plan = plan_index(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
+                          pq_m=pq_m, opq=opq, hnsw_m=hnsw_m)
+        kind = plan.kind
+        if rerank < 0:
+            raise ValueError(f"rerank must be >= 0, got {rerank}")
 
         info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
                                 "field": field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
-                                "source": source_dir, "duplicates_skipped": duplicates, **partial, "params": {}}
+                                "source": source_dir, "duplicates_skipped": duplicates, **partial, "params": {},
+                                "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)}}
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
             index.add(x)
@@ -245,6 +301,21 @@ class Index:
                 info["params"].update(nlist=nl)
                 grid = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nl] + [nl]
                 param = "nprobe"
+            elif kind == "ivfpq":
+                index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+                ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+                ivf.cp.seed = seed
+                ivf.do_polysemous_training = False  # Hamming pre-filtering we never use; it dominates training time
+                nl = plan.nlist
+                rng = np.random.default_rng(seed)
+                n_train = min(n, max(256 * nl, 256 * 64))  # enough for the lists and for 256 centroids per code
+                train = x if n <= n_train else x[np.sort(rng.choice(n, n_train, replace=False))]
+                index.train(train)
+                for start in range(0, n, _ADD_CHUNK):  # codes are computed chunk by chunk
+                    index.add(x[start:start + _ADD_CHUNK])
+                info["params"].update(nlist=nl, pq_m=plan.pq_m, opq=plan.opq)
+                grid = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nl] + [nl]
+                param = "nprobe"
             else:
                 index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efConstruction = max(40, 2 * hnsw_m)
@@ -257,22 +328,36 @@ class Index:
             exact = faiss.IndexFlatIP(dim)
             exact.add(x)
             _, truth = exact.search(q, k)
+            del exact
+            vectors = x if rerank else None
             curve = []
             chosen = grid[-1]
             for value in grid:
-                if param == "nprobe":
-                    index.nprobe = value
-                else:
-                    index.hnsw.efSearch = value
-                _, got = index.search(q, k)
+                _set_breadth(index, param, value)
+                _, got = _top_k(index, q, k, vectors, rerank)
                 r = _recall_at_k(got, truth)
                 curve.append([value, round(r, 4)])
                 if r >= recall_target:
                     chosen = value
                     break
+            recall = curve[-1][1]
+            if max_query_ms is not None:  # the latency budget wins over the recall target
+                for i in range(len(curve) - 1, -1, -1):
+                    value = curve[i][0]
+                    _set_breadth(index, param, value)
+                    ms = _median_query_ms(index, q, k, vectors, rerank)
+                    if ms <= max_query_ms or i == 0:
+                        chosen, recall = value, curve[i][1]
+                        info.update(query_ms_p50=round(ms, 3), max_query_ms=max_query_ms,
+                                    latency_bound=i < len(curve) - 1 or ms > max_query_ms)
+                        break
+            _set_breadth(index, param, chosen)
             info["params"][param] = chosen
-            info.update(exact=False, recall_at_10=curve[-1][1], recall_target=recall_target, recall_queries=len(q),
+            if rerank:
+                info["params"]["rerank"] = int(rerank)
+            info.update(exact=False, recall_at_10=recall, recall_target=recall_target, recall_queries=len(q),
                         recall_query_source=qsrc, tuning={param: curve})
+        out_vectors = x if rerank and kind != "flat" else None
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
         if manifest:
             info["model"] = {k: v for k, v in manifest.get("model", {}).items() if k != "config"}
@@ -280,7 +365,9 @@ class Index:
             info["embedding_dtype"] = manifest.get("embedding", {}).get("dtype")
         table = pa.table({"id": pa.array(ids, pa.string()), "index": pa.array(item_index, pa.int64()),
                           "path": pa.array(paths, pa.string()), "caption": pa.array(captions, pa.string())})
-        return cls(index, table, info, model=model)
+        out = cls(index, table, info, model=model)
+        out._exact = out_vectors
+        return out
 
     @staticmethod
     def _recall_queries(x: np.ndarray, other: np.ndarray | None, queries, seed: int) -> tuple[np.ndarray, str]:
@@ -310,6 +397,12 @@ class Index:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.metadata.schema) as w:
             w.write_table(self.metadata)
         os.replace(tmp, d / META_FILE)
+        if self._exact is not None:
+            tmp = d / f".{VECTORS_FILE}.tmp-{pid}.npy"
+            np.save(tmp, np.ascontiguousarray(self._exact, dtype=np.float32))
+            os.replace(tmp, d / VECTORS_FILE)
+        elif (d / VECTORS_FILE).exists():  # an older index's exact vectors do not belong to this one
+            (d / VECTORS_FILE).unlink()
         from ..pipeline.shards import atomic_write_json
         from ..version import __version__
 
@@ -359,6 +452,11 @@ class Index:
         if table.num_rows != index.ntotal:
             raise ValueError(f"{d}: metadata has {table.num_rows} rows but the index {index.ntotal} vectors")
         out = cls(index, table, info, model=model)
+        if info.get("params", {}).get("rerank") and (d / VECTORS_FILE).exists():
+            out._exact = np.load(d / VECTORS_FILE, mmap_mode="r" if mmap else None)
+            if out._exact.shape != (index.ntotal, index.d):
+                raise ValueError(f"{d / VECTORS_FILE} holds {out._exact.shape} vectors for an index of "
+                                 f"{index.ntotal} x {index.d}")
         out.info["loaded_with"] = mode
         out.path = d
         return out
@@ -394,8 +492,9 @@ class Index:
         if query_paths is not None and len(query_paths) != len(q):
             raise ValueError(f"query_paths has {len(query_paths)} entries for {len(q)} queries")
         n, k = len(self), int(k)
+        rerank = int(self.info.get("params", {}).get("rerank", 0))
         if not exclude_self:
-            scores, rows = self.faiss_index.search(q, min(k, n))
+            scores, rows = _top_k(self.faiss_index, q, min(k, n), self._exact, rerank)
             out = [self._hits(zip(srow, rrow)) for srow, rrow in zip(scores, rows)]
             return out[0] if single else out
         paths = self._column("path")
@@ -405,7 +504,7 @@ class Index:
         out: list[list[Hit] | None] = [None] * len(q)
         todo, fetch = list(range(len(q))), min(k + 1, n)
         while todo:
-            scores, rows = self.faiss_index.search(q[todo], fetch)
+            scores, rows = _top_k(self.faiss_index, q[todo], fetch, self._exact, rerank)
             again = []
             for j, srow, rrow in zip(todo, scores, rows):
                 keep = [(s, r) for s, r in zip(srow, rrow) if r >= 0 and s < 1.0 - SELF_TOLERANCE and
@@ -491,6 +590,19 @@ def _resolved(path: str | os.PathLike) -> str:
         return str(Path(path).expanduser().resolve())
     except (OSError, RuntimeError):
         return os.path.abspath(os.fspath(path))
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident memory in MB (Linux ``/proc``; None elsewhere): what a memory-mapped index costs
+    once the pages its queries touch are in."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def iter_hits(results: Iterable[Hit]) -> list[dict[str, Any]]:

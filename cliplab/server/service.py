@@ -13,7 +13,7 @@ from urllib.parse import quote
 import numpy as np
 import torch
 
-from ..index import Index
+from ..index import Index, resident_memory_mb
 from .batcher import MicroBatcher
 from .images import Thumbnails
 from .metrics import Metrics
@@ -67,7 +67,8 @@ class SearchService:
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model.config.name, "n": len(self.index), "dim": self.index.dim,
                 "field": self.index.info.get("field"), "kind": self.index.kind, "precision": self.model.precision,
-                "partial": bool(self.index.info.get("partial", False))}
+                "partial": bool(self.index.info.get("partial", False)), "rss_mb": resident_memory_mb(),
+                "index_loaded_with": self.index.info.get("loaded_with")}
 
     # --- encoding (one model call per batch) ------------------------------------------------------------------------
     def _encode_and_search(self, items: list[tuple[str, int]]) -> list[tuple[np.ndarray, list]]:

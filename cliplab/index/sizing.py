@@ -1,0 +1,164 @@
+"""Which FAISS index to build for ``n`` vectors of dimension ``dim`` under a memory budget, and why.
+
+The rule (``kind="auto"``), in the spirit of autofaiss, with every decision written down as a reason:
+
+1. Up to ``approx_threshold`` vectors, exact search (``IndexFlatIP``) if the raw vectors fit the budget: a flat scan
+   of 100k x 512 takes a few ms and needs no tuning.
+2. Above it, IVF-Flat (full vectors in inverted lists) if they fit: the best recall per probe.
+3. Otherwise IVF-PQ: each vector is stored as ``m`` one-byte codes (``m`` divides ``dim``), the largest ``m`` that fits
+   the budget (at most 64: longer codes slow every probe), with an OPQ rotation in front when each code covers 4 or more dimensions (where the rotation's
+   balancing of variance across sub-spaces pays; at 2 dimensions per code it costs training time for little).
+   If even 4-byte codes do not fit, the budget is refused with the smallest one that would work.
+
+``nlist`` is ``4 sqrt(n)`` (at least 39 training points per list). The estimates count the codes or vectors, the
+8-byte ids of the inverted lists, the centroids and codebooks; file sizes come out within a few percent of them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+APPROX_THRESHOLD = 100_000
+PLAN_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40,
+          "TB": 2**40}
+
+
+def parse_bytes(text: str | int | float | None) -> int | None:
+    """``"4GB"``, ``"512 MB"``, ``"1.5G"`` or a number of bytes -> bytes (binary units); None stays None."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?B?)\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4GB, 512MB, 1.5G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def default_nlist(n: int) -> int:
+    return max(1, min(int(round(4 * n ** 0.5)), max(1, n // 39), n))
+
+
+@dataclass
+class IndexPlan:
+    kind: str
+    factory: str
+    est_bytes: int
+    nlist: int | None = None
+    pq_m: int | None = None
+    opq: bool = False
+    hnsw_m: int | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate_bytes(kind: str, n: int, dim: int, *, nlist: int = 1, pq_m: int = 0, opq: bool = False,
+                   hnsw_m: int = 32) -> int:
+    if kind == "flat":
+        return n * dim * 4
+    if kind == "ivf":
+        return n * (dim * 4 + 8) + nlist * dim * 4
+    if kind == "ivfpq":
+        return n * (pq_m + 8) + nlist * dim * 4 + 256 * dim * 4 + (dim * dim * 4 if opq else 0)
+    if kind == "hnsw":
+        return n * (dim * 4 + hnsw_m * 2 * 4 + 8)
+    raise ValueError(f"unknown index kind {kind!r}")
+
+
+#: longer codes make every probe slower (one table lookup per byte) for little top-10 recall; re-ranking with the
+#: exact vectors (``rerank``) is the cheaper way to the last points of recall
+MAX_PQ_M = 64
+
+
+def _pq_choices(dim: int) -> list[int]:
+    """Code sizes (bytes per vector) that divide ``dim``, largest first: 4 to :data:`MAX_PQ_M` bytes, at least 2
+    dimensions per code."""
+    return sorted({m for m in range(4, min(dim // 2, MAX_PQ_M) + 1) if dim % m == 0}, reverse=True)
+
+
+def _fmt(b: int) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if b >= size:
+            return f"{b / size:.1f} {unit}"
+    return f"{b} B"
+
+
+def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | None = None,
+               approx_threshold: int = APPROX_THRESHOLD, nlist: int | None = None, pq_m: int | None = None,
+               opq: bool | None = None, hnsw_m: int = 32) -> IndexPlan:
+    """The index for ``n`` x ``dim`` vectors: ``kind`` forces a family (its sizes still chosen here);
+    ``max_memory`` (bytes or ``"4GB"``) bounds the index's estimated size."""
+    if kind not in PLAN_KINDS:
+        raise ValueError(f"kind must be one of {PLAN_KINDS}, got {kind!r}")
+    if n < 1 or dim < 1:
+        raise ValueError(f"need at least one vector of dimension >= 1, got n={n}, dim={dim}")
+    budget = parse_bytes(max_memory)
+    nl = nlist or default_nlist(n)
+    reasons: list[str] = []
+    fits = (lambda b: True) if budget is None else (lambda b: b <= budget)
+    limit = "no memory budget" if budget is None else f"the budget of {_fmt(budget)}"
+
+    def flat():
+        return IndexPlan("flat", "Flat", estimate_bytes("flat", n, dim), reasons=reasons)
+
+    def ivf():
+        return IndexPlan("ivf", f"IVF{nl},Flat", estimate_bytes("ivf", n, dim, nlist=nl), nlist=nl, reasons=reasons)
+
+    def hnsw():
+        return IndexPlan("hnsw", f"HNSW{hnsw_m},Flat", estimate_bytes("hnsw", n, dim, hnsw_m=hnsw_m), hnsw_m=hnsw_m,
+                         reasons=reasons)
+
+    def ivfpq():
+        choices = [pq_m] if pq_m else _pq_choices(dim)
+        if not choices:
+            raise ValueError(f"no product-quantiser code size divides dimension {dim} (need a divisor >= 4)")
+        for m in choices:
+            use_opq = (dim // m >= 4) if opq is None else opq
+            est = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=m, opq=use_opq)
+            if fits(est) or pq_m:
+                prefix = f"OPQ{m}_{dim}," if use_opq else ""
+                if pq_m:
+                    why = "as asked"
+                elif m == choices[0] and m == MAX_PQ_M:
+                    why = f"the longest code used (longer ones slow every probe); it fits {limit}"
+                else:
+                    why = f"the longest code that fits {limit}"
+                reasons.append(f"IVF-PQ with {m}-byte codes ({dim // m} dimensions per code): {why}")
+                if use_opq:
+                    reasons.append("OPQ rotation in front: each code covers 4 or more dimensions, where balancing "
+                                   "their variance lowers the quantisation error")
+                return IndexPlan("ivfpq", f"{prefix}IVF{nl},PQ{m}x8", est, nlist=nl, pq_m=m, opq=use_opq,
+                                 reasons=reasons)
+        smallest = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=choices[-1], opq=False)
+        raise ValueError(f"{n:,} vectors of dimension {dim} need at least {_fmt(smallest)} even as {choices[-1]}-byte "
+                         f"codes; raise the memory budget (now {_fmt(budget)})")
+
+    if kind == "flat":
+        reasons.append("flat (exact) index, as asked")
+        return flat()
+    if kind == "ivf":
+        reasons.append("IVF-Flat, as asked")
+        return ivf()
+    if kind == "hnsw":
+        reasons.append("HNSW, as asked")
+        return hnsw()
+    if kind == "ivfpq":
+        return ivfpq()
+    flat_bytes = estimate_bytes("flat", n, dim)
+    if n <= approx_threshold and fits(flat_bytes):
+        reasons.append(f"{n:,} vectors <= {approx_threshold:,}: exact search is fast enough at this size "
+                       f"({_fmt(flat_bytes)} of vectors)")
+        return flat()
+    if n <= approx_threshold:
+        reasons.append(f"{n:,} vectors would be exact-searched, but {_fmt(flat_bytes)} exceeds {limit}")
+    else:
+        reasons.append(f"{n:,} vectors > {approx_threshold:,}: an approximate index, its recall measured")
+    ivf_bytes = estimate_bytes("ivf", n, dim, nlist=nl)
+    if fits(ivf_bytes):
+        reasons.append(f"IVF-Flat with {nl} lists: full vectors ({_fmt(ivf_bytes)}) fit {limit}")
+        return ivf()
+    reasons.append(f"full vectors ({_fmt(ivf_bytes)}) exceed {limit}: compressed codes")
+    return ivfpq()

@@ -1,0 +1,162 @@
+"""Indexes for large collections: the sizing rule (exact cases), IVF-PQ under a memory budget (size on disk, recall
+measured and restored on load, OPQ behind the rotation), exact re-ranking against a control, the latency cap, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cliplab.cli import main
+from cliplab.index import Index
+from cliplab.index.sizing import MAX_PQ_M, _pq_choices, estimate_bytes, parse_bytes, plan_index
+from cliplab.pipeline import embed
+
+faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
+
+
+def clustered(n: int, dim: int, seed: int = 0, clusters: int = 64) -> np.ndarray:
+    """A mixture of Gaussians on the sphere (what embeddings of a real collection look like to an index)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_top(db, q, k):
+    s = q @ db.T
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+def recall(rows, truth):
+    return np.mean([len(set(r[r >= 0]) & set(t)) / len(t) for r, t in zip(rows, truth)])
+
+
+@pytest.mark.parametrize("text,want", [("4GB", 4 * 2**30), ("512 MB", 512 * 2**20), ("1.5G", int(1.5 * 2**30)),
+                                       ("300kb", 300 * 1024), ("1000", 1000), (2048, 2048)])
+def test_parse_bytes(text, want):
+    assert parse_bytes(text) == want
+
+
+def test_parse_bytes_refuses_nonsense():
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes("four gigs")
+
+
+def test_the_sizing_rule():
+    small = plan_index(50_000, 512)
+    assert small.kind == "flat" and small.est_bytes == 50_000 * 512 * 4
+    assert plan_index(1_000_000, 512).kind == "ivf"  # no budget: full vectors
+    p = plan_index(1_000_000, 512, max_memory="1GB")  # full vectors (1.9 GB) do not fit
+    assert p.kind == "ivfpq" and p.pq_m == MAX_PQ_M and p.opq and p.factory == "OPQ64_512,IVF4000,PQ64x8"
+    assert p.est_bytes <= 2**30 and any("exceed" in r for r in p.reasons)
+    tight = plan_index(10_000_000, 512, max_memory="300MB")
+    assert tight.kind == "ivfpq" and tight.est_bytes <= 300 * 2**20
+    longer = [m for m in _pq_choices(512) if m > tight.pq_m]
+    assert longer and estimate_bytes("ivfpq", 10_000_000, 512, nlist=tight.nlist, pq_m=min(longer),
+                                     opq=512 // min(longer) >= 4) > 300 * 2**20  # the longest code that fits
+    # a small collection that does not fit as floats is compressed too, and says why
+    p = plan_index(20_000, 64, max_memory="600kB")
+    assert p.kind == "ivfpq" and p.est_bytes <= 600 * 1024 and "would be exact-searched" in p.reasons[0]
+    with pytest.raises(ValueError, match="need at least .* raise the memory budget"):
+        plan_index(10_000_000, 512, max_memory="10MB")
+    assert plan_index(10, 64, kind="hnsw").factory == "HNSW32,Flat"
+    assert plan_index(20_000, 64, kind="ivfpq", pq_m=8, opq=False).factory.startswith("IVF")
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = clustered(20_000, 64)
+    q = clustered(200, 64, seed=1)
+    return x, q, brute_top(x, q, 10)
+
+
+@pytest.fixture(scope="module")
+def compressed(data, tmp_path_factory):
+    x, q, _ = data
+    budget = 700 * 1024
+    ix = Index.build(x, max_memory=budget, queries=q, recall_target=0.9, opq=False)  # OPQ training is slow: below
+    path = ix.save(tmp_path_factory.mktemp("ivfpq"))
+    return ix, path, budget
+
+
+def test_ivfpq_fits_its_budget_and_reports_the_choice(compressed):
+    ix, path, budget = compressed
+    plan = ix.info["plan"]
+    assert ix.kind == "ivfpq" and plan["max_memory"] == budget
+    size = (path / "index.faiss").stat().st_size
+    assert size <= budget and abs(size - plan["est_bytes"]) / plan["est_bytes"] < 0.2
+    assert json.loads((path / "index.json").read_text())["plan"]["reasons"] == plan["reasons"]
+    assert not ix.info["exact"] and ix.info["params"]["nprobe"] in [v for v, _ in ix.info["tuning"]["nprobe"]]
+
+
+def test_ivfpq_recall_is_measured_and_the_breadth_restored_on_load(compressed, data):
+    ix, path, _ = compressed
+    x, q, truth = data
+    rows = np.array([[h.row for h in hits] for hits in ix.search(q, 10)])
+    measured = recall(rows, truth)
+    assert measured == pytest.approx(ix.info["recall_at_10"], abs=1e-6)
+    loaded = Index.load(path)
+    assert faiss.extract_index_ivf(loaded.faiss_index).nprobe == ix.info["params"]["nprobe"]
+    again = np.array([[h.row for h in hits] for hits in loaded.search(q, 10)])
+    assert (again == rows).all()
+
+
+def test_an_opq_index_keeps_its_rotation_and_breadth_through_save_and_load(tmp_path):
+    x = clustered(3000, 32, seed=2)
+    q = clustered(50, 32, seed=3)
+    ix = Index.build(x, kind="ivfpq", pq_m=4, queries=q, recall_target=0.5)  # 8 dims per code: OPQ by default
+    assert ix.info["plan"]["opq"] and ix.info["plan"]["factory"].startswith("OPQ")
+    assert isinstance(ix.faiss_index, faiss.IndexPreTransform)
+    loaded = Index.load(ix.save(tmp_path / "opq"))
+    assert faiss.extract_index_ivf(loaded.faiss_index).nprobe == ix.info["params"]["nprobe"]
+    assert [[h.row for h in hs] for hs in loaded.search(q, 5)] == [[h.row for h in hs] for hs in ix.search(q, 5)]
+
+
+def test_rerank_beats_the_same_index_without_it(data, tmp_path):
+    x, q, truth = data
+    common = dict(kind="ivfpq", pq_m=8, opq=False, nlist=64, queries=q, recall_target=1.01)  # tune to the top
+    plain = Index.build(x, **common)
+    reranked = Index.build(x, rerank=4, **common)
+    nprobe = 8
+    for ix in (plain, reranked):
+        faiss.extract_index_ivf(ix.faiss_index).nprobe = nprobe
+    r_plain = recall(np.array([[h.row for h in hs] for hs in plain.search(q, 10)]), truth)
+    hits = reranked.search(q, 10)
+    r_rerank = recall(np.array([[h.row for h in hs] for hs in hits]), truth)
+    assert r_rerank > r_plain + 0.15, (r_plain, r_rerank)
+    # re-ranked scores are exact cosines of the rows returned, best first
+    for qi, hs in zip(q[:20], hits[:20]):
+        exact = x[[h.row for h in hs]] @ qi
+        np.testing.assert_allclose([h.score for h in hs], exact, atol=1e-5)
+        assert all(a.score >= b.score for a, b in zip(hs, hs[1:]))
+    path = reranked.save(tmp_path / "rr")
+    loaded = Index.load(path)
+    assert isinstance(loaded._exact, np.memmap)  # exact vectors stay on disk, paged in on demand
+    faiss.extract_index_ivf(loaded.faiss_index).nprobe = nprobe
+    assert [[h.row for h in hs] for hs in loaded.search(q, 10)] == [[h.row for h in hs] for hs in hits]
+
+
+def test_a_latency_budget_caps_the_search_breadth(data):
+    x, q, _ = data
+    ix = Index.build(x, kind="ivf", queries=q, recall_target=1.01, max_query_ms=1e-6)
+    assert ix.info["latency_bound"] and ix.info["params"]["nprobe"] == ix.info["tuning"]["nprobe"][0][0]
+    assert ix.info["recall_at_10"] == ix.info["tuning"]["nprobe"][0][1]
+    free = Index.build(x, kind="ivf", queries=q, recall_target=0.9, max_query_ms=1e6)
+    assert not free.info["latency_bound"] and free.info["recall_at_10"] >= 0.9
+
+
+def test_cli_index_with_a_memory_budget_and_rerank(tmp_path):
+    embed("synthetic:400", tmp_path / "emb", "test-tiny", batch_size=100)
+    r = CliRunner().invoke(main, ["index", str(tmp_path / "emb"), "--max-index-memory", "90kB", "--rerank", "3",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["kind"] == "ivfpq" and d["params"]["rerank"] == 3 and d["plan"]["max_memory"] == 90 * 1024
+    assert (tmp_path / "emb" / "index" / "vectors.npy").exists()
+    r = CliRunner().invoke(main, ["index", str(tmp_path / "emb"), "--max-index-memory", "1kB"])
+    assert r.exit_code == 2 and "raise the memory budget" in r.stderr
+    r = CliRunner().invoke(main, ["search", str(tmp_path / "emb"), "a red circle", "--json"])
+    assert r.exit_code == 0, r.output
