@@ -18,6 +18,11 @@ from .common import (
 )
 
 
+#: data sources that read ``--data PATH`` as ``data.options.path`` (the curation presets' source reads a pairs table
+#: with several caption versions per image)
+TABLE_SOURCES = ("folder", "caption-versions")
+
+
 @main.command("train")
 @click.option("--preset", default=None, help="A named recipe (see --list-presets), e.g. tiny-smoke, shapes-tiny.")
 @click.option("--config", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -92,7 +97,9 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
     if steps is not None:
         sets.append(f"steps={int(steps)}")
     if data_path is not None:
-        sets += ['data.source="folder"', f"data.options.path={json.dumps(data_path)}"]
+        if cfg.data.source not in TABLE_SOURCES:  # a preset that reads its own kind of table keeps its source
+            sets.append('data.source="folder"')
+        sets.append(f"data.options.path={json.dumps(data_path)}")
         if image_root is not None:
             sets.append(f"data.options.image_root={json.dumps(image_root)}")
     if init_from is not None:

@@ -29,12 +29,12 @@ import torch
 
 from ..data import SceneWorld
 from ..models.tokenizer import CLIPTokenizer, TruncationWarning
-from .registry import Registry
+from .registry import Registry, import_training_plugins
 
 __all__ = ["Batch", "DataSource", "SyntheticStream", "CaptionFolder", "TrainBatches", "register_source",
            "get_source", "list_sources", "make_loader", "CAPTION_MODES", "SOURCES"]
 
-SOURCES: Registry[type] = Registry("data source")
+SOURCES: Registry[type] = Registry("data source", discover=import_training_plugins)
 CAPTION_MODES = ("short", "long", "mix")
 CAPTION_STREAM = 0xCA7  # sub-stream id of the short/long draws
 

@@ -29,19 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry
+from .registry import Registry, import_training_plugins
 
 __all__ = ["BatchOutput", "Loss", "CLIPLoss", "SigLIPLoss", "register_loss", "get_loss", "list_losses", "LOSSES"]
 
 
-def _import_objectives() -> None:
-    """Losses of the seed papers live in ``cliplab.objectives`` (a layer above this one) and register on import."""
-    from ..methods import import_capability  # imported late: the methods registry imports the layers above
-
-    import_capability("objectives")
-
-
-LOSSES: Registry[type] = Registry("loss", discover=_import_objectives)
+# Losses of the seed papers live in ``cliplab.objectives`` (a layer above this one) and register on import.
+LOSSES: Registry[type] = Registry("loss", discover=import_training_plugins)
 
 
 def register_loss(name: str, overwrite: bool = False):

@@ -18,11 +18,11 @@ from typing import Callable
 
 from ..models import get_config
 from .config import DataConfig, TrainConfig
-from .registry import Registry
+from .registry import Registry, import_training_plugins
 
 __all__ = ["register_preset", "get_preset", "list_presets", "synthetic_tags", "PRESETS"]
 
-PRESETS: Registry[Callable[[], TrainConfig]] = Registry("preset")
+PRESETS: Registry[Callable[[], TrainConfig]] = Registry("preset", discover=import_training_plugins)
 
 
 def register_preset(name: str, overwrite: bool = False):

@@ -65,3 +65,16 @@ class Registry(Generic[T]):
         if name not in self._items:
             self._discover_once()
         return name in self._items
+
+
+#: capability packages (above this layer) whose modules register losses, samplers, data sources and presets
+TRAINING_PLUGINS = ("objectives", "curation")
+
+
+def import_training_plugins() -> None:
+    """Import the seed-paper packages that plug into training, so their names resolve (``discover=`` of the
+    loss, sampler, data-source and preset registries)."""
+    from ..methods import import_capability  # imported late: the methods registry imports the layers above
+
+    for cap in TRAINING_PLUGINS:
+        import_capability(cap)

@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from .registry import Registry
+from .registry import Registry, import_training_plugins
 
 __all__ = ["BatchSampler", "RandomSampler", "SequentialSampler", "register_sampler", "get_sampler", "list_samplers",
            "SAMPLERS"]
 
-SAMPLERS: Registry[type] = Registry("sampler")
+SAMPLERS: Registry[type] = Registry("sampler", discover=import_training_plugins)
 
 #: block length of the shuffled order when the source is infinite
 INFINITE_BLOCK = 1 << 16
