@@ -211,6 +211,57 @@ def test_detect_misalignment_fields_are_consistent(model4):
         assert r.negative_word == min(r.words, key=lambda t: t[1])[0] and r.sum_negative == min(s for _, s in r.words)
 
 
+def test_detect_misalignment_passes_every_keyword(model4):
+    """start_layer, clamp, template, eps and w each reach the core: the results equal the core's under the same
+    keyword and differ from the defaults' (a dropped keyword falls back to the default and fails)."""
+    model = copy.deepcopy(model4).float()
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    captions = ["a red circle left of a blue square", "two dogs on grass"]
+    template = "An image of "
+    texts = [template + c for c in captions]
+    for kw in ({"start_layer": -1}, {"start_layer": 0}, {"clamp": True}, {"start_layer": -2, "clamp": True}):
+        res = detect_misalignment(model, pixels, captions, template=template, **kw)
+        att = text_attribution(model, pixels, texts, **kw)
+        default = text_attribution(model, pixels, texts)
+        for row, r in enumerate(res):
+            assert torch.allclose(r.token_scores, att.token_scores[row]), kw
+            assert not torch.allclose(r.token_scores, default.token_scores[row]), kw
+    [r] = detect_misalignment(model, pixels, captions[:1], template=template)
+    assert [w for w, _ in r.words] == captions[0].split()  # the template's 3 words are dropped, not the default's
+    [everything] = detect_misalignment(model, pixels, captions[:1], eps=1e9)
+    assert len(everything.flagged) == len(everything.words)  # eps reaches the decision
+    [nothing] = detect_misalignment(model, pixels, captions[:1], eps=-1e9)
+    assert nothing.flagged == [] and nothing.sum_negative == 0.0
+    [w1] = detect_misalignment(model, pixels, captions[:1], w=1.0)
+    assert w1.clip_score == pytest.approx(max(w1.cosine, 0), abs=1e-6)
+    assert w1.f_clip_score == pytest.approx(w1.sum_negative * (1 - w1.clip_score / 1.0))
+
+
+def test_fclipscore_task_passes_every_keyword_and_runs_in_eval(model4, monkeypatch):
+    from cliplab.eval import evaluate
+    from cliplab.metrics import clip4dm
+
+    model = copy.deepcopy(model4).float()
+    res = evaluate("fclipscore", model, "synthetic-retrieval", dataset_options={"n": 3, "image_size": 32},
+                   cache_dir=None, batch_size=2)
+    assert res["task"] == "fclipscore" and len(res["pairs"]) == 3
+    direct = detect_misalignment(model, [res_item.load() for res_item in
+                                         cliplab.eval.load_dataset("synthetic-retrieval", n=3, image_size=32).items],
+                                 [p["caption"] for p in res["pairs"]])
+    for p, r in zip(res["pairs"], direct):
+        assert p["f_clip_score"] == pytest.approx(r.f_clip_score, abs=1e-6)
+        assert p["misaligned"] == [w for _, w, _ in r.flagged]
+    assert res["metrics"]["f_clip_score"] == pytest.approx(np.mean([r.f_clip_score for r in direct]), abs=1e-6)
+
+    seen = []
+    real = clip4dm.detect_misalignment
+    monkeypatch.setattr(clip4dm, "detect_misalignment", lambda m, i, c, **kw: seen.append(kw) or real(m, i, c, **kw))
+    opts = dict(mode="most_negative", eps=-1e-3, template="An image of ", start_layer=-2, clamp=True, w=2.0)
+    evaluate("fclipscore", model, "synthetic-retrieval", dataset_options={"n": 2, "image_size": 32}, cache_dir=None,
+             **opts)
+    assert seen and all(kw == opts for kw in seen)
+
+
 class _VectorModel:
     """A stand-in 'model' whose encoders return constructed vectors (pixels [N, 3, 1, 1] -> [N, 3])."""
 

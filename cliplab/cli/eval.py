@@ -35,7 +35,8 @@ from .common import (
 )
 
 _DEFAULT_DATASET = {"zeroshot": "synthetic-zeroshot", "retrieval": "synthetic-retrieval",
-                    "clipscore": "synthetic-retrieval", "winoground": "synthetic-winoground"}
+                    "clipscore": "synthetic-retrieval", "winoground": "synthetic-winoground",
+                    "sce": "synthetic-retrieval", "fclipscore": "synthetic-retrieval"}
 
 EVAL_MODEL_HELP = ("Model, as for `cliplab embed`: a pretrained name (cliplab models), a checkpoint file or "
                    "directory, or an architecture name (seeded random weights, --seed; for smoke tests) "
@@ -335,6 +336,51 @@ def datasets_cmd(as_json):
         for n, v in d.items()])
 
 
+@eval_group.command("sce")
+@_common
+@click.option("--kernel", type=click.Choice(["rff", "gaussian", "cosine", "linear"]), default="rff", show_default=True,
+              help="Kernel of the covariance embedding (rff: random Fourier features of the Gaussian kernel).")
+@click.option("--sigma", type=float, default=None, help="Gaussian kernel width [default: the method's].")
+@click.option("--rff-dim", type=click.IntRange(1), default=None, help="Random Fourier features [default: 2500].")
+@click.option("--normalized", is_flag=True, help="Normalised (Vendi-style) entropy instead of the official form.")
+def sce_cmd(kernel, sigma, rff_dim, normalized, **p):
+    """Schur Complement Entropy (Dissecting CLIP): what the image embeddings hold beyond their captions, with a
+    shuffled-pairing control (docs/methods/sce.md).
+
+    \b
+    Example:
+      cliplab eval sce --dataset captions-csv --data flickr8k-1k/captions.csv --kernel linear
+    """
+    from ..methods import import_capability
+
+    import_capability("metrics")
+    opts = {k: v for k, v in (("sigma", sigma), ("rff_dim", rff_dim)) if v is not None}
+    _run("sce", p, kernel=kernel, normalized=normalized, **opts)
+
+
+@eval_group.command("fclipscore")
+@_common
+@click.option("--mode", type=click.Choice(["threshold", "most_negative"]), default="threshold", show_default=True,
+              help="threshold: every word below --eps is misaligned; most_negative: the single lowest word.")
+@click.option("--eps", type=float, default=None, help="Threshold on word attributions [default: -5e-5].")
+@click.option("--template", default=None, help='Prompt template [default: "A photo depicts "].')
+@click.option("--start-layer", type=int, default=-3, show_default=True, help="First text block attributed.")
+@click.option("--clamp", is_flag=True, help="Clamp gradient x attention at 0 (Chefer-style; for comparison).")
+def fclipscore_cmd(mode, eps, template, start_layer, clamp, **p):
+    """F-CLIPScore and the misaligned words of every image-caption pair (CLIP4DM), beside CLIPScore
+    (docs/methods/clip4dm.md).
+
+    \b
+    Example:
+      cliplab eval fclipscore --dataset captions-csv --data flickr8k-1k/captions.csv --set limit=20
+    """
+    from ..methods import import_capability
+
+    import_capability("metrics")
+    opts = {k: v for k, v in (("eps", eps), ("template", template)) if v is not None}
+    _run("fclipscore", p, mode=mode, start_layer=start_layer, clamp=clamp, **opts)
+
+
 @eval_group.command("tasks")
 @json_option()
 def tasks_cmd(as_json):
@@ -345,7 +391,9 @@ def tasks_cmd(as_json):
       cliplab eval tasks --json
     """
     from ..eval import TASKS, list_metrics
+    from ..methods import import_capability
 
+    import_capability("metrics")  # tasks that method modules register (sce, fclipscore)
     data = {n: {"dataset_kind": e.data_kind, "metrics": list_metrics(n), "help": e.help}
             for n, e in sorted(TASKS.items())}
     emit(data, as_json, lambda d: [click.echo(f"{n} ({v['dataset_kind']}): {v['help']}") for n, v in d.items()])

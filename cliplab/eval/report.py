@@ -81,6 +81,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                          f"| {_pct(r['group_score'])} |")
         lines.append(f"| chance | | {_pct(ch.get('text_score'))} | {_pct(ch.get('image_score'))} "
                      f"| {_pct(ch.get('group_score'))} |")
+    else:  # a task registered by a method module (sce, fclipscore, ...): its scalar metrics
+        lines += [_counts_line(results, "- "), "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in _scalar_metrics(m)]
     cache, timing = results.get("cache", {}), results.get("timing", {})
     if cache:
         lines += ["", f"Embeddings: images {cache['image']['cached']} cached / {cache['image']['encoded']} encoded, "
@@ -91,6 +94,18 @@ def render_markdown(results: dict[str, Any]) -> str:
     if results.get("files", {}).get("confusion_png"):
         lines += ["", "![confusion matrix](confusion.png)"]
     return "\n".join(lines) + "\n"
+
+
+def _scalar_metrics(m: dict[str, Any]) -> list[list[str]]:
+    """``[name, value]`` of every number, string or boolean metric (nested tables are left to results.json)."""
+    return [[k, _fmt(v) if isinstance(v, float) else str(v)] for k, v in m.items()
+            if isinstance(v, (int, float, str, bool)) or v is None]
+
+
+def _counts_line(results: dict[str, Any], prefix: str) -> str:
+    parts = [f"{results[k]} {label}" for k, label in (("num_images", "images"), ("num_texts", "captions"),
+                                                       ("num_pairs", "pairs")) if k in results]
+    return prefix + (", ".join(parts) or "results")
 
 
 def _confused_pairs(results: dict[str, Any], k: int = 10) -> list[tuple[str, str, int]]:
@@ -181,6 +196,8 @@ def render_text(results: dict[str, Any]) -> str:
                      _pct_s(ch.get("group_score"))])
         lines += [f"  {results['num_pairs']} pairs", ""] + _text_table(["subset", "pairs", "text", "image", "group"],
                                                                         rows)
+    else:  # a task registered by a method module (sce, fclipscore, ...): its scalar metrics
+        lines += [_counts_line(results, "  "), ""] + _text_table(["metric", "value"], _scalar_metrics(m))
     cache, timing = results.get("cache", {}), results.get("timing", {})
     lines.append("")
     if cache:

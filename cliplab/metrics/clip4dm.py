@@ -20,6 +20,9 @@ Algorithm (training-free; one forward and one backward pass per batch):
    mode, the lowest word score in most-negative mode; ``F-CLIPScore = sum_neg * (1 - CLIPScore / 2.5)``, exactly as
    ``main.py`` computes it (``sum_negative_attribution * (1 - pair_score / 2.5)``).
 
+Evaluation: the task ``fclipscore`` (``cliplab.eval.evaluate("fclipscore", model, dataset)``, any captions dataset)
+reports CLIPScore, F-CLIPScore and the misaligned words of every (image, caption) pair (:func:`fclipscore_task`).
+
 Sign conventions (checked against ``main.py``): a word's attribution is *negative* when attending to it lowers the
 image-text cosine, i.e. the word is evidence *against* the image. ``sum_neg`` is therefore <= eps < 0 in threshold
 mode (or exactly 0: nothing flagged), and usually negative in most-negative mode (it may be positive when every word
@@ -58,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ..eval.metrics import clip_score as _clip_score_features
+from ..eval.tasks import register_task
 from ..methods import register_method
 from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
@@ -69,7 +73,7 @@ register_method("clip4dm", "Extract Free Dense Misalignment from CLIP",
                 doc="docs/methods/clip4dm.md")(__name__)
 
 __all__ = ["TEMPLATE", "EPSILON", "CLIPSCORE_W", "TextAttribution", "Misalignment", "text_attribution",
-           "caption_word_scores", "detect_misalignment", "f_clip_score", "prepare_images"]
+           "caption_word_scores", "detect_misalignment", "f_clip_score", "prepare_images", "fclipscore_task"]
 
 EPSILON = -5e-5
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)  # a letter or digit
@@ -236,3 +240,29 @@ def detect_misalignment(model, images, captions: str | Sequence[str], *, mode: s
                                     float(att.cosine[r]), score, f_clip_score(sum_neg, score, w), mode,
                                     att.token_scores[r]))
     return results
+
+
+@register_task("fclipscore", "captions")
+def fclipscore_task(data, encoder, *, mode: str = "threshold", eps: float = EPSILON, template: str = TEMPLATE,
+                    start_layer: int = -3, clamp: bool = False, w: float = CLIPSCORE_W, batch_size: int = 32,
+                    max_pairs_listed: int | None = None) -> dict:
+    """F-CLIPScore and the misaligned words (CLIP4DM) of every (image, caption) pair, beside CLIPScore."""
+    import time
+
+    t0 = time.perf_counter()
+    model = encoder.model
+    pairs = []
+    for i in range(0, len(data.captions), batch_size):
+        caps = data.captions[i: i + batch_size]
+        images = [data.items[j].load() for j in data.caption_image[i: i + batch_size]]
+        for k, r in enumerate(detect_misalignment(model, images, caps, mode=mode, eps=eps, template=template,
+                                                  start_layer=start_layer, clamp=clamp, w=w)):
+            pairs.append({"caption": r.caption, "image": data.caption_image[i + k], "clip_score": r.clip_score,
+                          "f_clip_score": r.f_clip_score, "misaligned": [word for _, word, _ in r.flagged]})
+    n = max(len(pairs), 1)
+    metrics = {"clip_score": sum(p["clip_score"] for p in pairs) / n,
+               "f_clip_score": sum(p["f_clip_score"] for p in pairs) / n,
+               "flagged_share": sum(bool(p["misaligned"]) for p in pairs) / n, "mode": mode}
+    return {"task": "fclipscore", "num_images": len(data.items), "num_texts": len(data.captions), "metrics": metrics,
+            "pairs": pairs if max_pairs_listed is None else pairs[:max_pairs_listed],
+            "timing": {"attribution_s": round(time.perf_counter() - t0, 3)}}
