@@ -24,11 +24,20 @@ METHODS = {m.slug: m for m in list_methods()}
 # the implementing module (a move is a deliberate change, not an accident) ...
 MODULES = {
     "attribute_control": "cliplab.text_edit.attribute_control",
+    "binary_pv_dsg": "cliplab.textrep.binary_pv_dsg",
+    "clip4dm": "cliplab.metrics.clip4dm",
     "decor": "cliplab.text_edit.decor",
     "follow_the_flow": "cliplab.text_edit.follow_the_flow",
     "hqclip": "cliplab.objectives.hqclip",
+    "laclip": "cliplab.curation.laclip",
+    "lexinvariant_lm": "cliplab.textrep.lexinvariant_lm",
     "long_clip": "cliplab.longtext.long_clip",
+    "ltok": "cliplab.textrep.ltok",
+    "metaclip": "cliplab.curation.metaclip",
+    "sce": "cliplab.metrics.sce",
     "token_prepending": "cliplab.text_edit.token_prepending",
+    "veclip": "cliplab.curation.veclip",
+    "zett": "cliplab.textrep.zett",
 }
 # ... the names the page's example must define ...
 EXAMPLE_DEFINES = {"attribute_control": ("out",), "follow_the_flow": ("fixed", "kept"), "hqclip": ("head",)}

@@ -108,3 +108,58 @@ def train_cmd(method, model, texts_path, column, fmt, encoding, limit, steps, ba
     emit(summary, as_json, lambda d: click.echo(
         f"trained {d['method']} from {d['model']} on {d['n_texts']} texts, {d['steps']} steps in {d['seconds']} s; "
         f"saved to {d['out']}\nevaluate: cliplab eval sts -m {d['out']} --data sts-test.csv"))
+
+
+@textrep_group.command("lm")
+@click.argument("method")
+@click.option("--captions", "captions_path", default=None, type=click.Path(dir_okay=False),
+              help="A caption table with several captions per image (Flickr8k's captions.csv layout), split by "
+                   "image into training and held-out captions [default: ../shared/data's Flickr8k captions].")
+@click.option("--held-out-images", type=click.IntRange(1), default=500, show_default=True,
+              help="Images whose captions are held out for bits per byte.")
+@click.option("--max-images", type=click.IntRange(2), default=None, help="Use a seeded subset of the images.")
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="[default: the method's]")
+@click.option("--lr", type=float, default=None, help="[default: the method's]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for model.safetensors and lm.json (the run's numbers).")
+@progress_option()
+@json_option()
+def lm_cmd(method, captions_path, held_out_images, max_images, steps, batch_size, lr, seed, out_dir, progress,
+           as_json):
+    """Train a small language model with a token-layer method (ltok, zett, lexinvariant_lm) on captions and
+    measure held-out bits per byte against the method's controls.
+
+    \b
+    Example:
+      cliplab textrep lm ltok --max-images 2000 --steps 300 -o runs/ltok
+      cliplab textrep lm lexinvariant_lm --steps 200 -o runs/lexinv --json
+    """
+    from safetensors.torch import save_model
+
+    from ..methods import import_capability
+    from ..textrep import lm_training as lt
+
+    import_capability("textrep")
+    try:
+        runner = lt.get_lm_method(method)
+    except KeyError as e:
+        raise click.BadParameter(str(e).strip("'\""), param_hint="METHOD") from None
+    try:
+        split = lt.load_caption_splits(captions_path, held_out_images=held_out_images, seed=seed,
+                                       max_images=max_images)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"{method}: {len(split.train)} training and {len(split.held_out)} held-out captions", err=True)
+    t0 = time.perf_counter()
+    with warnings_to_stderr(), on_interrupt("nothing was saved; run the command again"):
+        summary, module = runner(split.train, split.held_out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                 progress=progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(module, str(out / "model.safetensors"))  # tied embeddings are stored once
+    summary = {"method": method, "steps": steps, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+               "train_captions": len(split.train), "held_captions": len(split.held_out), **summary, "out": str(out)}
+    (out / "lm.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    emit(summary, as_json, lambda d: click.echo(json.dumps(d, indent=2, default=str)))
