@@ -61,10 +61,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, index_dir: Path, precision: str, max_batch: int):
+    def __init__(self, index_dir: Path, precision: str, max_batch: int, wait_ms: float):
         self.port = free_port()
         cmd = [sys.executable, "-m", "cliplab", "serve", str(index_dir), "--port", str(self.port), "--precision",
-               precision, "--max-batch", str(max_batch), "--log-level", "warning"]
+               precision, "--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms), "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--seconds", type=float, default=10.0, help="measured time per setting")
     ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--batch-wait-ms", default="4", help="comma-separated waits to compare (micro-batching on)")
     ap.add_argument("--out", type=Path, default=None, help="write a markdown table here (and .json next to it)")
     args = ap.parse_args(argv)
     captions = load_captions(5000)
@@ -156,8 +157,9 @@ def main(argv=None) -> int:
         index_dir = build_index(Path(tmp) / "index", args.n, args.arch)
         print(f"index of {args.n:,} vectors built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         for precision in args.precisions.split(","):
-            for batching, max_batch in (("on", 32), ("off", 1)):
-                server = Server(index_dir, precision, max_batch)
+            settings = [(f"on, wait {w} ms", 32, float(w)) for w in args.batch_wait_ms.split(",")] + [("off", 1, 0.0)]
+            for batching, max_batch, wait_ms in settings:
+                server = Server(index_dir, precision, max_batch, wait_ms)
                 try:
                     for clients in [int(c) for c in args.clients.split(",")]:
                         before = batch_stats(server.port)
