@@ -156,7 +156,37 @@ def test_cli_index_with_a_memory_budget_and_rerank(tmp_path):
     d = json.loads(r.stdout)
     assert d["kind"] == "ivfpq" and d["params"]["rerank"] == 3 and d["plan"]["max_memory"] == 90 * 1024
     assert (tmp_path / "emb" / "index" / "vectors.npy").exists()
+    assert d["engine"] == "local"
     r = CliRunner().invoke(main, ["index", str(tmp_path / "emb"), "--max-index-memory", "1kB"])
     assert r.exit_code == 2 and "raise the memory budget" in r.stderr
     r = CliRunner().invoke(main, ["search", str(tmp_path / "emb"), "a red circle", "--json"])
     assert r.exit_code == 0, r.output
+
+
+def inverted_lists(index):
+    """Every list's ids and code bytes, in list order."""
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    out = []
+    for lst in range(ivf.nlist):
+        size = inv.list_size(lst)
+        ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy()
+        codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size).copy()
+        out.append((ids, codes))
+    return out
+
+
+@pytest.mark.parametrize("kind,extra", [("ivfpq", {"pq_m": 8}), ("ivf", {})])
+def test_a_ray_build_is_bit_identical_to_the_local_one(data, kind, extra):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'cliplab[ray]')")
+    x = data[0][:6000]
+    common = dict(kind=kind, nlist=32, add_chunk=1000, recall_target=0.5, **extra)
+    local = Index.build(x, **common)
+    ray_built = Index.build(x, engine="ray", workers=2, **common)
+    assert ray_built.info["engine"] == "ray" and local.info["engine"] == "local"
+    assert ray_built.faiss_index.ntotal == local.faiss_index.ntotal == 6000
+    for (ids_a, codes_a), (ids_b, codes_b) in zip(inverted_lists(local.faiss_index), inverted_lists(ray_built.faiss_index)):
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_array_equal(codes_a, codes_b)
+    q = data[1][:20]
+    assert [[h.row for h in hs] for hs in local.search(q, 10)] == [[h.row for h in hs] for hs in ray_built.search(q, 10)]

@@ -41,11 +41,15 @@ def _need_faiss():
 @click.option("--rerank", type=click.IntRange(0), default=0, show_default=True,
               help="Approximate indexes: keep the exact vectors (vectors.npy, memory-mapped) and rescore the top "
                    "RERANK x k candidates of each query with them (0: off).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: encode an IVF index's vectors in parallel Ray tasks and merge their lists (the same index "
+                   "as a local build).")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="CPUs of the local Ray cluster.")
 @click.option("--allow-partial", is_flag=True,
               help="Index an unfinished job (an interrupted embed) as it is; the index records that it is partial.")
 @json_option("Print the build report as JSON.")
 def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, max_memory, max_query_ms, rerank,
-              allow_partial, as_json):
+              engine, workers, allow_partial, as_json):
     """Build a vector index over the output of `cliplab embed` in EMBEDDINGS.
 
     Vectors are normalised and searched by inner product (cosine). For an approximate index, recall@10 against
@@ -65,7 +69,7 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
     try:
         ix = Index.build(embeddings, field=field, kind=kind, approx_threshold=approx_threshold,
                          recall_target=recall_target, allow_partial=allow_partial, max_memory=max_memory,
-                         max_query_ms=max_query_ms, rerank=rerank)
+                         max_query_ms=max_query_ms, rerank=rerank, engine=engine, workers=workers)
     except IncompleteJobError as e:
         fail(f"{embeddings} is an unfinished embedding job: {e.done} of {e.total} items embedded; rerun the same "
              f"cliplab embed command (-o {embeddings}) to finish it (it resumes), or pass --allow-partial to index "
@@ -77,7 +81,7 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
     data = {"index": str(path), "kind": info["kind"], "field": info["field"], "n": info["n"], "dim": info["dim"],
             "duplicates_skipped": info["duplicates_skipped"], "partial": info["partial"],
             "exact": info["exact"], "recall_at_10": info["recall_at_10"], "params": info["params"],
-            "build_seconds": info["build_seconds"], "plan": info["plan"]}
+            "build_seconds": info["build_seconds"], "plan": info["plan"], "engine": info["engine"]}
     if info["partial"]:
         data.update(items_done=info["items_done"], items_total=info["items_total"])
     if not info["exact"]:

@@ -184,7 +184,8 @@ class Index:
               queries: np.ndarray | None = None, metadata: dict[str, Sequence] | None = None, seed: int = 0,
               dedupe: bool = True, allow_partial: bool = False, model=None, max_memory: int | str | None = None,
               max_query_ms: float | None = None, rerank: int = 0, pq_m: int | None = None,
-              opq: bool | None = None) -> "Index":
+              opq: bool | None = None, engine: str = "local", workers: int = 2,
+              add_chunk: int = _ADD_CHUNK) -> "Index":
         """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, or an array
         ``[n, dim]`` (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
         ``text`` or ``auto`` (image vectors when the job has any). ``queries`` (optional ``[q, dim]``) are used to
@@ -199,7 +200,9 @@ class Index:
         override the code size and the rotation); the choice and its reasons go to ``info["plan"]``.
         ``max_query_ms`` caps the tuned search breadth by the measured median query time. ``rerank=R`` keeps the
         exact vectors next to an approximate index (``vectors.npy``, memory-mapped when loaded) and rescores the
-        top ``R * k`` candidates of every query with them."""
+        top ``R * k`` candidates of every query with them. ``engine="ray"`` encodes the vectors of an IVF index
+        (``ivf``, ``ivfpq``) in parallel Ray tasks (``workers`` CPUs), ``add_chunk`` rows each, and merges their lists:
+        the same index as the local build, which adds the same chunks in turn (:mod:`cliplab.index.distributed`)."""
         import pyarrow as pa
 
         faiss = _faiss()
@@ -278,11 +281,22 @@ class Index:
         kind = plan.kind
         if rerank < 0:
             raise ValueError(f"rerank must be >= 0, got {rerank}")
+        if engine not in ("local", "ray"):
+            raise ValueError(f"engine must be local or ray, got {engine!r}")
+        from .distributed import DISTRIBUTED_KINDS, add_on_ray
+
+        def add_all(index):  # the same chunks in the same order, locally or on Ray
+            if engine == "ray" and kind in DISTRIBUTED_KINDS:
+                return add_on_ray(index, x, chunk=add_chunk, workers=workers)
+            for start in range(0, n, add_chunk):
+                index.add(x[start:start + add_chunk])
+            return index
 
         info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
                                 "field": field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
                                 "source": source_dir, "duplicates_skipped": duplicates, **partial, "params": {},
-                                "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)}}
+                                "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)},
+                                "engine": engine if kind in DISTRIBUTED_KINDS else "local"}
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
             index.add(x)
@@ -297,7 +311,7 @@ class Index:
                 rng = np.random.default_rng(seed)
                 train = x if n <= 256 * nl else x[rng.choice(n, 256 * nl, replace=False)]
                 index.train(train)
-                index.add(x)
+                index = add_all(index)
                 info["params"].update(nlist=nl)
                 grid = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nl] + [nl]
                 param = "nprobe"
@@ -311,8 +325,7 @@ class Index:
                 n_train = min(n, max(256 * nl, 256 * 64))  # enough for the lists and for 256 centroids per code
                 train = x if n <= n_train else x[np.sort(rng.choice(n, n_train, replace=False))]
                 index.train(train)
-                for start in range(0, n, _ADD_CHUNK):  # codes are computed chunk by chunk
-                    index.add(x[start:start + _ADD_CHUNK])
+                index = add_all(index)  # codes are computed chunk by chunk
                 info["params"].update(nlist=nl, pq_m=plan.pq_m, opq=plan.opq)
                 grid = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nl] + [nl]
                 param = "nprobe"
