@@ -205,3 +205,32 @@ def test_pca_coarse_is_differentiable():
     x = torch.randn(16, 12, generator=torch.Generator().manual_seed(2), requires_grad=True)
     pca_coarse(x, rank=4).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# --- keyword pass-through (the audit: both of these bugs passed every test above) -----------------------------------
+def test_to_long_clip_passes_keep_and_factor(model):
+    import copy
+
+    long = to_long_clip(copy.deepcopy(model), keep=10, factor=3)
+    assert long.text.pos_embed.shape[0] == stretched_length(77, keep=10, factor=3) == 3 * 77 - 2 * 10
+    assert long.config.text.context_length == 211
+    assert torch.equal(long.text.pos_embed.detach(), stretch_positions(model.text.pos_embed, keep=10, factor=3))
+    assert not torch.equal(long.text.pos_embed[:20].detach(), stretch_positions(model.text.pos_embed)[:20])
+
+
+@pytest.mark.parametrize("keep", [7, 33])
+def test_freeze_kept_positions_uses_its_keep(model, keep):
+    import copy
+
+    long = to_long_clip(copy.deepcopy(model)).train()
+    before = long.text.pos_embed.detach().clone()
+    opt = torch.optim.AdamW(long.parameters(), lr=1e-2, weight_decay=0.1)
+    handle = freeze_kept_positions(long, keep=keep, optimizer=opt)
+    assert handle.keep == keep
+    _one_step(long, opt)
+    after = long.text.pos_embed.detach()
+    assert torch.equal(after[:keep], before[:keep])
+    # the rows right after `keep` (inside the module's 20 when keep=7) do train: the text is > 40 tokens long
+    assert not torch.equal(after[keep: keep + 5], before[keep: keep + 5])
+    assert torch.equal(long.text.pos_embed.grad[:keep], torch.zeros_like(before[:keep]))
+    assert long.text.pos_embed.grad[keep: keep + 5].abs().sum() > 0

@@ -23,11 +23,13 @@ METHODS = {m.slug: m for m in list_methods()}
 # Where a method's test used to pin more than the generic checks below:
 # the implementing module (a move is a deliberate change, not an accident) ...
 MODULES = {
+    "aclip": "cliplab.objectives.aclip",
     "attribute_control": "cliplab.text_edit.attribute_control",
     "binary_pv_dsg": "cliplab.textrep.binary_pv_dsg",
     "clip4dm": "cliplab.metrics.clip4dm",
     "decor": "cliplab.text_edit.decor",
     "follow_the_flow": "cliplab.text_edit.follow_the_flow",
+    "ga_dms": "cliplab.objectives.ga_dms",
     "hqclip": "cliplab.objectives.hqclip",
     "laclip": "cliplab.curation.laclip",
     "lexinvariant_lm": "cliplab.textrep.lexinvariant_lm",

@@ -6,6 +6,9 @@ The trainer finds them by name without importing this package first (the loss re
     cliplab train --preset tiny-smoke --set loss=clip+stc --set 'loss_kwargs.tags=["circle","red"]'
 
 Modules: ``hqclip`` (HQ-CLIP's hard-negative identification and short-tag classification next to the contrastive loss).
+``aclip`` (A-CLIP's attentive patch removal with an EMA encoder, SimCLR and BYOL; loss ``aclip``, preset
+``aclip-tiny``), ``ga_dms`` (GA-DMS's gradient-attention dual masking with SDM and token prediction; loss ``ga_dms``,
+source ``synthetic-noisy``, preset ``ga_dms-tiny``).
 """
 
 __all__: list[str] = []

@@ -68,7 +68,7 @@ class Registry(Generic[T]):
 
 
 #: capability packages (above this layer) whose modules register losses, samplers, data sources and presets
-TRAINING_PLUGINS = ("objectives", "curation")
+TRAINING_PLUGINS = ("objectives", "curation", "longtext")
 
 
 def import_training_plugins() -> None:
