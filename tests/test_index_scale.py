@@ -190,3 +190,16 @@ def test_a_ray_build_is_bit_identical_to_the_local_one(data, kind, extra):
         np.testing.assert_array_equal(codes_a, codes_b)
     q = data[1][:20]
     assert [[h.row for h in hs] for hs in local.search(q, 10)] == [[h.row for h in hs] for hs in ray_built.search(q, 10)]
+
+
+def test_vector_gives_back_exact_or_decoded_rows(data, compressed):
+    x = data[0]
+    flat = Index.build(x[:500])
+    vec, exact = flat.vector(7)
+    assert exact and np.allclose(vec, x[7], atol=1e-6)
+    ix, _, _ = compressed
+    vec, exact = ix.vector(7)
+    cos = float(vec @ x[7]) / float(np.linalg.norm(vec))
+    assert not exact and 0.5 < cos < 0.99999  # PQ-decoded: close, not equal
+    with pytest.raises(IndexError):
+        flat.vector(500)

@@ -529,6 +529,24 @@ class Index:
             todo, fetch = again, min(2 * fetch, n)
         return out[0] if single else out
 
+    def vector(self, row: int) -> tuple[np.ndarray, bool]:
+        """The stored (normalised) vector of ``row`` and whether it is exact: the re-ranking copy when the index
+        keeps one, else what the index holds (exact for flat, IVF-Flat and HNSW; decoded, so approximate, for
+        IVF-PQ). Raises ``LookupError`` if the index cannot give it back (an IVF index without a direct map)."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} is outside the index (0..{len(self) - 1})")
+        if self._exact is not None:
+            return np.asarray(self._exact[row], np.float32), True
+        try:
+            if self.kind in ("ivf", "ivfpq") and not getattr(self, "_direct_map", False):
+                # id -> (list, offset) table, built once on first use (8 bytes per vector)
+                _faiss().extract_index_ivf(self.faiss_index).make_direct_map()
+                self._direct_map = True
+            vec = self.faiss_index.reconstruct(int(row))
+        except RuntimeError as e:
+            raise LookupError(f"this {self.kind} index cannot give back its vectors ({e})".splitlines()[0]) from None
+        return np.asarray(vec, np.float32), self.kind != "ivfpq"
+
     def _hits(self, pairs: Iterable[tuple[float, int]]) -> list[Hit]:
         """``(score, row)`` pairs, best first, as hits ranked from 1 (faiss's ``-1`` padding rows dropped)."""
         ids, idx, paths, caps = (self._column(c) for c in ("id", "index", "path", "caption"))

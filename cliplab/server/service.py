@@ -198,11 +198,14 @@ class SearchService:
         return data
 
     def _row_image_features(self, row: int) -> torch.Tensor:
-        """The image embedding behind ``row``: the stored vector in an image index, else the row's image encoded."""
+        """The image embedding behind ``row``: the vector stored in an image index when it is exact, else the row's
+        image file encoded (a caption index, compressed codes, or an index that cannot give its vectors back)."""
         if self.index.info.get("field") == "image":
             try:
-                return torch.from_numpy(self.index.faiss_index.reconstruct(row)).float()[None]
-            except RuntimeError:  # an index type without reconstruct (IVF without a direct map): encode the file
+                vec, exact = self.index.vector(row)
+                if exact:
+                    return torch.from_numpy(vec)[None]
+            except LookupError:
                 pass
         path = self.thumbnails.safe_path(row)
         if path is None:
