@@ -203,3 +203,46 @@ def test_vector_gives_back_exact_or_decoded_rows(data, compressed):
     assert not exact and 0.5 < cos < 0.99999  # PQ-decoded: close, not equal
     with pytest.raises(IndexError):
         flat.vector(500)
+
+
+@pytest.fixture(scope="module")
+def captions_job(tmp_path_factory):
+    """40 scene images with two captions each (80 rows) in shards of 15 rows."""
+    import csv
+
+    import cliplab.data
+    from cliplab.data.synthetic.captions import long_caption_text, long_caption_content, short_caption
+
+    base = tmp_path_factory.mktemp("stream")
+    world = cliplab.data.SceneWorld(image_size=32, seed=3)
+    with open(base / "pairs.csv", "w", newline="") as f:
+        table = csv.writer(f)
+        table.writerow(["path", "caption"])
+        for i in range(40):
+            scene = world.sample(i)
+            scene.render().save(base / f"s{i}.png")
+            table.writerow([f"s{i}.png", short_caption(scene)])
+            table.writerow([f"s{i}.png", long_caption_text(long_caption_content(scene))])
+    embed(str(base / "pairs.csv"), base / "emb", "test-tiny", shard_size=15, batch_size=16)  # pairs span shards
+    return base / "emb"
+
+
+@pytest.mark.parametrize("field,kind,extra", [("auto", "flat", {}), ("text", "ivf", {"nlist": 4, "rerank": 2}),
+                                              ("image", "hnsw", {})])
+def test_a_streamed_build_equals_the_in_memory_one(captions_job, field, kind, extra, tmp_path):
+    common = dict(field=field, kind=kind, recall_target=0.99, **extra)
+    memory = Index.build(captions_job, stream=False, **common)
+    streamed = Index.build(captions_job, stream=True, **common)
+    assert memory.metadata.equals(streamed.metadata)
+    for key in ("field", "n", "dim", "duplicates_skipped", "params", "recall_at_10", "recall_query_source"):
+        assert memory.info.get(key) == streamed.info.get(key), key
+    if field == "auto":
+        assert memory.info["field"] == "image" and memory.info["duplicates_skipped"] == 40
+    q = np.random.default_rng(0).standard_normal((15, memory.dim)).astype(np.float32)
+    a, b = memory.search(q, 5), streamed.search(q, 5)
+    assert [[h.row for h in hs] for hs in a] == [[h.row for h in hs] for hs in b]
+    np.testing.assert_allclose([[h.score for h in hs] for hs in a], [[h.score for h in hs] for hs in b], atol=1e-6)
+    if extra.get("rerank"):
+        assert isinstance(streamed._exact, np.memmap)
+        loaded = Index.load(streamed.save(tmp_path / "s"))
+        np.testing.assert_array_equal(np.asarray(loaded._exact), np.asarray(memory._exact))

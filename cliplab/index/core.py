@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 __all__ = ["Index", "Hit", "IncompleteJobError", "APPROX_THRESHOLD", "KINDS", "SELF_TOLERANCE", "faiss_available"]
 
 from .sizing import APPROX_THRESHOLD, PLAN_KINDS, parse_bytes, plan_index
+from .sources import ArraySource, ShardSource
 
 KINDS = PLAN_KINDS
 INDEX_FILE = "index.faiss"
@@ -128,6 +131,43 @@ def _top_k(index, q: np.ndarray, k: int, vectors: np.ndarray | None, rerank: int
     return scores, rows
 
 
+#: jobs whose vectors take more than this are read shard by shard (``stream=None``)
+STREAM_BYTES = 2 * 2**30
+
+
+def _job_vector_bytes(job_dir) -> int:
+    """The bytes the job's vectors would take in memory as float32 (from its manifest)."""
+    from ..pipeline.embed import read_manifest
+
+    try:
+        manifest = read_manifest(job_dir)
+    except FileNotFoundError:
+        return 0
+    rows = int(manifest.get("counts", {}).get("items_done", 0) or 0)
+    emb = manifest.get("embedding", {})
+    kinds = sum(1 for c in ("image_column", "text_column") if emb.get(c))
+    return rows * int(emb.get("dim", 0) or 0) * 4 * max(kinds, 1)
+
+
+def _exact_top_k(source, q: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    """Exact top-``k`` rows of every query, a chunk of the database at a time (faiss's result heap merges them)."""
+    faiss = _faiss()
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    start = 0
+    for part in source.chunks(chunk):
+        flat = faiss.IndexFlatIP(q.shape[1])
+        flat.add(part)
+        scores, rows = flat.search(q, min(k, len(part)))
+        if rows.shape[1] < k:  # pad: the heap takes exactly k columns
+            pad = k - rows.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        heap.add_result(np.ascontiguousarray(scores, np.float32), np.where(rows >= 0, rows + start, -1))
+        start += len(part)
+    heap.finalize()
+    return heap.I
+
+
 def _median_query_ms(index, q: np.ndarray, k: int, vectors, rerank: int, n: int = 50) -> float:
     times = []
     for row in q[:n]:
@@ -185,7 +225,7 @@ class Index:
               dedupe: bool = True, allow_partial: bool = False, model=None, max_memory: int | str | None = None,
               max_query_ms: float | None = None, rerank: int = 0, pq_m: int | None = None,
               opq: bool | None = None, engine: str = "local", workers: int = 2,
-              add_chunk: int = _ADD_CHUNK) -> "Index":
+              add_chunk: int = _ADD_CHUNK, stream: bool | None = None) -> "Index":
         """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, or an array
         ``[n, dim]`` (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
         ``text`` or ``auto`` (image vectors when the job has any). ``queries`` (optional ``[q, dim]``) are used to
@@ -202,7 +242,9 @@ class Index:
         exact vectors next to an approximate index (``vectors.npy``, memory-mapped when loaded) and rescores the
         top ``R * k`` candidates of every query with them. ``engine="ray"`` encodes the vectors of an IVF index
         (``ivf``, ``ivfpq``) in parallel Ray tasks (``workers`` CPUs), ``add_chunk`` rows each, and merges their lists:
-        the same index as the local build, which adds the same chunks in turn (:mod:`cliplab.index.distributed`)."""
+        the same index as the local build, which adds the same chunks in turn (:mod:`cliplab.index.distributed`).
+        ``stream``: read a job directory's vectors shard by shard instead of all at once (:mod:`cliplab.index.sources`;
+        the same index); ``None`` streams jobs whose vectors exceed :data:`STREAM_BYTES`."""
         import pyarrow as pa
 
         faiss = _faiss()
@@ -215,13 +257,24 @@ class Index:
         source_dir = None
         duplicates = 0
         partial: dict[str, Any] = {"partial": False}
+        source = None
         if isinstance(data, (str, os.PathLike)):
             from ..pipeline import read_embeddings
 
             source_dir = os.path.abspath(os.fspath(data))
-            data = read_embeddings(data)
-        if isinstance(data, np.ndarray) or (isinstance(data, (list, tuple)) and len(data) and
-                                             not hasattr(data, "ids")):
+            if stream is None:
+                stream = _job_vector_bytes(data) > STREAM_BYTES
+            if stream:
+                source, field, manifest, partial = cls._shard_source(data, field, dedupe, allow_partial)
+                ids, paths, captions = source.ids, source.paths, source.captions
+                item_index, duplicates = np.asarray(source.item_index, np.int64), source.duplicates
+                data = None
+            else:
+                data = read_embeddings(data)
+        if source is not None:
+            pass
+        elif isinstance(data, np.ndarray) or (isinstance(data, (list, tuple)) and len(data) and
+                                               not hasattr(data, "ids")):
             vecs = np.asarray(data, dtype=np.float32)
             if vecs.ndim != 2:
                 raise ValueError(f"expected vectors [n, dim], got shape {vecs.shape}")
@@ -269,13 +322,14 @@ class Index:
             item_index = np.asarray(emb.index)[keep].astype(np.int64)
             o_all, o_valid = (emb.text, emb.text_valid) if field == "image" else (emb.image, emb.image_valid)
             other = o_all[o_valid] if o_all is not None else None
-        n = len(vecs)
+        if source is None:
+            source = ArraySource(_normalize(vecs), other)
+            del vecs
+        n, dim = source.n, source.dim
         if n == 0:
             raise ValueError("nothing to index: no vectors")
         if len(ids) != n or len(paths) != n or len(captions) != n:
             raise ValueError("metadata lists must have one entry per vector")
-        x = _normalize(vecs)
-        dim = x.shape[1]
         plan = plan_index(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
                           pq_m=pq_m, opq=opq, hnsw_m=hnsw_m)
         kind = plan.kind
@@ -287,9 +341,9 @@ class Index:
 
         def add_all(index):  # the same chunks in the same order, locally or on Ray
             if engine == "ray" and kind in DISTRIBUTED_KINDS:
-                return add_on_ray(index, x, chunk=add_chunk, workers=workers)
-            for start in range(0, n, add_chunk):
-                index.add(x[start:start + add_chunk])
+                return add_on_ray(index, source.chunks(add_chunk), workers=workers)
+            for chunk in source.chunks(add_chunk):
+                index.add(chunk)
             return index
 
         info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
@@ -298,8 +352,7 @@ class Index:
                                 "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)},
                                 "engine": engine if kind in DISTRIBUTED_KINDS else "local"}
         if kind == "flat":
-            index = faiss.IndexFlatIP(dim)
-            index.add(x)
+            index = add_all(faiss.IndexFlatIP(dim))
             info.update(exact=True, recall_at_10=1.0, recall_note="exact search")
         else:
             if kind == "ivf":
@@ -309,7 +362,7 @@ class Index:
                 index = faiss.IndexIVFFlat(quantizer, dim, nl, faiss.METRIC_INNER_PRODUCT)
                 index.cp.seed = seed
                 rng = np.random.default_rng(seed)
-                train = x if n <= 256 * nl else x[rng.choice(n, 256 * nl, replace=False)]
+                train = source.take(np.arange(n) if n <= 256 * nl else rng.choice(n, 256 * nl, replace=False))
                 index.train(train)
                 index = add_all(index)
                 info["params"].update(nlist=nl)
@@ -323,7 +376,7 @@ class Index:
                 nl = plan.nlist
                 rng = np.random.default_rng(seed)
                 n_train = min(n, max(256 * nl, 256 * 64))  # enough for the lists and for 256 centroids per code
-                train = x if n <= n_train else x[np.sort(rng.choice(n, n_train, replace=False))]
+                train = source.take(np.arange(n) if n <= n_train else np.sort(rng.choice(n, n_train, replace=False)))
                 index.train(train)
                 index = add_all(index)  # codes are computed chunk by chunk
                 info["params"].update(nlist=nl, pq_m=plan.pq_m, opq=plan.opq)
@@ -332,17 +385,17 @@ class Index:
             else:
                 index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efConstruction = max(40, 2 * hnsw_m)
-                index.add(x)
+                index = add_all(index)
                 info["params"].update(m=hnsw_m)
                 grid = [16, 32, 64, 128, 256, 512, 1024]
                 param = "ef_search"
-            q, qsrc = cls._recall_queries(x, other, queries, seed)
+            q, qsrc = cls._recall_queries(source, queries, seed)
             k = min(10, n)
-            exact = faiss.IndexFlatIP(dim)
-            exact.add(x)
-            _, truth = exact.search(q, k)
-            del exact
-            vectors = x if rerank else None
+            truth = _exact_top_k(source, q, k, add_chunk)
+            vectors = None
+            if rerank:
+                vectors = source.array() if isinstance(source, ArraySource) else \
+                    source.array(tempfile.mkdtemp(prefix="cliplab-index-"))
             curve = []
             chosen = grid[-1]
             for value in grid:
@@ -370,7 +423,7 @@ class Index:
                 info["params"]["rerank"] = int(rerank)
             info.update(exact=False, recall_at_10=recall, recall_target=recall_target, recall_queries=len(q),
                         recall_query_source=qsrc, tuning={param: curve})
-        out_vectors = x if rerank and kind != "flat" else None
+        out_vectors = vectors if rerank and kind != "flat" else None
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
         if manifest:
             info["model"] = {k: v for k, v in manifest.get("model", {}).items() if k != "config"}
@@ -383,16 +436,39 @@ class Index:
         return out
 
     @staticmethod
-    def _recall_queries(x: np.ndarray, other: np.ndarray | None, queries, seed: int) -> tuple[np.ndarray, str]:
+    def _recall_queries(source, queries, seed: int) -> tuple[np.ndarray, str]:
         rng = np.random.default_rng(seed + 1)
         if queries is not None:
             q = _normalize(np.asarray(queries, np.float32))
             return q, "given"
-        if other is not None and len(other):
-            pick = rng.choice(len(other), min(_RECALL_QUERIES, len(other)), replace=False)
-            return _normalize(other[np.sort(pick)]), "other modality (text queries for an image index, or vice versa)"
-        pick = rng.choice(len(x), min(_RECALL_QUERIES, len(x)), replace=False)
-        return x[np.sort(pick)], "database sample"
+        if source.other_count:
+            pick = rng.choice(source.other_count, min(_RECALL_QUERIES, source.other_count), replace=False)
+            return source.take_other(np.sort(pick)), "other modality (text queries for an image index, or vice versa)"
+        pick = rng.choice(source.n, min(_RECALL_QUERIES, source.n), replace=False)
+        return source.take(np.sort(pick)), "database sample"
+
+    @staticmethod
+    def _shard_source(job_dir, field: str, dedupe: bool, allow_partial: bool):
+        """``(ShardSource, field, manifest, partial info)`` of a job read shard by shard."""
+        from ..pipeline.embed import read_manifest
+
+        manifest = read_manifest(job_dir)
+        partial: dict[str, Any] = {"partial": False}
+        if manifest.get("complete") is False:
+            counts = manifest.get("counts", {})
+            done, total = int(counts.get("items_done", 0)), int(counts.get("items", 0))
+            if not allow_partial:
+                raise IncompleteJobError(os.path.abspath(os.fspath(job_dir)), done, total)
+            partial = {"partial": True, "items_done": done, "items_total": total}
+        emb = manifest.get("embedding", {})
+        if field == "auto":
+            field = "image" if emb.get("image_column") else "text"
+            if field == "image":
+                source = ShardSource(job_dir, "image", dedupe)
+                if source.n or not emb.get("text_column"):
+                    return source, field, manifest, partial
+                field = "text"
+        return ShardSource(job_dir, field, dedupe), field, manifest, partial
 
     # --- persistence ------------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
@@ -412,8 +488,14 @@ class Index:
         os.replace(tmp, d / META_FILE)
         if self._exact is not None:
             tmp = d / f".{VECTORS_FILE}.tmp-{pid}.npy"
-            np.save(tmp, np.ascontiguousarray(self._exact, dtype=np.float32))
-            os.replace(tmp, d / VECTORS_FILE)
+            if isinstance(self._exact, np.memmap) and self._exact.filename:  # a file already: copy it, not via RAM
+                if Path(self._exact.filename).resolve() != (d / VECTORS_FILE).resolve():
+                    self._exact.flush()
+                    shutil.copyfile(self._exact.filename, tmp)
+                    os.replace(tmp, d / VECTORS_FILE)
+            else:
+                np.save(tmp, np.ascontiguousarray(self._exact, dtype=np.float32))
+                os.replace(tmp, d / VECTORS_FILE)
         elif (d / VECTORS_FILE).exists():  # an older index's exact vectors do not belong to this one
             (d / VECTORS_FILE).unlink()
         from ..pipeline.shards import atomic_write_json

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Iterable
 
 import numpy as np
 
@@ -45,9 +46,9 @@ def _encode_chunk(blob: np.ndarray, vectors: np.ndarray, start: int) -> np.ndarr
     return faiss.serialize_index(index)
 
 
-def add_on_ray(index, x: np.ndarray, *, chunk: int, workers: int = 2):
-    """``index`` (a trained, empty IVF index, possibly behind an OPQ rotation) with ``x`` added in chunks of
-    ``chunk`` rows by Ray tasks; returns the merged index (ids 0..n-1, as a local ``add``)."""
+def add_on_ray(index, chunks: Iterable[np.ndarray], *, workers: int = 2):
+    """``index`` (a trained, empty IVF index, possibly behind an OPQ rotation) with the rows of ``chunks`` added by
+    Ray tasks, one per chunk; returns the merged index (ids 0..n-1, as a local ``add`` of the same chunks)."""
     import faiss
 
     if index.ntotal:
@@ -56,8 +57,10 @@ def add_on_ray(index, x: np.ndarray, *, chunk: int, workers: int = 2):
     with ray_session(workers) as ray:
         task = ray.remote(_encode_chunk)
         blob_ref = ray.put(blob)
-        refs = [task.remote(blob_ref, ray.put(np.ascontiguousarray(x[s:s + chunk])), s)
-                for s in range(0, len(x), chunk)]
+        refs, start = [], 0
+        for chunk in chunks:  # read one chunk at a time into the object store
+            refs.append(task.remote(blob_ref, ray.put(np.ascontiguousarray(chunk)), start))
+            start += len(chunk)
         parts = ray.get(refs)  # in submission order: chunk order
     merged = faiss.deserialize_index(blob)
     ivf = faiss.extract_index_ivf(merged)
