@@ -246,3 +246,16 @@ def test_a_streamed_build_equals_the_in_memory_one(captions_job, field, kind, ex
         assert isinstance(streamed._exact, np.memmap)
         loaded = Index.load(streamed.save(tmp_path / "s"))
         np.testing.assert_array_equal(np.asarray(loaded._exact), np.asarray(memory._exact))
+
+
+def test_build_from_a_memory_mapped_source_equals_the_array_build(data, tmp_path):
+    from cliplab.index.sources import ArraySource
+
+    x = data[0][:3000]
+    np.save(tmp_path / "v.npy", x)
+    mapped = ArraySource(np.load(tmp_path / "v.npy", mmap_mode="r"))
+    a = Index.build(x, kind="ivf", nlist=16, queries=data[1])
+    b = Index.build(mapped, kind="ivf", nlist=16, queries=data[1])
+    assert a.info["recall_at_10"] == b.info["recall_at_10"] and a.info["params"] == b.info["params"]
+    assert [[h.row for h in hs] for hs in a.search(data[1][:10], 5)] == \
+        [[h.row for h in hs] for hs in b.search(data[1][:10], 5)]

@@ -226,8 +226,9 @@ class Index:
               max_query_ms: float | None = None, rerank: int = 0, pq_m: int | None = None,
               opq: bool | None = None, engine: str = "local", workers: int = 2,
               add_chunk: int = _ADD_CHUNK, stream: bool | None = None) -> "Index":
-        """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, or an array
-        ``[n, dim]`` (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
+        """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, an array
+        ``[n, dim]`` or an :class:`~cliplab.index.sources.ArraySource` of normalised (e.g. memory-mapped) vectors
+        (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
         ``text`` or ``auto`` (image vectors when the job has any). ``queries`` (optional ``[q, dim]``) are used to
         measure recall; by default the other modality's vectors (the realistic queries) or a database sample.
         ``dedupe``: in an image index, rows that share an image file (one row per caption) are indexed once, with
@@ -257,8 +258,14 @@ class Index:
         source_dir = None
         duplicates = 0
         partial: dict[str, Any] = {"partial": False}
-        source = None
-        if isinstance(data, (str, os.PathLike)):
+        source = data if isinstance(data, (ArraySource, ShardSource)) else None  # vectors normalised already
+        if source is not None:
+            ids = [str(i) for i in (metadata or {}).get("ids", range(source.n))]
+            paths = list((metadata or {}).get("paths", [None] * source.n))
+            captions = list((metadata or {}).get("captions", [None] * source.n))
+            item_index = np.arange(source.n, dtype=np.int64)
+            field = "vectors" if field == "auto" else field
+        elif isinstance(data, (str, os.PathLike)):
             from ..pipeline import read_embeddings
 
             source_dir = os.path.abspath(os.fspath(data))
