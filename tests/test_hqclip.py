@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import cliplab
-from cliplab.objectives.hqclip import CLIPWithTagClassification, HQCLIPLoss, caption_tags
+from cliplab.objectives.hqclip import HQCLIPLoss, caption_tags, clip_with_tag_classification
 from cliplab.models import ConfigError
 from cliplab.train import (BatchOutput, CLIPLoss, DataConfig, TrainConfig, Trainer, get_loss, list_losses,
                            synthetic_tags)
@@ -37,9 +37,9 @@ class _Model(torch.nn.Module):  # what attach() reads of a model
         self.config = type("Config", (), {"embed_dim": embed_dim})()
 
 
-def attached(weight: float = 1.0, dim: int = 16, **kw) -> CLIPWithTagClassification:
+def attached(weight: float = 1.0, dim: int = 16, **kw) -> HQCLIPLoss:
     torch.manual_seed(0)
-    loss = CLIPWithTagClassification(TAGS, weight=weight, **kw)
+    loss = clip_with_tag_classification(TAGS, weight=weight, **kw)
     loss.attach(_Model(dim))
     return loss
 
@@ -57,14 +57,30 @@ def test_registered_and_validated():
     # a fresh interpreter that never imports cliplab.objectives finds the loss by name (registry discovery)
     code = "from cliplab.train import get_loss; print(type(get_loss('clip+stc', tags=['red'])).__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "CLIPWithTagClassification", out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "HQCLIPLoss", out.stderr
     assert "clip+stc" in list_losses()
-    assert isinstance(get_loss("clip+stc", tags=TAGS), CLIPWithTagClassification)
+    alias = get_loss("clip+stc", tags=TAGS)
+    assert isinstance(alias, HQCLIPLoss) and alias.hni_weight == 0 and not alias.uses_negatives
     for bad in ([], ["red", "Red"], ["two words"]):
         with pytest.raises(ValueError, match="tags must"):
-            CLIPWithTagClassification(bad)
+            clip_with_tag_classification(bad)
     with pytest.raises(RuntimeError, match="attach"):
-        CLIPWithTagClassification(TAGS).tag_logits(torch.zeros(1, 4))
+        clip_with_tag_classification(TAGS).tag_logits(torch.zeros(1, 4))
+
+
+def test_clip_stc_is_hqclip_without_hni_and_passes_every_keyword():
+    """``clip+stc`` is one way to say ``hqclip(hni_weight=0)``: the same keywords, the same defaults."""
+    alias, direct = get_loss("clip+stc", tags=TAGS), HQCLIPLoss(TAGS, hni_weight=0.0)
+    assert repr(alias) == repr(direct)  # extra_repr lists every setting (tags_from, weights, temperature)
+    kw = dict(stc_weight=0.3, temperature=0.2, label_smoothing=0.1, tags_from="caption")
+    loss = get_loss("clip+stc", tags=TAGS, **kw)
+    assert (loss.stc_weight, loss.temperature, loss.contrastive.label_smoothing, loss.tags_from) == (
+        0.3, 0.2, 0.1, "caption")
+    assert get_loss("clip+stc", tags=TAGS, weight=2.5).stc_weight == 2.5  # the older spelling (shapes-tiny's preset)
+    with pytest.raises(ValueError, match="not both"):
+        get_loss("clip+stc", tags=TAGS, weight=1.0, stc_weight=1.0)
+    with pytest.raises(ValueError, match="needs tags"):
+        get_loss("clip+stc", tags=None)
 
 
 def test_zero_weight_is_exactly_the_clip_loss():
@@ -176,8 +192,9 @@ def test_tag_texts_from_the_source_replace_the_caption_words():
     loss_fn = attached(tags_from="source")
     with torch.no_grad():
         assert loss_fn(out)[1]["stc"] == loss_fn(caption_only)[1]["stc"] != loss_fn(batch_output(TEXTS))[1]["stc"]
-        # clip+stc reads captions by default (its earlier runs' configs reproduce them); hqclip takes the source's
-        assert attached()(out)[1]["stc"] == attached()(batch_output(TEXTS))[1]["stc"]
+        # tags_from="caption" ignores the source's tags; clip+stc's default is hqclip's ("source")
+        assert attached(tags_from="caption")(out)[1]["stc"] == attached()(batch_output(TEXTS))[1]["stc"]
+        assert attached()(out)[1]["stc"] == loss_fn(out)[1]["stc"]
         hq = HQCLIPLoss(TAGS, hni_weight=0.0)
         torch.manual_seed(0)
         hq.attach(_Model(16))
@@ -323,7 +340,7 @@ def test_tag_head_learns_to_name_held_out_colours(tmp_path):
     run = TrainConfig(model=model, data=DataConfig(source="synthetic", caption="short"), batch_size=64, steps=200,
                       lr=1e-3, warmup_steps=20, threads=1, progress=False, log_every=50, checkpoint_every=0,
                       keep_checkpoints=0, out_dir=str(tmp_path / "run"), seed=0, loss="clip+stc",
-                      loss_kwargs={"tags": tags})
+                      loss_kwargs={"tags": tags, "tags_from": "caption"})  # caption tags, as measured in the doc
     trainer = Trainer(run)
     task = zero_shot_task("colour", 25, seed=1)
     columns = [tags.index(c) for c in COLOURS]
@@ -384,3 +401,12 @@ def test_hard_negative_identification_teaches_the_attribute_its_negatives_change
     hni = preference("hni", "hqclip", {"tags": None}, {"hard_negatives": [attribute], "num_negatives": 3})
     print(f"held-out preference for the true {attribute}: control {control:.3f}, with negatives {hni:.3f}")
     assert hni > control + 0.1, (control, hni)
+
+
+def test_doc_example_runs():
+    from conftest import REPO
+
+    text = (REPO / "docs" / "methods" / "hqclip.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    exec(compile(blocks[0], "docs/methods/hqclip.md", "exec"), {})

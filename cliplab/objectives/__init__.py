@@ -8,7 +8,8 @@ The trainer finds them by name without importing this package first (the loss re
 Modules: ``hqclip`` (HQ-CLIP's hard-negative identification and short-tag classification next to the contrastive loss).
 ``aclip`` (A-CLIP's attentive patch removal with an EMA encoder, SimCLR and BYOL; loss ``aclip``, preset
 ``aclip-tiny``), ``ga_dms`` (GA-DMS's gradient-attention dual masking with SDM and token prediction; loss ``ga_dms``,
-source ``synthetic-noisy``, preset ``ga_dms-tiny``).
+source ``synthetic-noisy``, preset ``ga_dms-tiny``), ``unime`` (UniME's textual distillation from all-MiniLM-L6-v2 and
+filtered top-k hard negatives; losses ``unime-kd``, ``unime``, preset ``unime-tiny``).
 """
 
 __all__: list[str] = []

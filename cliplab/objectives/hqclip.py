@@ -7,8 +7,8 @@ short positive and negative tags) and adds two terms to CLIP's loss: hard-negati
 description as an extra candidate) and short-tag classification (a classifier over a fixed tag vocabulary on the
 image embedding, multi-label binary cross-entropy against the image's positive tags).
 
-Losses: ``hqclip`` (:class:`HQCLIPLoss`, both terms) and ``clip+stc`` (:class:`CLIPWithTagClassification`, STC
-only)::
+Losses: ``hqclip`` (:class:`HQCLIPLoss`, both terms) and ``clip+stc``, an alias of ``hqclip`` with HNI off
+(:func:`clip_with_tag_classification`: ``hni_weight=0``, the same keywords and defaults)::
 
     loss = CLIP(img, txt) + hni_weight * HNI + stc_weight * STC
     HNI  = mean over images i of  CE(scale * img_i @ [txt_1 .. txt_B, neg_1 .. neg_N]^T,  target i)
@@ -29,8 +29,9 @@ Choices:
   symmetric loss rather than replacing its image-to-text half, as in the paper's sum of terms. Text-to-image is
   unchanged (a negative caption has no image).
 * *Tags.* An image's positive tags are the words of the source's ``tag_texts`` when it has them and
-  ``tags_from="source"`` (the default of ``hqclip``; the synthetic source gives every object's size, texture, colour
-  and shape, the image's exact tags), else of its caption (``clip+stc``'s default, as in its earlier runs):
+  ``tags_from="source"`` (the default; the synthetic source gives every object's size, texture, colour and shape,
+  the image's exact tags), else of its caption (``tags_from="caption"``, as in ``clip+stc``'s runs before sources
+  gave tags; that was its default until it became an alias of ``hqclip``):
   :func:`caption_tags` marks tag ``t`` when the text has the word ``t`` or its plural (``t + "s"``, ``t + "es"``).
   Every other tag is a negative (HQ-CLIP's explicit negative tags are not modelled). The vocabulary is a fixed list
   passed as ``tags``; :func:`cliplab.train.synthetic_tags` lists the synthetic world's attribute words. Caption
@@ -61,7 +62,7 @@ from torch import nn
 from ..methods import register_method
 from ..train import BatchOutput, CLIPLoss, Loss, register_loss
 
-__all__ = ["caption_tags", "HQCLIPLoss", "CLIPWithTagClassification"]
+__all__ = ["caption_tags", "HQCLIPLoss", "clip_with_tag_classification"]
 
 register_method(
     "hqclip",
@@ -178,22 +179,19 @@ class HQCLIPLoss(Loss):
 
 
 @register_loss("clip+stc")
-class CLIPWithTagClassification(HQCLIPLoss):
-    """CLIP's symmetric InfoNCE plus ``weight`` times HQ-CLIP's short-tag classification: ``hqclip`` without HNI.
-
-    Tags come from the captions by default (``tags_from="caption"``), as in every ``clip+stc`` run made before
-    sources gave exact tags, so those runs' configs still reproduce them."""
-
-    def __init__(self, tags: Sequence[str], weight: float = 1.0, temperature: float = 0.07,
-                 label_smoothing: float = 0.0, tags_from: str = "caption"):
-        if tags is None:
-            raise ValueError("clip+stc needs tags")
-        super().__init__(tags, stc_weight=weight, hni_weight=0.0, temperature=temperature,
-                         label_smoothing=label_smoothing, tags_from=tags_from)
-
-    @property
-    def weight(self) -> float:
-        return self.stc_weight
+def clip_with_tag_classification(tags: Sequence[str], stc_weight: float | None = None, temperature: float = 0.07,
+                                 label_smoothing: float = 0.0, tags_from: str = "source",
+                                 weight: float | None = None) -> HQCLIPLoss:
+    """``clip+stc``: an alias of ``hqclip`` with HNI off (``hni_weight=0``), the same keywords and defaults; it
+    needs ``tags``. ``weight`` is the older spelling of ``stc_weight``, kept because configs (the ``shapes-tiny``
+    preset) use it."""
+    if tags is None:
+        raise ValueError("clip+stc needs tags (or use loss hqclip with tags=None)")
+    if weight is not None and stc_weight is not None:
+        raise ValueError("give the tag term's weight once: stc_weight (or its older name weight), not both")
+    stc_weight = next((w for w in (stc_weight, weight) if w is not None), 1.0)
+    return HQCLIPLoss(tags, stc_weight=stc_weight, hni_weight=0.0, temperature=temperature,
+                      label_smoothing=label_smoothing, tags_from=tags_from)
 
 
 def _f1(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -110,7 +110,7 @@ def shapes_tiny() -> TrainConfig:
         loss="clip+stc",
         # Weight 2.5 in the 256 x 600 run: the same shape as weight 1 (63.8% vs 64.0%), R@1 65% vs 69%. Switching
         # to another loss needs loss_kwargs reset too (--set loss=clip --set loss_kwargs={}).
-        loss_kwargs={"tags": synthetic_tags(), "weight": 1.0, "tags_from": "source"},
+        loss_kwargs={"tags": synthetic_tags(), "stc_weight": 1.0, "tags_from": "source"},
         batch_size=64,
         steps=SHAPES_TINY_STEPS,
         # 1e-3 with a short warm-up collapsed the plain ViT to chance (loss = ln B, gradient norm -> 0.02) within 15
