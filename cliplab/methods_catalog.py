@@ -92,7 +92,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(25, "excel", "ExCEL", "Exploring CLIP's Dense Knowledge for Weakly Supervised Semantic Segmentation",
        "dense"),
     _m(26, "ltok", "Learn Your Tokens", "Learn Your Tokens: Word-Pooled Tokenization for Language Modeling",
-       "textrep", 26),
+       "textrep"),
     _m(27, "mocoop", "MoCoOp", "Mixture of Prompt Learning for Vision Language Models", "zeroshot", 20),
     _m(28, "unime", "UniME", "Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs",
        "objectives", 30),
@@ -102,7 +102,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(31, "clippings", "CLIPPINGS", "Linking Representations with Multimodal Contrastive Learning", "apps", 32),
     _m(32, "follow_the_flow", "Follow the Flow", "Follow the Flow: On Information Flow Across Textual Tokens in "
        "Text-to-Image Models", "text_edit", 31),
-    _m(33, "lexinvariant_lm", "Lexinvariant LM", "Lexinvariant Language Models", "textrep", 26),
+    _m(33, "lexinvariant_lm", "Lexinvariant LM", "Lexinvariant Language Models", "textrep"),
     _s(34, "survey_llm_text_emb", "Survey: text embeddings and LLMs", "When Text Embedding Meets Large Language "
        "Model: A Comprehensive Survey"),
     _m(35, "centerclip", "CenterCLIP", "CenterCLIP: Token Clustering for Efficient Text-Video Retrieval",
@@ -110,12 +110,11 @@ PAPERS: tuple[Paper, ...] = (
     _m(36, "dclip", "Distill CLIP (DCLIP)", "Distill CLIP (DCLIP): Enhancing Image-Text Retrieval via Cross-Modal "
        "Transformer Distillation", "objectives", 30),
     _m(37, "veclip", "VeCLIP", "From Scarcity to Efficiency: Improving CLIP Training via Visual-enriched Captions",
-       "curation", 24),
-    _m(38, "laclip", "LaCLIP", "Improving CLIP Training with Language Rewrites", "curation", 24),
+       "curation"),
+    _m(38, "laclip", "LaCLIP", "Improving CLIP Training with Language Rewrites", "curation"),
     _m(39, "hqclip", "HQ-CLIP", "HQ-CLIP: Leveraging Large Vision-Language Models to Create High-Quality Image-Text "
        "Datasets and CLIP Models", "objectives", 30),
-    _m(40, "binary_pv_dsg", "Binary PV / DSG", "Vector representations of text data in deep learning", "textrep",
-       26),
+    _m(40, "binary_pv_dsg", "Binary PV / DSG", "Vector representations of text data in deep learning", "textrep"),
     _m(41, "grain", "GRAIN", "Grounding Descriptions in Images informs Zero-Shot Visual Recognition", "zeroshot",
        20),
     _m(42, "clip4dm", "CLIP4DM", "Extract Free Dense Misalignment from CLIP", "metrics", 32),
@@ -131,8 +130,8 @@ PAPERS: tuple[Paper, ...] = (
        31),
     _s(49, "survey_gpte", "Survey: pretrained LMs in text embeddings", "On The Role of Pretrained Language Models in "
        "General-Purpose Text Embeddings: A Survey"),
-    _m(50, "zett", "ZeTT", "Zero-Shot Tokenizer Transfer", "textrep", 26),
-    _m(51, "metaclip", "MetaCLIP", "Demystifying CLIP Data", "curation", 24),
+    _m(50, "zett", "ZeTT", "Zero-Shot Tokenizer Transfer", "textrep"),
+    _m(51, "metaclip", "MetaCLIP", "Demystifying CLIP Data", "curation"),
     _m(52, "recoverable_compression", "Recoverable Compression", "Recoverable Compression: A Multimodal Vision Token "
        "Recovery Mechanism Guided by Text Information", "vision_tokens", 22),
 )

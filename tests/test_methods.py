@@ -27,6 +27,7 @@ MODULES = {
     "attribute_control": "cliplab.text_edit.attribute_control",
     "binary_pv_dsg": "cliplab.textrep.binary_pv_dsg",
     "clip4dm": "cliplab.metrics.clip4dm",
+    "clippings": "cliplab.apps.clippings",
     "decor": "cliplab.text_edit.decor",
     "follow_the_flow": "cliplab.text_edit.follow_the_flow",
     "ga_dms": "cliplab.objectives.ga_dms",
@@ -38,6 +39,7 @@ MODULES = {
     "metaclip": "cliplab.curation.metaclip",
     "sce": "cliplab.metrics.sce",
     "token_prepending": "cliplab.text_edit.token_prepending",
+    "unime": "cliplab.objectives.unime",
     "veclip": "cliplab.curation.veclip",
     "zett": "cliplab.textrep.zett",
 }
