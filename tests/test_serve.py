@@ -369,3 +369,15 @@ def test_a_timed_out_item_is_withdrawn_before_the_model_sees_it():
         assert seen == ["first", "next"]
     finally:
         b.close()
+
+
+def test_a_long_query_is_cut_to_fit_so_the_encoder_never_truncates(service):
+    import warnings as w
+
+    text, notes = service.prepare_query("red circle " * 60)
+    assert any("77-token context" in n for n in notes)
+    with w.catch_warnings():
+        w.simplefilter("error")  # a second truncation would warn (and fail here)
+        batch = service.model.tokenize([text])
+    assert not batch.num_truncated and int(batch.lengths[0]) == 77
+    assert service.prepare_query("red circle") == ("red circle", [])

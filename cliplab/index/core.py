@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -258,6 +259,7 @@ class Index:
         source_dir = None
         duplicates = 0
         partial: dict[str, Any] = {"partial": False}
+        scratch = None  # a temporary folder for a streamed build's re-ranking copy
         source = data if isinstance(data, (ArraySource, ShardSource)) else None  # vectors normalised already
         if source is not None:
             ids = [str(i) for i in (metadata or {}).get("ids", range(source.n))]
@@ -401,8 +403,11 @@ class Index:
             truth = _exact_top_k(source, q, k, add_chunk)
             vectors = None
             if rerank:
-                vectors = source.array() if isinstance(source, ArraySource) else \
-                    source.array(tempfile.mkdtemp(prefix="cliplab-index-"))
+                if isinstance(source, ArraySource):
+                    vectors = source.array()
+                else:  # streamed: the copy goes to a temporary file until save() copies it next to the index
+                    scratch = tempfile.mkdtemp(prefix="cliplab-index-")
+                    vectors = source.array(scratch)
             curve = []
             chosen = grid[-1]
             for value in grid:
@@ -440,6 +445,8 @@ class Index:
                           "path": pa.array(paths, pa.string()), "caption": pa.array(captions, pa.string())})
         out = cls(index, table, info, model=model)
         out._exact = out_vectors
+        if scratch is not None:  # removed with the index object (the memory map keeps the file readable till then)
+            weakref.finalize(out, shutil.rmtree, scratch, True)
         return out
 
     @staticmethod

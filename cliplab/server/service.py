@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..index import Index, resident_memory_mb
+from ..models.tokenizer import TruncationError, TruncationWarning
 from .batcher import MicroBatcher
 from .images import Thumbnails
 from .metrics import Metrics
@@ -75,8 +76,7 @@ class SearchService:
         """One model call for every text of the batch and one index search for those that search (``k > 0``;
         ``k == 0``: the vector only, for ``/api/embed``): a ``[b, dim]`` search is one matrix product instead of
         ``b`` vector ones."""
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # truncation was reported per request by prepare_query
+        with torch.inference_mode():  # prepare_query cut every text to fit the context: no truncation here
             vecs = self.model.encode_texts([t for t, _ in items], normalize=True).float().cpu().numpy()
         searching = [i for i, (_, k) in enumerate(items) if k > 0]
         hits: list[list] = [[] for _ in items]
@@ -100,8 +100,20 @@ class SearchService:
             raise RequestError(504, f"the model did not answer within {self.settings.timeout_s:g} s "
                                     "(the server is overloaded)") from None
 
+    def _tokenize_quietly(self, text: str):
+        """``(batch, truncated)``; the truncation warning is not emitted (the answer's ``warnings`` say it).
+        ``warnings.catch_warnings`` changes process-wide state, so it is entered only on the rare long query."""
+        try:
+            return self.model.tokenize([text], truncate=False), False
+        except TruncationError:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TruncationWarning)
+                return self.model.tokenize([text]), True
+
     def prepare_query(self, text: str) -> tuple[str, list[str]]:
-        """The query as it will be encoded, and warnings about what was cut. Empty queries are refused (422)."""
+        """The query as it will be encoded, and warnings about what was cut. Empty queries are refused (422). A
+        query longer than the model's context is cut after its last token that fits, so the encoder never has to
+        truncate (or warn) again."""
         if not isinstance(text, str) or not text.strip():
             raise RequestError(422, "the query is empty")
         text = " ".join(text.split())
@@ -110,13 +122,13 @@ class SearchService:
         if len(text) > limit:
             notes.append(f"the query was cut to its first {limit} of {len(text)} characters")
             text = text[:limit]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            batch = self.model.tokenize([text])
-        if batch.num_truncated:
+        batch, truncated = self._tokenize_quietly(text)
+        if truncated:
             ctx = self.model.config.text.context_length
             notes.append(f"the query is longer than the model's {ctx}-token context: {int(batch.n_dropped[0])} "
                          "tokens at its end were ignored")
+            n = int(batch.lengths[0])
+            text = text[:max((b for a, b in batch.spans[0][:n] if b > a), default=len(text))]
         return text, notes
 
     def encode_query(self, text: str) -> tuple[np.ndarray, list[str]]:
@@ -226,10 +238,8 @@ class SearchService:
         if not self._explain_lock.acquire(timeout=self.settings.timeout_s):
             raise RequestError(503, "too many explanations in progress; try again")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                batch = self.model.tokenize([TEMPLATE + text])
-                att = text_attribution(self.model, None, batch, image_features=feats.to(self.model.dtype))
+            batch, _ = self._tokenize_quietly(TEMPLATE + text)  # the template may push a long query past the context
+            att = text_attribution(self.model, None, batch, image_features=feats.to(self.model.dtype))
         finally:
             self._explain_lock.release()
         words = caption_word_scores(batch, 0, att.token_scores[0], skip_words=len(TEMPLATE.split()))
