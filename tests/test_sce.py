@@ -143,9 +143,10 @@ def test_correction_removes_the_cross_covariance_and_psd():
     assert (x.T @ y / n).abs().max() > 0.1
     fx, fy = kernel_features(x[:, :4], y, kernel="rff", rff_dim=100)
     dec = schur_decomposition(fx, fy)
-    # PSD up to the pseudo-inverse's round-off on a near-singular C_xx (trace 1; eigenvalues are clamped at 1e-10)
-    assert torch.linalg.eigvalsh(dec.schur).min() > -1e-6
-    assert torch.linalg.eigvalsh(dec.explained).min() > -1e-6
+    # PSD up to the pseudo-inverse's round-off on a near-singular C_xx (trace 1; eigenvalues are clamped at 1e-10);
+    # the round-off reaches -1.07e-6 with another BLAS thread count (CI), so the bound is 1e-5 of the trace
+    assert torch.linalg.eigvalsh(dec.schur).min() > -1e-5
+    assert torch.linalg.eigvalsh(dec.explained).min() > -1e-5
 
 
 # --- keyword pass-through ----------------------------------------------------------------------------------------
