@@ -70,3 +70,16 @@ def interleaved(fns: dict[str, object], work: float, repeats: int, ctxs: dict[st
             if r:
                 best[label] = min(best[label], elapsed)
     return {label: work / t for label, t in best.items()}
+
+
+def write_report(text: str, out: Path | None, args, rows: list) -> None:
+    """Print a benchmark's markdown report; with ``out``, also write it there and ``rows`` (with the run's
+    arguments) as JSON next to it."""
+    import json
+
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                        "rows": rows}, indent=2))

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_report  # noqa: E402
+
 AUTOFAISS = ("autofaiss (published): 200M vectors in about 3 h with 15 GB of RAM, about 10 ms per query; users report "
              "an HNSW build of 1M x 512 taking 49 minutes (criteo/autofaiss#140)")
 
@@ -130,13 +133,7 @@ def main(argv=None) -> int:
                      f"{r['disk_gb']} | {r['recall_at_10']} | {r['p50_ms_1t']} | {r['p99_ms_1t']} | "
                      f"{r['p50_ms_8t']} | {r['p99_ms_8t']} |")
     lines += ["", f"For context: {AUTOFAISS}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                             "rows": rows}, indent=2))
+    write_report("\n".join(lines) + "\n", args.out, args, rows)
     return 0
 
 

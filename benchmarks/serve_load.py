@@ -32,7 +32,7 @@ from urllib.parse import quote
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_captions  # noqa: E402
+from common import load_captions, write_report  # noqa: E402
 
 CLIP_RETRIEVAL = "clip-retrieval back end (published): about 20 QPS, about 50 ms per query"
 
@@ -186,13 +186,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['precision']} | {r['batching']} | {r['clients']} | {r['qps']} | {ratio:.2f} | "
                      f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['errors']} |")
     lines += ["", f"For context: {CLIP_RETRIEVAL}."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                             "rows": rows}, indent=2))
+    write_report("\n".join(lines) + "\n", args.out, args, rows)
     return 0
 
 

@@ -26,7 +26,7 @@ import numpy as np
 __all__ = ["Index", "Hit", "IncompleteJobError", "APPROX_THRESHOLD", "KINDS", "SELF_TOLERANCE", "faiss_available"]
 
 from .sizing import APPROX_THRESHOLD, PLAN_KINDS, parse_bytes, plan_index
-from .sources import ArraySource, ShardSource
+from .sources import ArraySource, ShardSource, first_of_each_file, normalize_rows
 
 KINDS = PLAN_KINDS
 INDEX_FILE = "index.faiss"
@@ -69,13 +69,7 @@ def _faiss():
     return faiss
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.array(x, dtype=np.float32, copy=True, order="C")
-    if x.ndim == 1:
-        x = x[None]
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.divide(x, norms, out=x, where=norms > 0)
-    return x
+_normalize = normalize_rows  # queries and vectors: unit rows, float32, a [dim] vector as [1, dim]
 
 
 @dataclass
@@ -314,16 +308,9 @@ class Index:
                 raise ValueError(f"the embeddings have no {field} vectors (the job did not embed {field}s)")
             keep = np.flatnonzero(valid)
             if field == "image" and dedupe:  # several rows (captions) of one image file: index the image once
-                seen: set[str] = set()
-                first = []
-                for i in keep:
-                    p = emb.paths[i]
-                    if p is None or p not in seen:
-                        first.append(i)
-                        if p is not None:
-                            seen.add(p)
+                first = first_of_each_file(keep, emb.paths, set())
                 duplicates = len(keep) - len(first)
-                keep = np.asarray(first, dtype=np.int64)
+                keep = first
             vecs = vec_all[keep]
             ids = [emb.ids[i] for i in keep]
             paths = [emb.paths[i] for i in keep]

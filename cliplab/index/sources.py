@@ -15,10 +15,26 @@ __all__ = ["ArraySource", "ShardSource"]
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32).copy()
+    """A float32 copy with unit rows (zero rows stay zero); a ``[dim]`` vector becomes ``[1, dim]``."""
+    x = np.array(x, dtype=np.float32, copy=True, order="C")
+    if x.ndim == 1:
+        x = x[None]
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     np.divide(x, norms, out=x, where=norms > 0)
     return x
+
+
+def first_of_each_file(rows, paths, seen: set[str]) -> np.ndarray:
+    """``rows`` without those whose file is already in ``seen`` (which is updated): several rows (captions) of one
+    image file are indexed once, with the first row's metadata. Rows without a path are all kept."""
+    first = []
+    for i in rows:
+        p = paths[i]
+        if p is None or p not in seen:
+            first.append(i)
+            if p is not None:
+                seen.add(p)
+    return np.asarray(first, dtype=np.int64)
 
 
 class ArraySource:
@@ -74,16 +90,10 @@ class ShardSource:
             self.dim = vecs.shape[1]
             rows = np.flatnonzero(valid)
             paths = table.column("path").to_pylist()
-            if field == "image" and dedupe:  # several rows (captions) of one image file: the image once
-                first = []
-                for i in rows:
-                    p = paths[i]
-                    if p is None or p not in seen:
-                        first.append(i)
-                        if p is not None:
-                            seen.add(p)
+            if field == "image" and dedupe:
+                first = first_of_each_file(rows, paths, seen)
                 self.duplicates += len(rows) - len(first)
-                rows = np.asarray(first, dtype=np.int64)
+                rows = first
             self.keep.append(rows)
             ids, caps, idx = (table.column(c).to_pylist() for c in ("id", "caption", "index"))
             self.ids += [ids[i] for i in rows]

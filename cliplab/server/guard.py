@@ -9,7 +9,7 @@ import time
 
 from .metrics import Metrics
 
-_BODY_METHODS = {b"POST", b"PUT", b"PATCH", "POST", "PUT", "PATCH"}
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
 
 
 async def _send_json(send, status: int, detail: str, *, close: bool = False) -> None:

@@ -47,9 +47,8 @@ class SearchService:
         self.metrics = metrics or Metrics()
         self.metrics.set_gauge("cliplab_index_vectors", len(self.index))
         md = self.index.metadata
-        self._ids: list[str] = md.column("id").to_pylist()
         self._row_of: dict[str, int] = {}
-        for r, i in enumerate(self._ids):
+        for r, i in enumerate(md.column("id").to_pylist()):
             self._row_of.setdefault(i, r)  # a repeated id names its first row
         self._has_path = [p is not None for p in md.column("path").to_pylist()]
         self.thumbnails = Thumbnails(md.column("path").to_pylist(), size=self.settings.thumb_size)
@@ -130,10 +129,6 @@ class SearchService:
             n = int(batch.lengths[0])
             text = text[:max((b for a, b in batch.spans[0][:n] if b > a), default=len(text))]
         return text, notes
-
-    def encode_query(self, text: str) -> tuple[np.ndarray, list[str]]:
-        text, notes = self.prepare_query(text)
-        return self._wait(self.text_batcher, (text, 0))[0], notes
 
     def encode_image(self, image) -> np.ndarray:
         """One PIL image, preprocessed here (in the request's thread), encoded in a shared batch."""
