@@ -25,8 +25,11 @@ import numpy as np
 
 __all__ = ["Index", "Hit", "IncompleteJobError", "APPROX_THRESHOLD", "KINDS", "SELF_TOLERANCE", "faiss_available"]
 
+from .building import (STREAM_BYTES, IncompleteJobError, breadth_grid, exact_truth, gather,  # noqa: F401 (re-export)
+                       recall_queries, train_and_add, tune_breadth)
+from .faiss_ops import faiss_available, load_faiss as _faiss, set_breadth as _set_breadth, top_k as _top_k
 from .sizing import APPROX_THRESHOLD, PLAN_KINDS, parse_bytes, plan_index
-from .sources import ArraySource, ShardSource, first_of_each_file, normalize_rows
+from .sources import ArraySource, normalize_rows
 
 KINDS = PLAN_KINDS
 INDEX_FILE = "index.faiss"
@@ -35,38 +38,11 @@ VECTORS_FILE = "vectors.npy"  # exact (normalised float32) vectors of an approxi
 INFO_FILE = "index.json"
 FORMAT = "cliplab-index"
 FORMAT_VERSION = 1
-_RECALL_QUERIES = 500
+_ADD_CHUNK = 65_536  # vectors added (and encoded, on Ray) per chunk
 #: ``exclude_self``: a hit whose cosine to the query is at least ``1 - SELF_TOLERANCE`` has the query's own embedding
 #: (float32 re-encoding and float16 storage stay within ~1e-7; the closest distinct scenes under the random test-tiny
 #: weights, whose image embeddings are nearly collapsed, are 6e-5 apart).
 SELF_TOLERANCE = 1e-6
-
-
-class IncompleteJobError(ValueError):
-    """The embedding job is unfinished (its manifest says ``complete: false``): ``done`` of ``total`` items."""
-
-    def __init__(self, source: str, done: int, total: int):
-        self.source, self.done, self.total = source, done, total
-        super().__init__(f"{source} is an unfinished embedding job: {done} of {total} items embedded; rerun the same "
-                         f"cliplab embed command (or embed()) to finish it, or pass allow_partial=True to index the "
-                         f"{done} done")
-
-
-def faiss_available() -> tuple[bool, str]:
-    try:
-        import faiss
-    except Exception as e:
-        return False, f"faiss is not importable ({type(e).__name__}: {e}); pip install faiss-cpu"
-    return True, getattr(faiss, "__version__", "?")
-
-
-def _faiss():
-    ok, why = faiss_available()
-    if not ok:
-        raise ImportError(why)
-    import faiss
-
-    return faiss
 
 
 _normalize = normalize_rows  # queries and vectors: unit rows, float32, a [dim] vector as [1, dim]
@@ -87,89 +63,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    k = exact.shape[1]
-    hits = sum(len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) for a, e in zip(approx, exact))
-    return hits / float(exact.shape[0] * k) if exact.size else 1.0
-
-
-_ADD_CHUNK = 65_536
-
-
-def _set_breadth(index, param: str, value: int) -> None:
-    """``nprobe`` of an IVF index (also behind an OPQ rotation) or ``efSearch`` of an HNSW one."""
-    faiss = _faiss()
-    if param == "nprobe":
-        faiss.extract_index_ivf(index).nprobe = int(value)
-    else:
-        index.hnsw.efSearch = int(value)
-
-
-def _top_k(index, q: np.ndarray, k: int, vectors: np.ndarray | None, rerank: int) -> tuple[np.ndarray, np.ndarray]:
-    """The index's top ``k``; with ``rerank`` and the exact ``vectors``, its top ``rerank * k`` candidates rescored
-    exactly and the best ``k`` of those kept (rows ``-1`` where there are fewer)."""
-    if not rerank or vectors is None:
-        return index.search(q, k)
-    cand_scores, cand = index.search(q, min(int(rerank) * k, index.ntotal))
-    scores = np.full((len(q), k), -np.inf, np.float32)
-    rows = np.full((len(q), k), -1, np.int64)
-    for i in range(len(q)):
-        c = cand[i][cand[i] >= 0]
-        if not len(c):
-            continue
-        order = np.sort(c)  # sorted rows read a memory-mapped file front to back
-        exact = np.asarray(vectors[order], np.float32) @ q[i]
-        best = np.argsort(-exact, kind="stable")[:k]
-        scores[i, :len(best)], rows[i, :len(best)] = exact[best], order[best]
-    return scores, rows
-
-
-#: jobs whose vectors take more than this are read shard by shard (``stream=None``)
-STREAM_BYTES = 2 * 2**30
-
-
-def _job_vector_bytes(job_dir) -> int:
-    """The bytes the job's vectors would take in memory as float32 (from its manifest)."""
-    from ..pipeline.embed import read_manifest
-
-    try:
-        manifest = read_manifest(job_dir)
-    except FileNotFoundError:
-        return 0
-    rows = int(manifest.get("counts", {}).get("items_done", 0) or 0)
-    emb = manifest.get("embedding", {})
-    kinds = sum(1 for c in ("image_column", "text_column") if emb.get(c))
-    return rows * int(emb.get("dim", 0) or 0) * 4 * max(kinds, 1)
-
-
-def _exact_top_k(source, q: np.ndarray, k: int, chunk: int) -> np.ndarray:
-    """Exact top-``k`` rows of every query, a chunk of the database at a time (faiss's result heap merges them)."""
-    faiss = _faiss()
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
-    start = 0
-    for part in source.chunks(chunk):
-        flat = faiss.IndexFlatIP(q.shape[1])
-        flat.add(part)
-        scores, rows = flat.search(q, min(k, len(part)))
-        if rows.shape[1] < k:  # pad: the heap takes exactly k columns
-            pad = k - rows.shape[1]
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-        heap.add_result(np.ascontiguousarray(scores, np.float32), np.where(rows >= 0, rows + start, -1))
-        start += len(part)
-    heap.finalize()
-    return heap.I
-
-
-def _median_query_ms(index, q: np.ndarray, k: int, vectors, rerank: int, n: int = 50) -> float:
-    times = []
-    for row in q[:n]:
-        t = time.perf_counter()
-        _top_k(index, row[None], k, vectors, rerank)
-        times.append(1000 * (time.perf_counter() - t))
-    return float(np.median(times))
 
 
 class Index:
@@ -243,97 +136,23 @@ class Index:
         the same index); ``None`` streams jobs whose vectors exceed :data:`STREAM_BYTES`."""
         import pyarrow as pa
 
-        faiss = _faiss()
+        from .distributed import DISTRIBUTED_KINDS, add_on_ray
+
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if field not in ("auto", "image", "text"):
             raise ValueError(f"field must be auto, image or text, got {field!r}")
-        t0 = time.perf_counter()
-        manifest: dict[str, Any] = {}
-        source_dir = None
-        duplicates = 0
-        partial: dict[str, Any] = {"partial": False}
-        scratch = None  # a temporary folder for a streamed build's re-ranking copy
-        source = data if isinstance(data, (ArraySource, ShardSource)) else None  # vectors normalised already
-        if source is not None:
-            ids = [str(i) for i in (metadata or {}).get("ids", range(source.n))]
-            paths = list((metadata or {}).get("paths", [None] * source.n))
-            captions = list((metadata or {}).get("captions", [None] * source.n))
-            item_index = np.arange(source.n, dtype=np.int64)
-            field = "vectors" if field == "auto" else field
-        elif isinstance(data, (str, os.PathLike)):
-            from ..pipeline import read_embeddings
-
-            source_dir = os.path.abspath(os.fspath(data))
-            if stream is None:
-                stream = _job_vector_bytes(data) > STREAM_BYTES
-            if stream:
-                source, field, manifest, partial = cls._shard_source(data, field, dedupe, allow_partial)
-                ids, paths, captions = source.ids, source.paths, source.captions
-                item_index, duplicates = np.asarray(source.item_index, np.int64), source.duplicates
-                data = None
-            else:
-                data = read_embeddings(data)
-        if source is not None:
-            pass
-        elif isinstance(data, np.ndarray) or (isinstance(data, (list, tuple)) and len(data) and
-                                               not hasattr(data, "ids")):
-            vecs = np.asarray(data, dtype=np.float32)
-            if vecs.ndim != 2:
-                raise ValueError(f"expected vectors [n, dim], got shape {vecs.shape}")
-            md = metadata or {}
-            n = len(vecs)
-            ids = [str(i) for i in md.get("ids", range(n))]
-            paths = list(md.get("paths", [None] * n))
-            captions = list(md.get("captions", [None] * n))
-            item_index = np.arange(n, dtype=np.int64)
-            other = None
-            field = "vectors" if field == "auto" else field
-        else:
-            emb = data
-            manifest = getattr(emb, "manifest", {}) or {}
-            if manifest.get("complete") is False:
-                counts = manifest.get("counts", {})
-                done, total = int(counts.get("items_done", len(emb))), int(counts.get("items", 0))
-                if not allow_partial:
-                    raise IncompleteJobError(source_dir or "the embeddings", done, total)
-                partial = {"partial": True, "items_done": done, "items_total": total}
-            if len(emb) == 0:
-                raise ValueError(f"nothing to index: {source_dir or 'the embeddings'} holds no embedded rows")
-            if field == "auto":
-                field = "image" if emb.image is not None and emb.image_valid.any() else "text"
-            vec_all = emb.image if field == "image" else emb.text
-            valid = emb.image_valid if field == "image" else emb.text_valid
-            if vec_all is None:
-                raise ValueError(f"the embeddings have no {field} vectors (the job did not embed {field}s)")
-            keep = np.flatnonzero(valid)
-            if field == "image" and dedupe:  # several rows (captions) of one image file: index the image once
-                first = first_of_each_file(keep, emb.paths, set())
-                duplicates = len(keep) - len(first)
-                keep = first
-            vecs = vec_all[keep]
-            ids = [emb.ids[i] for i in keep]
-            paths = [emb.paths[i] for i in keep]
-            captions = [emb.captions[i] for i in keep]
-            item_index = np.asarray(emb.index)[keep].astype(np.int64)
-            o_all, o_valid = (emb.text, emb.text_valid) if field == "image" else (emb.image, emb.image_valid)
-            other = o_all[o_valid] if o_all is not None else None
-        if source is None:
-            source = ArraySource(_normalize(vecs), other)
-            del vecs
-        n, dim = source.n, source.dim
-        if n == 0:
-            raise ValueError("nothing to index: no vectors")
-        if len(ids) != n or len(paths) != n or len(captions) != n:
-            raise ValueError("metadata lists must have one entry per vector")
-        plan = plan_index(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
-                          pq_m=pq_m, opq=opq, hnsw_m=hnsw_m)
-        kind = plan.kind
         if rerank < 0:
             raise ValueError(f"rerank must be >= 0, got {rerank}")
         if engine not in ("local", "ray"):
             raise ValueError(f"engine must be local or ray, got {engine!r}")
-        from .distributed import DISTRIBUTED_KINDS, add_on_ray
+        t0 = time.perf_counter()
+        got = gather(data, field=field, metadata=metadata, dedupe=dedupe, allow_partial=allow_partial, stream=stream)
+        source = got.source
+        n, dim = source.n, source.dim
+        plan = plan_index(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
+                          pq_m=pq_m, opq=opq, hnsw_m=hnsw_m)
+        kind = plan.kind
 
         def add_all(index):  # the same chunks in the same order, locally or on Ray
             if engine == "ray" and kind in DISTRIBUTED_KINDS:
@@ -342,134 +161,43 @@ class Index:
                 index.add(chunk)
             return index
 
+        index, params = train_and_add(plan, source, nlist=nlist, hnsw_m=hnsw_m, seed=seed, add_all=add_all)
         info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
-                                "field": field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
-                                "source": source_dir, "duplicates_skipped": duplicates, **partial, "params": {},
-                                "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)},
+                                "field": got.field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
+                                "source": got.source_dir, "duplicates_skipped": got.duplicates, **got.partial,
+                                "params": params, "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)},
                                 "engine": engine if kind in DISTRIBUTED_KINDS else "local"}
+        vectors, scratch = None, None  # scratch: a temporary folder for a streamed build's re-ranking copy
         if kind == "flat":
-            index = add_all(faiss.IndexFlatIP(dim))
             info.update(exact=True, recall_at_10=1.0, recall_note="exact search")
         else:
-            if kind == "ivf":
-                nl = nlist or int(np.clip(round(4 * np.sqrt(n)), 1, max(1, n // 39)))
-                nl = max(1, min(nl, n))
-                quantizer = faiss.IndexFlatIP(dim)
-                index = faiss.IndexIVFFlat(quantizer, dim, nl, faiss.METRIC_INNER_PRODUCT)
-                index.cp.seed = seed
-                rng = np.random.default_rng(seed)
-                train = source.take(np.arange(n) if n <= 256 * nl else rng.choice(n, 256 * nl, replace=False))
-                index.train(train)
-                index = add_all(index)
-                info["params"].update(nlist=nl)
-                grid = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nl] + [nl]
-                param = "nprobe"
-            elif kind == "ivfpq":
-                index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-                ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-                ivf.cp.seed = seed
-                ivf.do_polysemous_training = False  # Hamming pre-filtering we never use; it dominates training time
-                nl = plan.nlist
-                rng = np.random.default_rng(seed)
-                n_train = min(n, max(256 * nl, 256 * 64))  # enough for the lists and for 256 centroids per code
-                train = source.take(np.arange(n) if n <= n_train else np.sort(rng.choice(n, n_train, replace=False)))
-                index.train(train)
-                index = add_all(index)  # codes are computed chunk by chunk
-                info["params"].update(nlist=nl, pq_m=plan.pq_m, opq=plan.opq)
-                grid = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048) if p < nl] + [nl]
-                param = "nprobe"
-            else:
-                index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-                index.hnsw.efConstruction = max(40, 2 * hnsw_m)
-                index = add_all(index)
-                info["params"].update(m=hnsw_m)
-                grid = [16, 32, 64, 128, 256, 512, 1024]
-                param = "ef_search"
-            q, qsrc = cls._recall_queries(source, queries, seed)
-            k = min(10, n)
-            truth = _exact_top_k(source, q, k, add_chunk)
-            vectors = None
             if rerank:
                 if isinstance(source, ArraySource):
                     vectors = source.array()
                 else:  # streamed: the copy goes to a temporary file until save() copies it next to the index
                     scratch = tempfile.mkdtemp(prefix="cliplab-index-")
                     vectors = source.array(scratch)
-            curve = []
-            chosen = grid[-1]
-            for value in grid:
-                _set_breadth(index, param, value)
-                _, got = _top_k(index, q, k, vectors, rerank)
-                r = _recall_at_k(got, truth)
-                curve.append([value, round(r, 4)])
-                if r >= recall_target:
-                    chosen = value
-                    break
-            recall = curve[-1][1]
-            if max_query_ms is not None:  # the latency budget wins over the recall target
-                for i in range(len(curve) - 1, -1, -1):
-                    value = curve[i][0]
-                    _set_breadth(index, param, value)
-                    ms = _median_query_ms(index, q, k, vectors, rerank)
-                    if ms <= max_query_ms or i == 0:
-                        chosen, recall = value, curve[i][1]
-                        info.update(query_ms_p50=round(ms, 3), max_query_ms=max_query_ms,
-                                    latency_bound=i < len(curve) - 1 or ms > max_query_ms)
-                        break
-            _set_breadth(index, param, chosen)
-            info["params"][param] = chosen
+            q, qsrc = recall_queries(source, queries, seed)
+            param, grid = breadth_grid(kind, params)
+            chosen, tuned = tune_breadth(index, param, grid, q, exact_truth(source, q, add_chunk), vectors=vectors,
+                                         rerank=rerank, recall_target=recall_target, max_query_ms=max_query_ms)
+            params[param] = chosen
             if rerank:
-                info["params"]["rerank"] = int(rerank)
-            info.update(exact=False, recall_at_10=recall, recall_target=recall_target, recall_queries=len(q),
-                        recall_query_source=qsrc, tuning={param: curve})
-        out_vectors = vectors if rerank and kind != "flat" else None
+                params["rerank"] = int(rerank)
+            info.update(exact=False, recall_target=recall_target, recall_queries=len(q), recall_query_source=qsrc,
+                        **tuned)
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
-        if manifest:
-            info["model"] = {k: v for k, v in manifest.get("model", {}).items() if k != "config"}
-            info["preprocess"] = manifest.get("preprocess")
-            info["embedding_dtype"] = manifest.get("embedding", {}).get("dtype")
-        table = pa.table({"id": pa.array(ids, pa.string()), "index": pa.array(item_index, pa.int64()),
-                          "path": pa.array(paths, pa.string()), "caption": pa.array(captions, pa.string())})
+        if got.manifest:
+            info["model"] = {k: v for k, v in got.manifest.get("model", {}).items() if k != "config"}
+            info["preprocess"] = got.manifest.get("preprocess")
+            info["embedding_dtype"] = got.manifest.get("embedding", {}).get("dtype")
+        table = pa.table({"id": pa.array(got.ids, pa.string()), "index": pa.array(got.item_index, pa.int64()),
+                          "path": pa.array(got.paths, pa.string()), "caption": pa.array(got.captions, pa.string())})
         out = cls(index, table, info, model=model)
-        out._exact = out_vectors
+        out._exact = vectors
         if scratch is not None:  # removed with the index object (the memory map keeps the file readable till then)
             weakref.finalize(out, shutil.rmtree, scratch, True)
         return out
-
-    @staticmethod
-    def _recall_queries(source, queries, seed: int) -> tuple[np.ndarray, str]:
-        rng = np.random.default_rng(seed + 1)
-        if queries is not None:
-            q = _normalize(np.asarray(queries, np.float32))
-            return q, "given"
-        if source.other_count:
-            pick = rng.choice(source.other_count, min(_RECALL_QUERIES, source.other_count), replace=False)
-            return source.take_other(np.sort(pick)), "other modality (text queries for an image index, or vice versa)"
-        pick = rng.choice(source.n, min(_RECALL_QUERIES, source.n), replace=False)
-        return source.take(np.sort(pick)), "database sample"
-
-    @staticmethod
-    def _shard_source(job_dir, field: str, dedupe: bool, allow_partial: bool):
-        """``(ShardSource, field, manifest, partial info)`` of a job read shard by shard."""
-        from ..pipeline.embed import read_manifest
-
-        manifest = read_manifest(job_dir)
-        partial: dict[str, Any] = {"partial": False}
-        if manifest.get("complete") is False:
-            counts = manifest.get("counts", {})
-            done, total = int(counts.get("items_done", 0)), int(counts.get("items", 0))
-            if not allow_partial:
-                raise IncompleteJobError(os.path.abspath(os.fspath(job_dir)), done, total)
-            partial = {"partial": True, "items_done": done, "items_total": total}
-        emb = manifest.get("embedding", {})
-        if field == "auto":
-            field = "image" if emb.get("image_column") else "text"
-            if field == "image":
-                source = ShardSource(job_dir, "image", dedupe)
-                if source.n or not emb.get("text_column"):
-                    return source, field, manifest, partial
-                field = "text"
-        return ShardSource(job_dir, field, dedupe), field, manifest, partial
 
     # --- persistence ------------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
