@@ -11,7 +11,9 @@ from click.testing import CliRunner
 
 from cliplab.cli import main
 from cliplab.index import Index
-from cliplab.index.sizing import MAX_PQ_M, _pq_choices, estimate_bytes, parse_bytes, plan_index
+from cliplab.index.faiss_ops import COARSE_EF_MIN
+from cliplab.index.sizing import (HNSW_COARSE_MIN_NLIST, MAX_PQ_M, MAX_TRAIN_POINTS, _pq_choices, estimate_bytes,
+                                   parse_bytes, plan_index)
 from cliplab.pipeline import embed
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
@@ -64,6 +66,25 @@ def test_the_sizing_rule():
         plan_index(10_000_000, 512, max_memory="10MB")
     assert plan_index(10, 64, kind="hnsw").factory == "HNSW32,Flat"
     assert plan_index(20_000, 64, kind="ivfpq", pq_m=8, opq=False).factory.startswith("IVF")
+
+
+def test_the_coarse_quantiser_and_training_sample_rule():
+    below, above = plan_index(900_000, 512), plan_index(1_100_000, 512)  # 3795 and 4195 lists
+    assert below.nlist < HNSW_COARSE_MIN_NLIST <= above.nlist
+    assert below.coarse == "flat" and below.factory == "IVF3795,Flat"
+    assert above.coarse == "hnsw" and above.factory == "IVF4195_HNSW32,Flat"
+    assert any("HNSW graph over the 4195 centroids" in r for r in above.reasons)
+    assert above.est_bytes - estimate_bytes("ivf", 1_100_000, 512, nlist=4195) == 4195 * 32 * 2 * 4  # its links
+    big = plan_index(10_000_000, 512, max_memory="8GB")
+    assert big.factory == "OPQ64_512,IVF12649_HNSW32,PQ64x8" and big.train_points == MAX_TRAIN_POINTS
+    assert any("trained on 1,000,000 sampled vectors" in r for r in big.reasons)
+    assert plan_index(10_000_000, 512, coarse="flat").factory == "IVF12649,Flat"  # forced either way
+    assert plan_index(20_000, 64, kind="ivf", coarse="hnsw").factory == "IVF512_HNSW32,Flat"  # 20,000 / 39 lists
+    assert plan_index(20_000, 64, kind="ivf").train_points == 20_000  # all of a small collection
+    assert plan_index(10_000_000, 512, nlist=30_000).train_points == 39 * 30_000  # never under 39 per list
+    assert plan_index(100, 8, kind="ivf", nlist=500).nlist == 100  # never more lists than vectors
+    with pytest.raises(ValueError, match="coarse must be one of"):
+        plan_index(10, 8, coarse="graph")
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +197,7 @@ def inverted_lists(index):
     return out
 
 
-@pytest.mark.parametrize("kind,extra", [("ivfpq", {"pq_m": 8}), ("ivf", {})])
+@pytest.mark.parametrize("kind,extra", [("ivfpq", {"pq_m": 8}), ("ivf", {}), ("ivf", {"coarse": "hnsw"})])
 def test_a_ray_build_is_bit_identical_to_the_local_one(data, kind, extra):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'cliplab[ray]')")
     x = data[0][:6000]
@@ -190,6 +211,26 @@ def test_a_ray_build_is_bit_identical_to_the_local_one(data, kind, extra):
         np.testing.assert_array_equal(codes_a, codes_b)
     q = data[1][:20]
     assert [[h.row for h in hs] for hs in local.search(q, 10)] == [[h.row for h in hs] for hs in ray_built.search(q, 10)]
+
+
+def test_an_hnsw_coarse_quantiser_finds_the_lists_and_survives_save_and_load(data, tmp_path):
+    x, q, truth = data
+    ix = Index.build(x[:6000], kind="ivf", coarse="hnsw", nlist=64, queries=q, recall_target=0.9)
+    ivf = faiss.extract_index_ivf(ix.faiss_index)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    assert isinstance(quantizer, faiss.IndexHNSWFlat) and quantizer.ntotal == 64
+    nprobe = ix.info["params"]["nprobe"]
+    assert ix.info["params"]["coarse"] == "hnsw" and quantizer.hnsw.efSearch == max(COARSE_EF_MIN, 2 * nprobe)
+    sub_truth = brute_top(x[:6000], q, 10)
+    rows = np.array([[h.row for h in hits] for hits in ix.search(q, 10)])
+    assert recall(rows, sub_truth) == pytest.approx(ix.info["recall_at_10"], abs=1e-6)
+    assert ix.info["recall_at_10"] >= 0.9
+    flat = Index.build(x[:6000], kind="ivf", coarse="flat", nlist=64, queries=q, recall_target=0.9)
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(flat.faiss_index).quantizer), faiss.IndexFlat)
+    loaded = Index.load(ix.save(tmp_path / "hnsw-coarse"))
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(loaded.faiss_index).quantizer),
+                      faiss.IndexHNSWFlat)
+    assert (np.array([[h.row for h in hits] for hits in loaded.search(q, 10)]) == rows).all()
 
 
 def test_vector_gives_back_exact_or_decoded_rows(data, compressed):

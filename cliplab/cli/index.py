@@ -41,6 +41,9 @@ def _need_faiss():
 @click.option("--rerank", type=click.IntRange(0), default=0, show_default=True,
               help="Approximate indexes: keep the exact vectors (vectors.npy, memory-mapped) and rescore the top "
                    "RERANK x k candidates of each query with them (0: off).")
+@click.option("--coarse", type=click.Choice(["auto", "flat", "hnsw"]), default="auto", show_default=True,
+              help="IVF kinds: how vectors and queries find their lists: a flat scan of the centroids or an HNSW "
+                   "graph over them (auto: the graph from 4096 lists, about 1M vectors).")
 @click.option("--stream/--no-stream", default=None,
               help="Read the job's vectors shard by shard instead of all at once (the same index) [default: when "
                    "they exceed 2 GB].")
@@ -52,7 +55,7 @@ def _need_faiss():
               help="Index an unfinished job (an interrupted embed) as it is; the index records that it is partial.")
 @json_option("Print the build report as JSON.")
 def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, max_memory, max_query_ms, rerank,
-              stream, engine, workers, allow_partial, as_json):
+              coarse, stream, engine, workers, allow_partial, as_json):
     """Build a vector index over the output of `cliplab embed` in EMBEDDINGS.
 
     Vectors are normalised and searched by inner product (cosine). For an approximate index, recall@10 against
@@ -73,7 +76,7 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
         ix = Index.build(embeddings, field=field, kind=kind, approx_threshold=approx_threshold,
                          recall_target=recall_target, allow_partial=allow_partial, max_memory=max_memory,
                          max_query_ms=max_query_ms, rerank=rerank, engine=engine, workers=workers,
-                         stream=stream)
+                         stream=stream, coarse=coarse)
     except IncompleteJobError as e:
         fail(f"{embeddings} is an unfinished embedding job: {e.done} of {e.total} items embedded; rerun the same "
              f"cliplab embed command (-o {embeddings}) to finish it (it resumes), or pass --allow-partial to index "

@@ -170,7 +170,7 @@ def _training_sample(source, n_train: int, seed: int) -> np.ndarray:
     return source.take(np.sort(np.random.default_rng(seed).choice(n, n_train, replace=False)))
 
 
-def train_and_add(plan, source, *, nlist: int | None, hnsw_m: int, seed: int,
+def train_and_add(plan, source, *, hnsw_m: int, seed: int,
                   add_all: Callable[[Any], Any]) -> tuple[Any, dict[str, Any]]:
     """The faiss index ``plan`` describes, trained (IVF kinds) and filled by ``add_all``; and its build params."""
     faiss = load_faiss()
@@ -181,22 +181,20 @@ def train_and_add(plan, source, *, nlist: int | None, hnsw_m: int, seed: int,
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = max(40, 2 * hnsw_m)
         return add_all(index), {"m": hnsw_m}
-    if kind == "ivf":
-        nl = nlist or int(np.clip(round(4 * np.sqrt(n)), 1, max(1, n // 39)))
-        nl = max(1, min(nl, n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nl, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.train(_training_sample(source, 256 * nl, seed))
-        return add_all(index), {"nlist": nl}
+    if kind not in ("ivf", "ivfpq"):
+        raise ValueError(f"unknown index kind {kind!r}")
+    # IVF-Flat or IVF-PQ (OPQ in front, an HNSW coarse quantiser): whatever the plan's factory string says
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.cp.seed = seed
+    n_train = plan.train_points or min(n, 256 * plan.nlist)
+    params = {"nlist": plan.nlist, "coarse": plan.coarse or "flat", "train_points": n_train}
     if kind == "ivfpq":
-        index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        ivf.cp.seed = seed
         ivf.do_polysemous_training = False  # Hamming pre-filtering we never use; it dominates training time
-        nl = plan.nlist
-        index.train(_training_sample(source, max(256 * nl, 256 * 64), seed))  # the lists and 256 centroids per code
-        return add_all(index), {"nlist": nl, "pq_m": plan.pq_m, "opq": plan.opq}  # codes computed chunk by chunk
-    raise ValueError(f"unknown index kind {kind!r}")
+        n_train = max(n_train, min(n, 256 * 64))  # and 256 centroids per code for the codebooks
+        params.update(train_points=n_train, pq_m=plan.pq_m, opq=plan.opq)
+    index.train(_training_sample(source, n_train, seed))
+    return add_all(index), params  # codes computed chunk by chunk
 
 
 def recall_queries(source, queries, seed: int) -> tuple[np.ndarray, str]:

@@ -113,7 +113,7 @@ class Index:
               dedupe: bool = True, allow_partial: bool = False, model=None, max_memory: int | str | None = None,
               max_query_ms: float | None = None, rerank: int = 0, pq_m: int | None = None,
               opq: bool | None = None, engine: str = "local", workers: int = 2,
-              add_chunk: int = _ADD_CHUNK, stream: bool | None = None) -> "Index":
+              add_chunk: int = _ADD_CHUNK, stream: bool | None = None, coarse: str = "auto") -> "Index":
         """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, an array
         ``[n, dim]`` or an :class:`~cliplab.index.sources.ArraySource` of normalised (e.g. memory-mapped) vectors
         (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
@@ -126,7 +126,8 @@ class Index:
 
         Large collections (see :mod:`cliplab.index.sizing`): ``max_memory`` (bytes or ``"4GB"``) bounds the index's
         size, so ``kind="auto"`` moves from IVF-Flat to IVF-PQ (``kind="ivfpq"`` forces it; ``pq_m`` and ``opq``
-        override the code size and the rotation); the choice and its reasons go to ``info["plan"]``.
+        override the code size and the rotation; ``coarse`` picks the IVF kinds' coarse quantiser, ``flat`` or an
+        ``hnsw`` graph, by default a graph from 4,096 lists on); the choice and its reasons go to ``info["plan"]``.
         ``max_query_ms`` caps the tuned search breadth by the measured median query time. ``rerank=R`` keeps the
         exact vectors next to an approximate index (``vectors.npy``, memory-mapped when loaded) and rescores the
         top ``R * k`` candidates of every query with them. ``engine="ray"`` encodes the vectors of an IVF index
@@ -151,7 +152,7 @@ class Index:
         source = got.source
         n, dim = source.n, source.dim
         plan = plan_index(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
-                          pq_m=pq_m, opq=opq, hnsw_m=hnsw_m)
+                          pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse)
         kind = plan.kind
 
         def add_all(index):  # the same chunks in the same order, locally or on Ray
@@ -161,7 +162,7 @@ class Index:
                 index.add(chunk)
             return index
 
-        index, params = train_and_add(plan, source, nlist=nlist, hnsw_m=hnsw_m, seed=seed, add_all=add_all)
+        index, params = train_and_add(plan, source, hnsw_m=hnsw_m, seed=seed, add_all=add_all)
         info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
                                 "field": got.field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
                                 "source": got.source_dir, "duplicates_skipped": got.duplicates, **got.partial,

@@ -7,7 +7,10 @@ import time
 
 import numpy as np
 
-__all__ = ["faiss_available", "load_faiss", "set_breadth", "top_k", "exact_top_k", "recall_at_k", "median_query_ms"]
+#: the least ``efSearch`` of an HNSW coarse quantiser (2 x nprobe above it)
+COARSE_EF_MIN = 64
+
+__all__ = ["COARSE_EF_MIN", "faiss_available", "load_faiss", "set_breadth", "top_k", "exact_top_k", "recall_at_k", "median_query_ms"]
 
 
 def faiss_available() -> tuple[bool, str]:
@@ -37,7 +40,12 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
 def set_breadth(index, param: str, value: int) -> None:
     """``nprobe`` of an IVF index (also behind an OPQ rotation) or ``efSearch`` of an HNSW one."""
     if param == "nprobe":
-        load_faiss().extract_index_ivf(index).nprobe = int(value)
+        faiss = load_faiss()
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = int(value)
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if hasattr(quantizer, "hnsw"):  # an HNSW coarse quantiser must explore at least the lists probed
+            quantizer.hnsw.efSearch = max(COARSE_EF_MIN, 2 * int(value))
     else:
         index.hnsw.efSearch = int(value)
 

@@ -10,7 +10,11 @@ The rule (``kind="auto"``), in the spirit of autofaiss, with every decision writ
    balancing of variance across sub-spaces pays; at 2 dimensions per code it costs training time for little).
    If even 4-byte codes do not fit, the budget is refused with the smallest one that would work.
 
-``nlist`` is ``4 sqrt(n)`` (at least 39 training points per list). The estimates count the codes or vectors, the
+``nlist`` is ``4 sqrt(n)`` (at least 39 training points per list). From :data:`HNSW_COARSE_MIN_NLIST` lists on, the
+coarse quantiser that assigns vectors and queries to lists is an HNSW graph over the centroids instead of a flat scan
+of them (autofaiss's ``IVF..._HNSW32``): at 10M vectors (12,649 lists) a flat assignment costs 13k dot products per
+vector added and per query, the graph a few hundred. The k-means training sample is 256 points per list, at most
+:data:`MAX_TRAIN_POINTS` (never under the 39 per list k-means needs). The estimates count the codes or vectors, the
 8-byte ids of the inverted lists, the centroids and codebooks; file sizes come out within a few percent of them.
 """
 
@@ -40,6 +44,21 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(round(4 * n ** 0.5)), max(1, n // 39), n))
 
 
+#: lists from which the coarse quantiser is an HNSW graph (``coarse="auto"``); about 1M vectors at the default nlist
+HNSW_COARSE_MIN_NLIST = 4096
+#: links per node of the coarse HNSW graph
+COARSE_HNSW_M = 32
+#: the k-means training sample's cap (training costs sample x nlist x dim per iteration)
+MAX_TRAIN_POINTS = 1_000_000
+COARSE_KINDS = ("auto", "flat", "hnsw")
+
+
+def train_points(n: int, nlist: int) -> int:
+    """How many vectors train the IVF quantiser: 256 per list, capped at :data:`MAX_TRAIN_POINTS` but never under
+    the 39 per list k-means needs, and never more than ``n``."""
+    return min(n, max(39 * nlist, min(256 * nlist, MAX_TRAIN_POINTS)))
+
+
 @dataclass
 class IndexPlan:
     kind: str
@@ -49,6 +68,8 @@ class IndexPlan:
     pq_m: int | None = None
     opq: bool = False
     hnsw_m: int | None = None
+    coarse: str | None = None  # the IVF kinds' coarse quantiser: "flat" or "hnsw"
+    train_points: int | None = None  # the IVF kinds' k-means training sample
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,13 +77,14 @@ class IndexPlan:
 
 
 def estimate_bytes(kind: str, n: int, dim: int, *, nlist: int = 1, pq_m: int = 0, opq: bool = False,
-                   hnsw_m: int = 32) -> int:
+                   hnsw_m: int = 32, coarse: str = "flat") -> int:
+    graph = nlist * COARSE_HNSW_M * 2 * 4 if coarse == "hnsw" else 0  # the coarse graph's links
     if kind == "flat":
         return n * dim * 4
     if kind == "ivf":
-        return n * (dim * 4 + 8) + nlist * dim * 4
+        return n * (dim * 4 + 8) + nlist * dim * 4 + graph
     if kind == "ivfpq":
-        return n * (pq_m + 8) + nlist * dim * 4 + 256 * dim * 4 + (dim * dim * 4 if opq else 0)
+        return n * (pq_m + 8) + nlist * dim * 4 + graph + 256 * dim * 4 + (dim * dim * 4 if opq else 0)
     if kind == "hnsw":
         return n * (dim * 4 + hnsw_m * 2 * 4 + 8)
     raise ValueError(f"unknown index kind {kind!r}")
@@ -88,24 +110,41 @@ def _fmt(b: int) -> str:
 
 def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | None = None,
                approx_threshold: int = APPROX_THRESHOLD, nlist: int | None = None, pq_m: int | None = None,
-               opq: bool | None = None, hnsw_m: int = 32) -> IndexPlan:
+               opq: bool | None = None, hnsw_m: int = 32, coarse: str = "auto") -> IndexPlan:
     """The index for ``n`` x ``dim`` vectors: ``kind`` forces a family (its sizes still chosen here);
-    ``max_memory`` (bytes or ``"4GB"``) bounds the index's estimated size."""
+    ``max_memory`` (bytes or ``"4GB"``) bounds the index's estimated size; ``coarse`` the IVF kinds' coarse
+    quantiser (``auto``: an HNSW graph from :data:`HNSW_COARSE_MIN_NLIST` lists on)."""
     if kind not in PLAN_KINDS:
         raise ValueError(f"kind must be one of {PLAN_KINDS}, got {kind!r}")
+    if coarse not in COARSE_KINDS:
+        raise ValueError(f"coarse must be one of {COARSE_KINDS}, got {coarse!r}")
     if n < 1 or dim < 1:
         raise ValueError(f"need at least one vector of dimension >= 1, got n={n}, dim={dim}")
     budget = parse_bytes(max_memory)
-    nl = nlist or default_nlist(n)
+    nl = max(1, min(nlist, n)) if nlist else default_nlist(n)
     reasons: list[str] = []
     fits = (lambda b: True) if budget is None else (lambda b: b <= budget)
     limit = "no memory budget" if budget is None else f"the budget of {_fmt(budget)}"
+    cq = coarse if coarse != "auto" else ("hnsw" if nl >= HNSW_COARSE_MIN_NLIST else "flat")
+    ivf_name = f"IVF{nl}_HNSW{COARSE_HNSW_M}" if cq == "hnsw" else f"IVF{nl}"
+    n_train = train_points(n, nl)
+
+    def coarse_reasons():
+        if cq == "hnsw":
+            why = "as asked" if coarse == "hnsw" else f"{nl} lists >= {HNSW_COARSE_MIN_NLIST}"
+            reasons.append(f"coarse quantiser: an HNSW graph over the {nl} centroids ({why}): assigning a vector or "
+                           f"a query visits a few hundred centroids instead of all {nl}")
+        if n_train < min(n, 256 * nl):
+            reasons.append(f"k-means trained on {n_train:,} sampled vectors ({n_train // nl} per list; capped at "
+                           f"{MAX_TRAIN_POINTS:,})")
 
     def flat():
         return IndexPlan("flat", "Flat", estimate_bytes("flat", n, dim), reasons=reasons)
 
     def ivf():
-        return IndexPlan("ivf", f"IVF{nl},Flat", estimate_bytes("ivf", n, dim, nlist=nl), nlist=nl, reasons=reasons)
+        coarse_reasons()
+        return IndexPlan("ivf", f"{ivf_name},Flat", estimate_bytes("ivf", n, dim, nlist=nl, coarse=cq), nlist=nl,
+                         coarse=cq, train_points=n_train, reasons=reasons)
 
     def hnsw():
         return IndexPlan("hnsw", f"HNSW{hnsw_m},Flat", estimate_bytes("hnsw", n, dim, hnsw_m=hnsw_m), hnsw_m=hnsw_m,
@@ -117,7 +156,7 @@ def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | 
             raise ValueError(f"no product-quantiser code size divides dimension {dim} (need a divisor >= 4)")
         for m in choices:
             use_opq = (dim // m >= 4) if opq is None else opq
-            est = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=m, opq=use_opq)
+            est = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=m, opq=use_opq, coarse=cq)
             if fits(est) or pq_m:
                 prefix = f"OPQ{m}_{dim}," if use_opq else ""
                 if pq_m:
@@ -130,9 +169,10 @@ def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | 
                 if use_opq:
                     reasons.append("OPQ rotation in front: each code covers 4 or more dimensions, where balancing "
                                    "their variance lowers the quantisation error")
-                return IndexPlan("ivfpq", f"{prefix}IVF{nl},PQ{m}x8", est, nlist=nl, pq_m=m, opq=use_opq,
-                                 reasons=reasons)
-        smallest = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=choices[-1], opq=False)
+                coarse_reasons()
+                return IndexPlan("ivfpq", f"{prefix}{ivf_name},PQ{m}x8", est, nlist=nl, pq_m=m, opq=use_opq,
+                                 coarse=cq, train_points=n_train, reasons=reasons)
+        smallest = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=choices[-1], opq=False, coarse=cq)
         raise ValueError(f"{n:,} vectors of dimension {dim} need at least {_fmt(smallest)} even as {choices[-1]}-byte "
                          f"codes; raise the memory budget (now {_fmt(budget)})")
 
@@ -156,7 +196,7 @@ def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | 
         reasons.append(f"{n:,} vectors would be exact-searched, but {_fmt(flat_bytes)} exceeds {limit}")
     else:
         reasons.append(f"{n:,} vectors > {approx_threshold:,}: an approximate index, its recall measured")
-    ivf_bytes = estimate_bytes("ivf", n, dim, nlist=nl)
+    ivf_bytes = estimate_bytes("ivf", n, dim, nlist=nl, coarse=cq)
     if fits(ivf_bytes):
         reasons.append(f"IVF-Flat with {nl} lists: full vectors ({_fmt(ivf_bytes)}) fit {limit}")
         return ivf()
