@@ -15,9 +15,13 @@ import pytest
 import torch
 
 import cliplab
-from cliplab.text_edit.attribute_control import (apply_direction, direction_intervention, find_direction,
-                                                 subject_mask, subject_positions)
-from cliplab.tokens import intervene
+from cliplab.text_edit.attribute_control import apply_direction, direction_intervention, find_direction
+from cliplab.tokens import intervene, token_mask
+
+
+def subject_positions(batch, row, subject, occurrence=None):
+    """Every whole-word occurrence (the token layer's matcher defaults to the first)."""
+    return batch.token_positions(row, subject, occurrence=occurrence)
 from conftest import randomize_
 
 
@@ -110,9 +114,18 @@ def test_per_row_alpha_and_composition(model):
     assert (two.tokens != base2.tokens).any(-1).nonzero().tolist() == [[0, 2], [1, 5]]
 
 
-def test_subject_mask_multi_token_words_and_errors(model):
+def test_apply_direction_passes_occurrence_on(model):
+    text, delta = "a man, a dog and a man", _delta()
+    base = _tokens(model, text)
+    moved = lambda out: (out.tokens != base.tokens).any(-1)[0].nonzero().flatten().tolist()  # noqa: E731
+    assert moved(apply_direction(model, text, "man", delta)) == [2, 8]  # every occurrence by default
+    assert moved(apply_direction(model, text, "man", delta, occurrence=0)) == [2]
+    assert moved(apply_direction(model, text, "man", delta, occurrence=1)) == [8]
+
+
+def test_token_mask_multi_token_words_and_errors(model):
     batch = model.tokenize(["a photo of a hippopotamus", "a man and a woman", "a woman and a man"])
-    mask = subject_mask(batch, ["hippopotamus", "man", "man"])
+    mask = token_mask(batch, ["hippopotamus", "man", "man"])
     assert mask.shape == (3, int(batch.lengths.max()))
     # brute force: the word's own tokens (tokenized alone, specials stripped) are exactly the selected ids
     alone = model.tokenize(["hippopotamus"])
@@ -126,7 +139,7 @@ def test_subject_mask_multi_token_words_and_errors(model):
     assert subject_positions(model.tokenize(["a man, a dog and a man"]), 0, "man") == [2, 8]  # every occurrence
     assert subject_positions(model.tokenize(["a man, a dog and a man"]), 0, "man", occurrence=1) == [8]
     with pytest.raises(ValueError):
-        subject_mask(batch, "giraffe")  # no match
+        token_mask(batch, "giraffe")  # no match
     with pytest.raises(ValueError):
         subject_positions(model.tokenize(["a woman"]), 0, "man")  # only inside a longer word
     with pytest.raises(ValueError):

@@ -68,6 +68,32 @@ def test_rank_selection():
     assert concept_basis(torch.zeros(2, 12)).shape == (12, 0)
 
 
+def test_the_noise_tolerance_is_the_input_dtypes():
+    """float32 concept vectors that are dependent up to float32 round-off: the rounding directions (singular values
+    ~1e-7 of the largest) are noise at float32's epsilon, not at float64's (which would keep them)."""
+    a, b = torch.randn(2, 64, generator=G(6))  # float32
+    dependent = torch.stack([a, b, a + b, a - 3 * b, 0.1 * a + 0.7 * b])  # rank 2 in exact arithmetic
+    s = torch.linalg.svdvals(dependent.double())
+    assert s[2] > s[0] * max(dependent.shape) * torch.finfo(torch.float64).eps  # round-off above float64's noise
+    assert concept_basis(dependent).shape == (64, 2)
+    assert concept_basis(dependent.double()).shape == (64, 5)  # as float64 data the same values are full rank
+
+
+def test_remove_concepts_passes_rank_and_alpha_on(model):
+    with torch.no_grad():
+        unwanted = concept_vectors(model, ["dog", "watercolor"])
+        plain = model.encode_text(model.tokenize(TEXTS))
+        for rank, alpha in ((1, 1.0), (2, 0.5)):
+            got = remove_concepts(model, TEXTS, ["dog", "watercolor"], alpha=alpha, rank=rank)
+            basis = concept_basis(unwanted, rank)
+            assert basis.shape[1] == rank
+            want = model.encode_text(model.tokenize(TEXTS), output=True, hooks=InterventionSet([decor_intervention(
+                alpha=alpha, basis=basis)])).pooled
+            assert torch.allclose(got, want, atol=1e-6)
+        one, two = (remove_concepts(model, TEXTS, ["dog", "watercolor"], rank=r) for r in (1, 2))
+        assert not torch.allclose(one, two, atol=1e-4) and not torch.allclose(one, plain, atol=1e-4)
+
+
 def test_gradients_flow_through_the_projection():
     x = torch.randn(3, 8, generator=G(6), requires_grad=True)
     decor_project(x, torch.randn(1, 8, generator=G(7))).sum().backward()

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import cliplab
-from cliplab.text_edit.follow_the_flow import (align_item, decontextualize, decontextualize_intervention,
-                                               keep_tokens, phrase_positions)
+from cliplab.text_edit.follow_the_flow import align_item, decontextualize, decontextualize_intervention, keep_tokens
 from cliplab.tokens import intervene
 from conftest import randomize_
 
@@ -42,7 +41,7 @@ def test_fix_replaces_exactly_the_item_rows(model):
     iso = _encode(model, ["ball"]).tokens[0, 1]  # "ball" encoded alone: SOT ball EOT
     changed = torch.zeros(out.tokens.shape[:2], dtype=torch.bool)
     for r in range(len(texts)):
-        pos = phrase_positions(batch, r, "ball")
+        pos = batch.token_positions(r, "ball", occurrence=None)
         for p in pos:
             assert torch.equal(out.tokens[r, p], iso)
         changed[r, pos] = True
@@ -155,7 +154,7 @@ def _leakage(model, item, objects, colours, templates, n_train):
 
     def reads(out):
         b = out.extras["batch"]
-        return torch.stack([out.tokens[r, phrase_positions(b, r, item)].mean(0) for r in range(len(b))])
+        return torch.stack([out.tokens[r, b.token_positions(r, item, occurrence=None)].mean(0) for r in range(len(b))])
 
     before = reads(_encode(model, texts))
     after = reads(decontextualize(model, texts, item))

@@ -46,7 +46,7 @@ import torch
 from ..methods import register_method
 from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
-from ..tokens import Intervention, intervene, token_mask
+from ..tokens import Intervention, as_batch, intervene, token_mask
 
 register_method(
     "attribute_control",
@@ -55,22 +55,9 @@ register_method(
     doc="docs/methods/attribute_control.md",
 )(__name__)
 
-__all__ = ["subject_positions", "subject_mask", "find_direction", "direction_intervention", "apply_direction"]
+__all__ = ["find_direction", "direction_intervention", "apply_direction"]
 
 
-# --- which tokens belong to the subject -------------------------------------------------------------------------------
-def subject_positions(batch: TokenizedBatch, row: int, subject: str, occurrence: int | None = None) -> list[int]:
-    """Token positions of ``subject`` in ``batch.texts[row]`` (every whole-word occurrence, or the ``occurrence``-th)."""
-    return batch.token_positions(row, subject, occurrence=occurrence)
-
-
-def subject_mask(batch: TokenizedBatch, subjects: str | Sequence[str | None], width: int | None = None,
-                 occurrence: int | None = None) -> torch.Tensor:
-    """Bool mask ``[B, width]`` of the subject's tokens in every row: :func:`cliplab.tokens.token_mask`."""
-    return token_mask(batch, subjects, width, occurrence=occurrence)
-
-
-# --- the optimisation-free direction (Eq. 2) --------------------------------------------------------------------------
 def _pair(p) -> tuple[str, str]:
     if isinstance(p, dict):
         return p["prompt_positive"], p["prompt_negative"]
@@ -144,8 +131,7 @@ def apply_direction(model, texts: str | Sequence[str] | TokenizedBatch, subject:
 
     Returns the :class:`TowerOutput` (``tokens`` = the edited conditioning sequence; ``pooled`` = the unedited EOT
     embedding, bit-identical to the plain encoding). Stacks on interventions already active on ``model``."""
-    batch = texts if isinstance(texts, TokenizedBatch) else model.tokenize([texts] if isinstance(texts, str) else
-                                                                          list(texts))
+    batch = as_batch(model, texts)
     iv = direction_intervention(batch, subject, delta, alpha, occurrence=occurrence)
     with intervene(model, iv):
         return model.encode_text(batch, normalize, output=output)

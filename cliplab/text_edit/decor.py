@@ -41,7 +41,7 @@ import torch
 
 from ..methods import register_method
 from ..models.tokenizer import TokenizedBatch
-from ..tokens import Intervention, InterventionSet
+from ..tokens import Intervention, InterventionSet, as_batch
 
 register_method(
     "decor",
@@ -138,8 +138,7 @@ def remove_concepts(model, texts: str | Sequence[str] | TokenizedBatch, concepts
         raise ValueError(f"output must be None or 'tokens', got {output!r}")
     source = source or ("pooled" if output is None else "tokens")
     basis = concept_basis(concept_vectors(model, concepts, source), rank)
-    batch = texts if isinstance(texts, TokenizedBatch) else model.tokenize([texts] if isinstance(texts, str) else
-                                                                           list(texts))
+    batch = as_batch(model, texts)
     hooks = InterventionSet([decor_intervention(alpha=alpha, basis=basis)])
     out = model.encode_text(batch, normalize=normalize, output=output or False, hooks=hooks,
                             keep_padding=keep_padding)

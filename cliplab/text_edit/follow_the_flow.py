@@ -48,7 +48,7 @@ import torch
 from ..methods import register_method
 from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
-from ..tokens import Intervention, intervene
+from ..tokens import Intervention, as_batch, intervene
 
 register_method(
     "follow_the_flow",
@@ -57,14 +57,8 @@ register_method(
     doc="docs/methods/follow_the_flow.md",
 )(__name__)
 
-__all__ = ["KeptTokens", "phrase_positions", "align_item", "keep_tokens", "decontextualize",
+__all__ = ["KeptTokens", "align_item", "keep_tokens", "decontextualize",
            "decontextualize_intervention"]
-
-
-# --- spans -----------------------------------------------------------------------------------------------------------
-def phrase_positions(batch: TokenizedBatch, row: int, phrase: str, occurrence: int | None = None) -> list[int]:
-    """Token positions of the whole-word ``phrase`` in ``batch.texts[row]`` (every occurrence, or one)."""
-    return batch.token_positions(row, phrase, occurrence=occurrence)
 
 
 # --- token-subset encoding ------------------------------------------------------------------------------------------
@@ -203,8 +197,7 @@ def decontextualize(model, texts: str | Sequence[str] | TokenizedBatch, items: s
 
     Returns a :class:`TowerOutput`; ``tokens`` is the edited sequence, ``pooled`` the unedited EOT embedding.
     Stacks on interventions already active on ``model``."""
-    batch = texts if isinstance(texts, TokenizedBatch) else model.tokenize([texts] if isinstance(texts, str) else
-                                                                          list(texts))
+    batch = as_batch(model, texts)
     iv = decontextualize_intervention(model, batch, items, template=template, occurrence=occurrence)
     with torch.no_grad(), intervene(model, iv):
         return model.encode_text(batch, output=output)

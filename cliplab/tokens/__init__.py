@@ -5,15 +5,15 @@
 * input embeddings: ``model.encode_text(inputs_embeds=..., eot_index=...)``; ``encode_image(keep=..., prompts=...)``;
 * interventions: :class:`Intervention` at named sites, composed in an :class:`InterventionSet`, made active with
   :func:`intervene`;
-* readout helpers: :func:`token_mask`, :func:`word_scores`, :func:`patch_text_similarity`; plots in ``plots``.
+* readout helpers: :func:`as_batch` (texts -> a model's batch), :func:`token_mask`, :func:`word_scores`, :func:`patch_text_similarity`; plots in ``plots``.
 """
 
 from ..models.hooks import Hooks, TowerOutput
 from .interventions import Intervention, InterventionSet, as_hooks, intervene
-from .readout import patch_text_similarity, token_mask, word_scores, word_spans
+from .readout import as_batch, patch_text_similarity, token_mask, word_scores, word_spans
 from .sites import Site, SiteError, parse_site
 
 __all__ = [
     "Hooks", "TowerOutput", "Intervention", "InterventionSet", "as_hooks", "intervene", "patch_text_similarity",
-    "token_mask", "word_scores", "word_spans", "Site", "SiteError", "parse_site",
+    "as_batch", "token_mask", "word_scores", "word_spans", "Site", "SiteError", "parse_site",
 ]

@@ -11,6 +11,13 @@ from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
 
 
+def as_batch(model, texts) -> TokenizedBatch:
+    """``texts`` (one string, a sequence of strings, or a :class:`TokenizedBatch` already) as ``model``'s batch."""
+    if isinstance(texts, TokenizedBatch):
+        return texts
+    return model.tokenize([texts] if isinstance(texts, str) else list(texts))
+
+
 def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: int | None = None,
                whole_word: bool = True, occurrence: int | None = None) -> torch.Tensor:
     """Bool mask ``[B, width]`` of the tokens whose character spans overlap ``phrases[row]`` (one phrase for every
