@@ -47,7 +47,7 @@ def _s(number, slug, name, title):
 
 PAPERS: tuple[Paper, ...] = (
     _m(1, "rtd", "RTD", "Reducing Task Discrepancy of Text Encoders for Zero-Shot Composed Image Retrieval",
-       "zeroshot", 30),
+       "cir", 30),
     _m(2, "wiclp", "WiCLP", "Understanding and Mitigating Compositional Issues in Text-to-Image Generative Models",
        "text_edit", 31),
     _m(3, "attribute_control", "Attribute control", "Continuous, Subject-Specific Attribute Control in T2I Models "
@@ -98,7 +98,7 @@ PAPERS: tuple[Paper, ...] = (
        "objectives", 30),
     _m(29, "un2clip", "un^2CLIP", "un^2CLIP: Improving CLIP's Visual Detail Capturing Ability via Inverting unCLIP",
        "generation", 31),
-    _m(30, "cgtgan", "CgT-GAN", "CgT-GAN: CLIP-guided Text GAN for Image Captioning", "apps", 32),
+    _m(30, "cgtgan", "CgT-GAN", "CgT-GAN: CLIP-guided Text GAN for Image Captioning", "captioning", 32),
     _m(31, "clippings", "CLIPPINGS", "Linking Representations with Multimodal Contrastive Learning", "apps", 32),
     _m(32, "follow_the_flow", "Follow the Flow", "Follow the Flow: On Information Flow Across Textual Tokens in "
        "Text-to-Image Models", "text_edit", 31),

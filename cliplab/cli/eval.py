@@ -36,7 +36,8 @@ from .common import (
 
 _DEFAULT_DATASET = {"zeroshot": "synthetic-zeroshot", "retrieval": "synthetic-retrieval",
                     "clipscore": "synthetic-retrieval", "winoground": "synthetic-winoground",
-                    "sce": "synthetic-retrieval", "fclipscore": "synthetic-retrieval"}
+                    "sce": "synthetic-retrieval", "fclipscore": "synthetic-retrieval",
+                    "cir": "synthetic-cir"}
 
 EVAL_MODEL_HELP = ("Model, as for `cliplab embed`: a pretrained name (cliplab models), a checkpoint file or "
                    "directory, or an architecture name (seeded random weights, --seed; for smoke tests) "
@@ -381,6 +382,40 @@ def fclipscore_cmd(mode, eps, template, start_layer, clamp, **p):
     _run("fclipscore", p, mode=mode, start_layer=start_layer, clamp=clamp, **opts)
 
 
+@eval_group.command("cir")
+@_common
+@click.option("--query", type=click.Choice(["phi", "image", "text", "sum"]), default=None,
+              help="How a query is made: phi (the reference image as a pseudo-word in 'a photo of $ that ...'), "
+                   "image or text alone, or their summed embeddings [default: phi with --phi, else sum].")
+@click.option("--phi", "phi_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A pseudo-word projection from `cliplab cir phi` (Phi.save).")
+@click.option("--text-model", type=click.Path(exists=True), default=None,
+              help="The text tower of the composed queries, e.g. RTD's tuned copy from `cliplab cir rtd` "
+                   "[default: --model].")
+@click.option("--template", default=None, help='Composed-query template [default: "a photo of $ that {}"].')
+def cir_cmd(query, phi_path, text_model, template, **p):
+    """Zero-shot composed image retrieval (reference image + modification text -> target image): R@1/5/10 on the
+    synthetic CIR benchmark (docs/methods/rtd.md).
+
+    \b
+    Examples:
+      cliplab eval cir --set n=200                               # image + text summed: the baseline
+      cliplab eval cir --phi phi.pt --text-model rtd-model/      # phi + RTD's tuned text tower
+    """
+    from ..methods import import_capability
+
+    import_capability("cir")
+    query = query or ("phi" if phi_path else "sum")
+    if query != "phi" and (phi_path or text_model or template):
+        raise click.BadParameter("--phi, --text-model and --template apply to --query phi", param_hint="--query")
+    if query == "phi" and not phi_path:
+        raise click.BadParameter("--query phi needs --phi FILE (train one with `cliplab cir phi`)",
+                                 param_hint="--phi")
+    opts = {k: v for k, v in (("phi", phi_path), ("text_model", text_model), ("template", template))
+            if v is not None}
+    _run("cir", p, query=query, **opts)
+
+
 @eval_group.command("tasks")
 @json_option()
 def tasks_cmd(as_json):
@@ -393,7 +428,8 @@ def tasks_cmd(as_json):
     from ..eval import TASKS, list_metrics
     from ..methods import import_capability
 
-    import_capability("metrics")  # tasks that method modules register (sce, fclipscore)
+    import_capability("metrics")  # tasks that method modules register (sce, fclipscore, cir)
+    import_capability("cir")
     data = {n: {"dataset_kind": e.data_kind, "metrics": list_metrics(n), "help": e.help}
             for n, e in sorted(TASKS.items())}
     emit(data, as_json, lambda d: [click.echo(f"{n} ({v['dataset_kind']}): {v['help']}") for n, v in d.items()])

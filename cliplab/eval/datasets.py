@@ -108,12 +108,12 @@ class DatasetEntry:
 
 
 DATASETS: dict[str, DatasetEntry] = {}
-_KINDS = ("classification", "captions", "winoground")
+_KINDS = ("classification", "captions", "winoground", "cir")
 
 
 def register_dataset(name: str, kind: str, *, path_option: str | None = None, overwrite: bool = False):
     """Decorator: register ``builder(**options) -> data`` under ``name``. ``kind`` is ``"classification"``,
-    ``"captions"`` or ``"winoground"``; ``path_option`` names the option that the CLI's ``--data`` sets."""
+    ``"captions"``, ``"winoground"`` or ``"cir"`` (composed image retrieval, :mod:`cliplab.cir`); ``path_option`` names the option that the CLI's ``--data`` sets."""
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
 

@@ -9,7 +9,11 @@ Modules: ``hqclip`` (HQ-CLIP's hard-negative identification and short-tag classi
 ``aclip`` (A-CLIP's attentive patch removal with an EMA encoder, SimCLR and BYOL; loss ``aclip``, preset
 ``aclip-tiny``), ``ga_dms`` (GA-DMS's gradient-attention dual masking with SDM and token prediction; loss ``ga_dms``,
 source ``synthetic-noisy``, preset ``ga_dms-tiny``), ``unime`` (UniME's textual distillation from all-MiniLM-L6-v2 and
-filtered top-k hard negatives; losses ``unime-kd``, ``unime``, preset ``unime-tiny``).
+filtered top-k hard negatives; losses ``unime-kd``, ``unime``, preset ``unime-tiny``), ``lightclip`` (LightCLIP's
+softened labels, relaxed bipartite word-patch alignment and image-fused MLM; loss ``lightclip``, preset
+``lightclip-tiny``; the matching is shared in :mod:`cliplab.train.matching`), ``mcip`` (MCIP's ArcMargin and
+multi-caption ArcMargin fine-tuning and 2SFT; losses ``mcip``, ``arcmargin``, source ``mcip-views``, presets
+``mcip-tiny``, ``mcip-2sft-tiny``, ``mcip-realign-tiny``).
 """
 
 __all__: list[str] = []
