@@ -29,6 +29,7 @@ MODULES = {
     "clip4dm": "cliplab.metrics.clip4dm",
     "cgtgan": "cliplab.captioning.cgtgan",
     "clippings": "cliplab.apps.clippings",
+    "dclip": "cliplab.objectives.dclip",
     "decor": "cliplab.text_edit.decor",
     "follow_the_flow": "cliplab.text_edit.follow_the_flow",
     "ga_dms": "cliplab.objectives.ga_dms",

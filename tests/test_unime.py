@@ -83,6 +83,21 @@ def test_false_negative_above_the_positive_plus_margin_is_dropped():
     assert hard_negative_loss(sim2, k=1, margin=0.1).item() == pytest.approx(sum(per_row) / 2, rel=1e-5, abs=1e-8)
 
 
+def test_a_repeated_caption_is_filtered_only_by_a_negative_margin():
+    """A caption repeated in the batch scores exactly like the positive (S_ij == S_ii): the code's filter (drop
+    S_ij > S_ii + 0.1) keeps it as a hard negative; only a margin below zero (the issue's wording) drops it. This is
+    what experiments/unime_fn_filter.py measures."""
+    x = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    y = x.clone()
+    y[2] = y[1]  # image 1's caption repeats as text 2
+    sim = x @ y.t()
+    sim[2, 2] = 1.0  # image 2 matches its own text best
+    kept = lambda margin: set(hard_negative_indices(sim, k=3, margin=margin)[0][1][  # noqa: E731
+        hard_negative_indices(sim, k=3, margin=margin)[1][1]].tolist())
+    assert sim[1, 2] == sim[1, 1] and 2 in kept(0.1) and 2 in kept(math.inf)
+    assert 2 not in kept(-1e-4) and 2 not in kept(-0.1)
+
+
 def test_no_filter_and_all_negatives_is_infonce():
     sim = random_sim(10, seed=3)
     full = F.cross_entropy(sim / 0.05, torch.arange(10))
