@@ -66,7 +66,7 @@ PAPERS: tuple[Paper, ...] = (
        "Prediction", "textrep"),
     _m(11, "sce", "Dissecting CLIP", "Dissecting CLIP: Decomposition with a Schur Complement-based Approach",
        "metrics", 32),
-    _m(12, "dptr", "DPTR", "Decoder Pre-Training with only Text for Scene Text Recognition", "apps", 32),
+    _m(12, "dptr", "DPTR", "Decoder Pre-Training with only Text for Scene Text Recognition", "scenetext", 32),
     _m(13, "nola", "NoLA", "CLIP meets DINO for Tuning Zero-Shot Classifier using Unlabeled Image Collections",
        "zeroshot", 20),
     _m(14, "rave", "RAVE", "RAVE: Residual Vector Embedding for CLIP-Guided Backlit Image Enhancement", "generation",
@@ -120,7 +120,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(42, "clip4dm", "CLIP4DM", "Extract Free Dense Misalignment from CLIP", "metrics", 32),
     _m(43, "coop", "CoOp", "Learning to Prompt for Vision-Language Models", "zeroshot", 20),
     _m(44, "fdp", "FDP", "Focus, Distinguish, and Prompt: Unleashing CLIP for Efficient and Flexible Scene Text "
-       "Retrieval", "apps", 32),
+       "Retrieval", "scenetext", 32),
     _m(45, "decor", "DECOR", "DECOR: Decomposition and Projection of Text Embeddings for Text-to-Image "
        "Customization", "text_edit", 31),
     _s(46, "survey_word_to_mm", "Survey: word vectors to multimodal embeddings", "From Word Vectors to Multimodal "
