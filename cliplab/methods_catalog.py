@@ -47,7 +47,7 @@ def _s(number, slug, name, title):
 
 PAPERS: tuple[Paper, ...] = (
     _m(1, "rtd", "RTD", "Reducing Task Discrepancy of Text Encoders for Zero-Shot Composed Image Retrieval",
-       "cir", 30),
+       "cir"),
     _m(2, "wiclp", "WiCLP", "Understanding and Mitigating Compositional Issues in Text-to-Image Generative Models",
        "text_edit", 31),
     _m(3, "attribute_control", "Attribute control", "Continuous, Subject-Specific Attribute Control in T2I Models "
@@ -55,11 +55,11 @@ PAPERS: tuple[Paper, ...] = (
     _m(4, "core", "CoRe", "CoRe: Context-Regularized Text Embedding Learning for Text-to-Image Personalization",
        "text_edit", 31),
     _m(5, "lightclip", "LightCLIP", "LightCLIP: Learning Multi-Level Interaction for Lightweight Vision-Language "
-       "Models", "objectives", 29),
-    _m(6, "long_clip", "Long-CLIP", "Long-CLIP: Unlocking the Long-Text Capability of CLIP", "longtext", 29),
+       "Models", "objectives"),
+    _m(6, "long_clip", "Long-CLIP", "Long-CLIP: Unlocking the Long-Text Capability of CLIP", "longtext"),
     _m(7, "mcip", "MCIP", "Optimizing CLIP Models for Image Retrieval with Maintained Joint-Embedding Alignment",
-       "objectives", 29),
-    _m(8, "aclip", "A-CLIP", "Attentive Mask CLIP", "objectives", 29),
+       "objectives"),
+    _m(8, "aclip", "A-CLIP", "Attentive Mask CLIP", "objectives"),
     _m(9, "proclip", "ProCLIP", "ProCLIP: Progressive Vision-Language Alignment via LLM-based Embedder", "longtext",
        23),
     _m(10, "text2token", "Text2Token", "Text2Token: Unsupervised Text Representation Learning with Token Target "
@@ -74,7 +74,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(15, "maft_plus", "MAFT+", "Collaborative Vision-Text Representation Optimizing for Open-Vocabulary "
        "Segmentation", "dense"),
     _m(16, "ga_dms", "GA-DMS", "Gradient-Attention Guided Dual-Masking Synergetic Framework for Robust Text-based "
-       "Person Retrieval", "objectives", 29),
+       "Person Retrieval", "objectives"),
     _m(17, "denseclip", "DenseCLIP", "DenseCLIP: Language-Guided Dense Prediction with Context-Aware Prompting",
        "dense"),
     _m(18, "dupmae", "RetroMAE v2", "RetroMAE v2: Duplex Masked Auto-Encoder For Pre-Training "
@@ -95,7 +95,7 @@ PAPERS: tuple[Paper, ...] = (
        "textrep"),
     _m(27, "mocoop", "MoCoOp", "Mixture of Prompt Learning for Vision Language Models", "zeroshot", 20),
     _m(28, "unime", "UniME", "Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs",
-       "objectives", 30),
+       "objectives"),
     _m(29, "un2clip", "un^2CLIP", "un^2CLIP: Improving CLIP's Visual Detail Capturing Ability via Inverting unCLIP",
        "generation", 31),
     _m(30, "cgtgan", "CgT-GAN", "CgT-GAN: CLIP-guided Text GAN for Image Captioning", "captioning", 32),
@@ -108,12 +108,12 @@ PAPERS: tuple[Paper, ...] = (
     _m(35, "centerclip", "CenterCLIP", "CenterCLIP: Token Clustering for Efficient Text-Video Retrieval",
        "vision_tokens", 22),
     _m(36, "dclip", "Distill CLIP (DCLIP)", "Distill CLIP (DCLIP): Enhancing Image-Text Retrieval via Cross-Modal "
-       "Transformer Distillation", "objectives", 30),
+       "Transformer Distillation", "objectives"),
     _m(37, "veclip", "VeCLIP", "From Scarcity to Efficiency: Improving CLIP Training via Visual-enriched Captions",
        "curation"),
     _m(38, "laclip", "LaCLIP", "Improving CLIP Training with Language Rewrites", "curation"),
     _m(39, "hqclip", "HQ-CLIP", "HQ-CLIP: Leveraging Large Vision-Language Models to Create High-Quality Image-Text "
-       "Datasets and CLIP Models", "objectives", 30),
+       "Datasets and CLIP Models", "objectives"),
     _m(40, "binary_pv_dsg", "Binary PV / DSG", "Vector representations of text data in deep learning", "textrep"),
     _m(41, "grain", "GRAIN", "Grounding Descriptions in Images informs Zero-Shot Visual Recognition", "zeroshot",
        20),

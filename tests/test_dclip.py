@@ -22,12 +22,7 @@ from cliplab.objectives.dclip import (PairFeatures, RegionTeacher, RegionTextFus
 from conftest import REPO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from cliplab.dense.denseclip import (DenseCLIPConfig, DenseCLIPSegmenter, dense_
 from cliplab.models import CheckpointError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on shared CPU cores: one thread is far faster than two that contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,8 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "tokens.md"
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tokens_page_runs(tmp_path, monkeypatch, one_thread):

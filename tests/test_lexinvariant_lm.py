@@ -17,12 +17,7 @@ from cliplab.textrep.lexinvariant_lm import LexinvariantLM, cipher, lexinvariant
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods" / "lexinvariant_lm.md"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def test_loss_is_invariant_to_a_vocabulary_permutation():

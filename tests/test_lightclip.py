@@ -26,13 +26,7 @@ from cliplab.train.matching import (hungarian_matching, matched_similarity, rela
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine a second thread's spin-waits make small ops much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 # --- matching: brute force -------------------------------------------------------------------------------------------

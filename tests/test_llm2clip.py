@@ -31,13 +31,7 @@ TEXTS = ["a dog runs on the grass", "the dog plays with a red ball", "a man sits
 IDS = [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine a second thread's spin-waits make small ops much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def tiny_bert(seed=0, layers=3):

@@ -13,13 +13,7 @@ from cliplab.textrep import lm_training as lt
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a shared machine (intra-op threads only contend)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 TEXTS = ["a black dog runs on the grass .", "two children play in the snow", "a man rides a red bike"]

@@ -24,13 +24,7 @@ LONG = ["This image shows one object. The background is plain. The scene contain
         "This image shows one object. The background is plain. The scene contains one ring. It is green."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine a second thread's spin-waits make these small ops 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 

@@ -17,12 +17,7 @@ from cliplab.textrep.ltok import END, EOW, JOIN, POOL, LTokConfig, LTokLM, evalu
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods" / "ltok.md"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

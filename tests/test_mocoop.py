@@ -21,13 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUPS = mocoop.SYNTHETIC_TEMPLATE_GROUPS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The training loops are many small ops: one thread is several times faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ TEXTS = ["a red circle", "a blue square on the left", "the green star", "a red s
          "a blue circle", "the green square"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def tiny_bert(seed=0):

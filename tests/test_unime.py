@@ -22,14 +22,7 @@ from cliplab.train.data import Batch
 from conftest import REPO, shared_path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a busy machine PyTorch's spin-waiting second thread makes these small models several times
-    slower (docs/training.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def random_sim(b: int, n: int | None = None, seed: int = 0) -> torch.Tensor:

@@ -17,12 +17,7 @@ from cliplab.textrep import zett
 DOC = Path(__file__).resolve().parents[1] / "docs" / "methods" / "zett.md"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread per module
 
 
 def _captions(n, seed):

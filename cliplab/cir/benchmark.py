@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.synthetic import modification_text
 from ..eval.datasets import ImageItem
 from ..eval.metrics import target_ranks
 from ..eval.tasks import register_task
@@ -115,22 +116,6 @@ class TextTriplet:
     target: str
     kind: str
 
-
-def modification_text(change: dict[str, Any]) -> str:
-    """The synthetic grammar's modification sentence for a change dict (inverse of ``parse_modification``)."""
-    from ..data.synthetic.captions import noun_phrase_text
-
-    op = change["op"]
-    if op == "recolour":
-        return f"make the {change['shape']} {change['colour']}"
-    if op == "resize":
-        return f"make the {change['shape']} {change['size']}"
-    if op == "remove":
-        return f"remove the {change['shape']}"
-    if op == "add":
-        return "add " + noun_phrase_text({"count": 1, **{k: change[k] for k in ("shape", "colour", "size",
-                                                                                 "texture")}})
-    raise ValueError(f"unknown change op {op!r}")
 
 
 def cir_text_triplets(n: int, seed: int = 1000, kinds: Sequence[str] | str = ("recolour", "resize", "remove", "add"),

@@ -41,6 +41,7 @@ from .tasks import (
     cir_triplets,
     few_shot_split,
     parse_modification,
+    modification_text,
     winoground_pairs,
     write_image_folder,
     zero_shot_task,
@@ -66,7 +67,7 @@ __all__ = [
     "short_caption_content", "short_caption_text", "long_caption_content", "long_caption_text",
     "Foil", "FOIL_KINDS", "make_foils",
     "ZeroShotTask", "zero_shot_task", "WinogroundPair", "winoground_pairs",
-    "CIRTriplet", "cir_triplets", "parse_modification", "apply_modification",
+    "CIRTriplet", "cir_triplets", "parse_modification", "modification_text", "apply_modification",
     "FewShotExample", "FewShotSplit", "few_shot_split",
     "SceneDataset", "write_image_folder", "brightness_variants",
 ]

@@ -23,7 +23,7 @@ from .vocabulary import BRIGHTNESS, COLOURS, SHAPES, SIZES
 __all__ = [
     "ZeroShotTask", "zero_shot_task",
     "WinogroundPair", "winoground_pairs",
-    "CIRTriplet", "cir_triplets", "parse_modification", "apply_modification",
+    "CIRTriplet", "cir_triplets", "parse_modification", "modification_text", "apply_modification",
     "FewShotExample", "FewShotSplit", "few_shot_split",
     "SceneDataset", "write_image_folder", "brightness_variants",
 ]
@@ -207,7 +207,8 @@ def parse_modification(text: str) -> dict[str, Any]:
     raise ValueError(f"not a modification: {text!r}")
 
 
-def _modification_text(change: dict[str, Any]) -> str:
+def modification_text(change: dict[str, Any]) -> str:
+    """The modification sentence of a change dict (the inverse of :func:`parse_modification`)."""
     op = change["op"]
     if op == "recolour":
         return f"make the {change['shape']} {change['colour']}"
@@ -215,7 +216,10 @@ def _modification_text(change: dict[str, Any]) -> str:
         return f"make the {change['shape']} {change['size']}"
     if op == "remove":
         return f"remove the {change['shape']}"
-    return "add " + noun_phrase_text({"count": 1, **{k: change[k] for k in ("shape", "colour", "size", "texture")}})
+    if op == "add":
+        return "add " + noun_phrase_text({"count": 1, **{k: change[k] for k in ("shape", "colour", "size",
+                                                                                 "texture")}})
+    raise ValueError(f"unknown change op {op!r}")
 
 
 def apply_modification(scene: Scene, change: dict[str, Any], world: SceneWorld,
@@ -289,7 +293,7 @@ def cir_triplets(
                 break
         else:  # pragma: no cover
             raise RuntimeError("could not build a CIR triplet")
-        out.append(CIRTriplet(ref.render(), _modification_text(change), target.render(), ref, target, change))
+        out.append(CIRTriplet(ref.render(), modification_text(change), target.render(), ref, target, change))
     return out
 
 
