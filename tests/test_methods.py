@@ -31,6 +31,8 @@ MODULES = {
     "clippings": "cliplab.apps.clippings",
     "dclip": "cliplab.objectives.dclip",
     "decor": "cliplab.text_edit.decor",
+    "dptr": "cliplab.scenetext.dptr",
+    "fdp": "cliplab.scenetext.fdp",
     "follow_the_flow": "cliplab.text_edit.follow_the_flow",
     "ga_dms": "cliplab.objectives.ga_dms",
     "hqclip": "cliplab.objectives.hqclip",
