@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..methods import register_method
+from ..text.edit_distance import levenshtein as edit_distance  # re-exported: the string baseline's distance
 
 register_method(
     "clippings",
@@ -240,17 +241,6 @@ def link_records(model, images: Sequence, texts: Sequence[str], threshold: float
     """Cluster ids for records (image, OCR text): pooled embedding, then :func:`cluster`."""
     e = pooled_embeddings(model, images, texts, image_weight=image_weight, batch_size=batch_size)
     return cluster(e.numpy(), threshold=threshold, method=method)
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insert, delete, substitute: cost 1 each)."""
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def string_match_distances(texts: Sequence[str]) -> np.ndarray:
