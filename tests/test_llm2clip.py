@@ -1,4 +1,4 @@
-"""LLM2CLIP (cliplab.longtext.llm2clip, cliplab.longtext.llm_tower): CRA and the caption-contrastive loss against
+"""LLM2CLIP (cliplab.longtext.llm2clip, cliplab.text.llm_tower): CRA and the caption-contrastive loss against
 brute force, last-layers tuning on cached states equal to the full forward pass, the adapter at identity, stage 2
 never touching the LLM, texts past 77 tokens read whole, saving, keyword pass-through, and the effects (stage 1 on
 real Flickr8k captions with SmolLM2; stage 2 on the synthetic world)."""
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import cliplab
 import cliplab.longtext.llm2clip as l2c
-from cliplab.longtext.llm_tower import LLMTextCLIP, TextAdapter, load_llm_clip
+from cliplab.text.llm_tower import LLMTextCLIP, TextAdapter, load_llm_clip
 from cliplab.models.lm import BertConfig, BertEncoder, LlamaConfig, LlamaDecoder, word_tokenizer
 from cliplab.text import DecoderEmbedder, EncoderEmbedder
 from cliplab.text.pooling import get_pooling

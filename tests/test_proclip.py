@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import cliplab
 import cliplab.longtext.proclip as pc
-from cliplab.longtext.llm_tower import load_llm_clip
+from cliplab.text.llm_tower import load_llm_clip
 from cliplab.models.lm import BertConfig, BertEncoder, word_tokenizer
 from cliplab.text import EncoderEmbedder
 

@@ -80,17 +80,21 @@ def info_cmd(source: str, arch: str | None, as_json: bool):
       cliplab info open_clip_vit_b32.safetensors --arch ViT-B-32 --json
     """
     import cliplab
+    from ..text.llm_tower import is_llm_clip_dir, load_llm_clip
 
-    model = cliplab.load(source, arch=arch)
+    llm = is_llm_clip_dir(source)  # an LLM text tower (LLMTextCLIP.save): its text side is the embedder
+    model = load_llm_clip(source) if llm else cliplab.load(source, arch=arch)
     cfg = model.config
     data = {"name": cfg.name, "parameters": sum(p.numel() for p in model.parameters()),
             "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.item(), "config": cfg.to_dict()}
+    if llm:
+        data["text_tower"] = model.text_tower()
     skip = " + max-skip" if cfg.vision.stem_max_skip else ""
     stem = f" (conv stem {'-'.join(map(str, cfg.vision.stem_channels))}{skip})" if cfg.vision.stem_channels else ""
     emit(data, as_json, lambda d: click.echo(
         f"{d['name']}: {d['parameters'] / 1e6:.1f}M parameters, embed_dim {d['embed_dim']}, "
         f"image {cfg.vision.image_size}px/{cfg.vision.patch_size}{stem}, context {cfg.text.context_length}, "
-        f"act {cfg.vision.act}, crop {cfg.preprocess.crop_rounding}"))
+        f"act {cfg.vision.act}, crop {cfg.preprocess.crop_rounding}" + (f"\n{model.describe()}" if llm else "")))
 
 
 @main.command("convert")

@@ -14,8 +14,8 @@ What is implemented:
   the paper's **CRA** (:func:`caption_retrieval_accuracy`): top-1 accuracy of retrieving another caption of the same
   image among all the other captions.
 * **Stage 2** (:func:`train_llm_clip`): the stage-1 embedder, frozen, with LLM2CLIP's adapter (``TextProj``:
-  :class:`~cliplab.longtext.llm_tower.TextAdapter`, 4 pre-LN residual MLP blocks of expansion 2, LayerNorm, Linear to
-  the CLIP dimension) replaces the CLIP text tower (:class:`~cliplab.longtext.llm_tower.LLMTextCLIP`); the LLM
+  :class:`~cliplab.text.llm_tower.TextAdapter`, 4 pre-LN residual MLP blocks of expansion 2, LayerNorm, Linear to
+  the CLIP dimension) replaces the CLIP text tower (:class:`~cliplab.text.llm_tower.LLMTextCLIP`); the LLM
   embeddings of all training captions are computed once and cached (the paper pre-extracts them offline), and the
   adapter plus the CLIP image tower are trained with the symmetric CLIP InfoNCE.
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from ..methods import register_method
 from ..text.pooling import get_pooling
 from ..text.training import FitResult, fit
-from .llm_tower import LLMTextCLIP, TextAdapter
+from ..text.llm_tower import LLMTextCLIP, TextAdapter
 
 register_method(
     "llm2clip",

@@ -4,7 +4,7 @@ Paper: *ProCLIP: Progressive Vision-Language Alignment via LLM-based Embedder*, 
 Gong, Qi Ming, Zonghao Guo, Xiang An, Ziyong Feng, Junchi Yan, Xue Yang (arXiv 2510.18795). Official code:
 ``VisionXLab/ProCLIP`` (``training/train.py``: ``train_one_epoch_stage1`` / ``train_one_epoch_stage2``).
 
-The text tower is a frozen LLM embedder plus an adapter (:class:`~cliplab.longtext.llm_tower.LLMTextCLIP`, built by
+The text tower is a frozen LLM embedder plus an adapter (:class:`~cliplab.text.llm_tower.LLMTextCLIP`, built by
 :func:`proclip_model`: the LLM embedding is L2-normalised, then one pre-LN residual MLP block of expansion 8, LayerNorm
 and a Linear map to the CLIP dimension). Two stages:
 
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..methods import register_method
 from ..text.training import FitResult, fit
-from .llm_tower import LLMTextCLIP, TextAdapter
+from ..text.llm_tower import LLMTextCLIP, TextAdapter
 
 register_method(
     "proclip",

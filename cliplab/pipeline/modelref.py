@@ -47,13 +47,16 @@ def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random:
                   pretrained: str | os.PathLike | None = None):
     """``(model, info)`` for a ``CLIP`` object, a pretrained name, a checkpoint path, a Hugging Face hub id in the
     local cache, an architecture name with ``pretrained=FILE`` (OpenCLIP's spelling), or an architecture name alone
-    (seeded random weights, with a :class:`RandomWeightsWarning`). ``None`` means the default model
+    (seeded random weights, with a :class:`RandomWeightsWarning`). A directory saved by
+    ``cliplab.text.llm_tower.LLMTextCLIP.save`` (an LLM text tower) and such a model object count as a
+    checkpoint path and a ``CLIP`` object. ``None`` means the default model
     (:data:`DEFAULT_MODEL`), which must be the shipped *trained* weights: it never falls back to random ones.
     ``info`` lets :func:`load_model_from_info` rebuild the same weights later (``source`` is ``None`` for an
     in-memory model)."""
     from cliplab.models import CLIP, create_model, list_models, list_pretrained, load
     from cliplab.models.hub import looks_like_repo_id
     from cliplab.models.loading import not_found_message
+    from cliplab.text.llm_tower import LLMTextCLIP, is_llm_clip_dir, load_llm_clip
 
     allow_random = spec is not None
     if spec is None:
@@ -64,7 +67,7 @@ def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random:
         path = os.path.abspath(os.fspath(pretrained))
         model = load(os.fspath(spec), pretrained=path, device=device)
         info = {"kind": "path", "source": path, "arch": os.fspath(spec)}
-    elif isinstance(spec, CLIP):
+    elif isinstance(spec, (CLIP, LLMTextCLIP)):
         model, info = spec, {"kind": "object", "source": None}
     else:
         spec = os.fspath(spec)
@@ -72,7 +75,8 @@ def resolve_model(spec=None, *, device: str = "cpu", seed: int = 0, warn_random:
             model, info = load(spec, device=device), {"kind": "pretrained", "source": spec}
         elif Path(spec).exists():
             path = os.path.abspath(spec)
-            model, info = load(path, device=device), {"kind": "path", "source": path}
+            model = load_llm_clip(path).to(device) if is_llm_clip_dir(path) else load(path, device=device)
+            info = {"kind": "path", "source": path}
         elif looks_like_repo_id(spec):
             model, info = load(spec, device=device), {"kind": "hub", "source": spec}
         elif allow_random and spec in list_models():

@@ -1,7 +1,7 @@
 """A CLIP model whose text tower is a frozen LLM embedder followed by a trainable adapter (shared by ``llm2clip`` and
 ``proclip``).
 
-    from cliplab.longtext.llm_tower import LLMTextCLIP, TextAdapter
+    from cliplab.text.llm_tower import LLMTextCLIP, TextAdapter
     model = LLMTextCLIP(cliplab.load("shapes-tiny"), cliplab.text.load_embedder("all-MiniLM-L6-v2"))
     model.cache_texts(captions)                   # the LLM runs once per distinct text; training reads the cache
     t = model.encode_texts(captions, normalize=True)   # [N, embed_dim]; no 77-token cut
@@ -17,11 +17,22 @@ weights are not among the model's parameters); the adapter's residual blocks are
 second linear layer starts at zero), so at step 0 the text feature is ``Linear(LN(e))`` of the LLM embedding ``e``.
 Texts of any length within the embedder's context (``embedder.max_tokens``: 256 for MiniLM, 2048 here for SmolLM2)
 are read whole.
+
+A normal model for the services: :meth:`LLMTextCLIP.tokenize` returns an :class:`LLMTextBatch` (the texts, their
+token counts, truncation flags), which ``encode_text`` reads, so ``cliplab embed`` / ``index`` / ``search`` /
+``eval`` / ``classify`` run on it unchanged; ``config`` is the CLIP config with the LLM's context
+(``text.context_length = embedder.max_tokens``) and the embedder named in ``tokenizer``, so fingerprints and
+embedding caches tell it from the plain CLIP model. A saved directory (:func:`is_llm_clip_dir`) is accepted
+wherever a model path is (``cliplab.pipeline.resolve_model``, ``cliplab info``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TextAdapter", "LLMTextCLIP", "load_llm_clip", "LLM_CLIP_CONFIG"]
+__all__ = ["TextAdapter", "LLMTextCLIP", "LLMTextBatch", "load_llm_clip", "is_llm_clip_dir", "LLM_CLIP_CONFIG"]
 
 LLM_CLIP_CONFIG = "cliplab-llm-clip.json"
 
@@ -69,6 +80,41 @@ class TextAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(self.trunk(x)))
+
+
+@dataclass
+class LLMTextBatch:
+    """What :meth:`LLMTextCLIP.tokenize` returns: the LLM tower's stand-in for CLIP's ``TokenizedBatch``.
+
+    ``lengths`` are the tokens each text takes as the LLM reads it (inside the pooling's prompt, special tokens
+    included); ``truncated`` / ``n_dropped`` flag texts longer than ``embedder.max_tokens`` (the embedder
+    shortens those). ``ids`` is the batch itself, so a service's ``model.encode_text(tokens.ids[rows])`` selects
+    texts by row as it selects token ids of a CLIP batch."""
+
+    texts: list[str]
+    lengths: torch.Tensor
+    truncated: torch.Tensor
+    n_dropped: torch.Tensor
+
+    @property
+    def ids(self) -> "LLMTextBatch":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, rows) -> "LLMTextBatch":
+        idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1) if not isinstance(rows, slice) \
+            else torch.arange(len(self.texts))[rows]
+        return LLMTextBatch([self.texts[int(i)] for i in idx], self.lengths[idx], self.truncated[idx],
+                            self.n_dropped[idx])
+
+    def to(self, device) -> "LLMTextBatch":  # texts live on no device; the embedder places its own tensors
+        return self
+
+    @property
+    def num_truncated(self) -> int:
+        return int(self.truncated.sum().item())
 
 
 class LLMTextCLIP(nn.Module):
@@ -121,14 +167,55 @@ class LLMTextCLIP(nn.Module):
                      cache: bool = True) -> torch.Tensor:
         """``[N, embed_dim]`` text features in the joint space (gradients flow into the adapter only)."""
         x = self.llm_embeddings(texts, cache=cache).to(self.adapter.proj.weight)
-        out = self.adapter(x)
+        out = self.adapter(x).float()  # fp32 features in the fast mode too, as CLIP's encoders
         return F.normalize(out, dim=-1) if normalize else out
 
-    def encode_text(self, texts: Sequence[str], normalize: bool = False) -> torch.Tensor:
-        """Same as :meth:`encode_texts` (the LLM tower reads raw texts, not CLIP token ids)."""
-        if isinstance(texts, torch.Tensor) or hasattr(texts, "ids"):
-            raise TypeError("the LLM text tower reads texts: pass a list of strings, not CLIP token ids")
-        return self.encode_texts(texts, normalize=normalize)
+    def encode_text(self, texts: "Sequence[str] | LLMTextBatch", normalize: bool = False) -> torch.Tensor:
+        """:meth:`encode_texts` for a list of texts or an :class:`LLMTextBatch` (what :meth:`tokenize` gives the
+        services). Nothing is added to the cache: an embedding job's texts would fill memory."""
+        if isinstance(texts, torch.Tensor) or (hasattr(texts, "ids") and not isinstance(texts, LLMTextBatch)):
+            raise TypeError("the LLM text tower reads texts: pass a list of strings or model.tokenize(texts), "
+                            "not CLIP token ids")
+        rows = texts.texts if isinstance(texts, LLMTextBatch) else texts
+        return self.encode_texts(list(rows), normalize=normalize, cache=False)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as the LLM reads it (inside the pooling's prompt), before any cut; 0 if the
+        embedder cannot count."""
+        from .pooling import get_pooling
+
+        count = getattr(self.embedder, "count_tokens", None)
+        return 0 if count is None else int(count(get_pooling(self.pooling).wrap(text)))
+
+    def tokenize(self, texts: "str | Sequence[str]", truncate: bool = True) -> LLMTextBatch:
+        """An :class:`LLMTextBatch` of ``texts``. Texts past ``max_tokens`` are flagged and warned about
+        (``TruncationWarning``, as CLIP's tokenizer does) or, with ``truncate=False``, refused
+        (``TruncationError``)."""
+        from ..models.tokenizer import TruncationError, TruncationWarning
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        counts = torch.tensor([self.count_tokens(t) for t in texts], dtype=torch.long)
+        dropped = (counts - self.max_tokens).clamp(min=0)
+        too_long = [i for i in range(len(texts)) if dropped[i] > 0]
+        if too_long and not truncate:
+            raise TruncationError(f"{len(too_long)} of {len(texts)} text(s) exceed the {self.max_tokens}-token "
+                                  f"context of {self.embedder_name} (row {too_long[0]}: {int(counts[too_long[0]])} "
+                                  "tokens)")
+        if too_long:
+            warnings.warn(f"{len(too_long)} of {len(texts)} text(s) are longer than the {self.max_tokens}-token "
+                          f"context of {self.embedder_name} and are shortened ({int(dropped.sum())} tokens)",
+                          TruncationWarning, stacklevel=2)
+        return LLMTextBatch(texts, counts.clamp(max=self.max_tokens), dropped > 0, dropped)
+
+    @property
+    def tokenizer(self):
+        """The embedder's tokenizer (the services only warm it up; :meth:`tokenize` is what they call)."""
+        return getattr(self.embedder, "tokenizer", None)
+
+    @property
+    def tokenizer_id(self) -> str:
+        """What text embeddings depend on besides the weights: the embedder, its pooling and its context."""
+        return f"llm:{self.embedder_name}:{self.pooling}:{self.max_tokens}"
 
     # --- the image side (the CLIP model's) ---------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -150,7 +237,40 @@ class LLMTextCLIP(nn.Module):
 
     @property
     def config(self):
-        return self.clip.config
+        """The CLIP config with this text tower's facts: ``text.context_length`` is the LLM's context,
+        ``tokenizer`` names the embedder and ``name`` is ``<clip>+<embedder>`` (fingerprints, embedding caches and
+        manifests see a different model than the plain CLIP one)."""
+        cfg = self.clip.config
+        short = re.sub(r"[^A-Za-z0-9._+-]", "_", Path(str(self.embedder_name)).name)
+        return dataclasses.replace(cfg, name=f"{cfg.name}+{short}", tokenizer=self.tokenizer_id,
+                                   text=dataclasses.replace(cfg.text, context_length=int(self.max_tokens)))
+
+    # --- the bookkeeping the services read ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.clip.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.dtype
+
+    @property
+    def precision(self) -> str:
+        return self.clip.precision
+
+    def set_precision(self, precision: str) -> "LLMTextCLIP":
+        """The CLIP image tower and the adapter in ``precision`` (the frozen embedder keeps its own; features
+        come back in fp32). Returns the model."""
+        self.clip.set_precision(precision)
+        self.adapter.to(self.clip.dtype)
+        return self
+
+    def text_tower(self) -> dict:
+        """What the text tower is (``cliplab info`` shows it): the embedder, its pooling, width and context, and
+        the adapter that maps it into the joint space."""
+        return {"kind": "llm-embedder", "embedder": self.embedder_name, "pooling": self.pooling,
+                "embedder_dim": int(self.embedder.dim), "max_tokens": int(self.max_tokens),
+                "adapter": self.adapter.config(), "embed_dim": int(self.adapter.out_dim)}
 
     def describe(self) -> str:
         """One line naming the text tower (what ``cliplab info`` should print)."""
@@ -176,12 +296,20 @@ class LLMTextCLIP(nn.Module):
         return directory
 
 
+def is_llm_clip_dir(path) -> bool:
+    """Whether ``path`` is a directory :meth:`LLMTextCLIP.save` wrote."""
+    try:
+        return (Path(path) / LLM_CLIP_CONFIG).is_file()
+    except (TypeError, OSError):
+        return False
+
+
 def load_llm_clip(directory, embedder=None) -> LLMTextCLIP:
     """Read back :meth:`LLMTextCLIP.save`; ``embedder`` (a loaded one) skips loading it by reference."""
     from safetensors.torch import load_file
 
     from ..models import load
-    from ..text import load_embedder
+    from . import load_embedder
 
     directory = Path(directory)
     path = directory / LLM_CLIP_CONFIG
