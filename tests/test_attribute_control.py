@@ -222,3 +222,55 @@ def test_colour_direction_moves_a_probe_monotonically_shapes_tiny():
     with torch.no_grad():
         red = _score(w, _subject_reads(model.encode_text(model.tokenize(texts), output="tokens"), ["square"] * 3))
     assert (reads[0] < red).all() and (reads[-1] > red).all()
+
+
+# --- conditioning spaces (space=) -------------------------------------------------------------------------------------
+def test_final_space_direction_and_edit_commute_with_the_projection(model):
+    """The direction read at ``text.final`` (SD 1.x's conditioning) is the joint one before the projection: the joint
+    delta is ``W @ delta_final``, and the final-space edit, projected, is the joint edit."""
+    pairs, prefixes = [("old man", "young man"), ("red square", "blue square")], ["a photo of a", ""]
+    final = find_direction(model, pairs, prefixes, space="final")
+    joint = find_direction(model, pairs, prefixes)
+    w = model.text.proj.weight
+    assert torch.allclose(joint, w @ final, atol=1e-5) and not torch.allclose(joint, final, atol=1e-3)
+    # hand computation in the final space: the phrase's last token sits before EOT
+    with torch.no_grad():
+        out = model.encode_text(model.tokenize(["a photo of a old man", "a photo of a young man"]), output="final")
+    eot = out.pool_index
+    assert torch.allclose(find_direction(model, pairs[:1], prefixes[:1], space="final"),
+                          out.final[0, eot[0] - 1] - out.final[1, eot[1] - 1], atol=1e-5)
+    text, alpha = "a man and a woman", 1.3
+    at_final = apply_direction(model, text, "man", final, alpha, space="final")
+    at_joint = apply_direction(model, text, "man", w @ final, alpha)
+    assert at_final.extras["space"] == "final" and at_joint.extras["space"] == "joint"
+    assert torch.allclose(at_final.tokens, at_joint.tokens, atol=1e-5)
+    base = model.encode_text(model.tokenize([text]), output="final")
+    moved = (at_final.final != base.final).any(-1)[0].nonzero().flatten().tolist()
+    assert moved == [2]  # only "man", in the final space itself
+    assert torch.allclose(at_final.final[0, 2], base.final[0, 2] + alpha * final, atol=1e-5)
+    assert torch.equal(at_final.pooled, base.pooled)
+
+
+def test_space_reaches_every_function(model):
+    """``space=`` passes from apply_direction and direction_intervention to the site, and from find_direction to the
+    sequence it reads; the penultimate space is SDXL's (the stream after block L-2, without the final LayerNorm)."""
+    batch = model.tokenize(["a man and a woman"])
+    for space, site in (("joint", "text.tokens"), ("final", "text.final"), ("penultimate", "text.penultimate")):
+        assert direction_intervention(batch, "man", _delta(), space=space).site == site
+    pairs = [("old man", "young man")]
+    with torch.no_grad():
+        out = model.encode_text(model.tokenize(["old man", "young man"]), output="penultimate")
+    eot = out.pool_index
+    assert torch.allclose(find_direction(model, pairs, space="penultimate"),
+                          out.penultimate[0, eot[0] - 1] - out.penultimate[1, eot[1] - 1], atol=1e-5)
+    delta = _delta(5)
+    got = apply_direction(model, "a man and a woman", "man", delta, 0.7, space="penultimate", occurrence=0)
+    base = model.encode_text(batch, output="penultimate")
+    assert got.extras["space"] == "penultimate"
+    assert (got.penultimate != base.penultimate).any(-1)[0].nonzero().flatten().tolist() == [2]
+    assert torch.allclose(got.penultimate[0, 2], base.penultimate[0, 2] + 0.7 * delta, atol=1e-5)
+    # inside the residual stream: the last block carries the edit to the later tokens and the pooled embedding
+    assert torch.equal(got.tokens[0, :2], model.encode_text(batch, output="tokens").tokens[0, :2])
+    assert not torch.allclose(got.pooled, base.pooled, atol=1e-4)
+    with pytest.raises(ValueError, match="space must be one of"):
+        apply_direction(model, "a man", "man", delta, space="pooled")

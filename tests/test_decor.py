@@ -201,3 +201,32 @@ def test_effect_on_the_trained_model():
     print(f"red preference {r0:.3f} -> {r1:.3f} (random stub {rs:.3f}); blue preference {b0:.3f} -> {b1:.3f}")
     assert r0 > 0 and b0 > 0  # the trained model prefers red and blue things for this caption
     assert r1 < r0 and (r0 - r1) > (b0 - b1) and (r0 - r1) > 3 * abs(r0 - rs)
+
+
+# --- conditioning spaces (space=) -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("space", ["final", "penultimate"])
+def test_space_reads_and_edits_the_conditioning_site(model, space):
+    """``space=`` reaches concept_vectors (the unwanted vectors are read in that space), decor_intervention (its
+    site) and remove_concepts (the edited sequence is that space's, projected exactly)."""
+    field = "final" if space == "final" else "penultimate"
+    with torch.no_grad():
+        concept = model.encode_text(model.tokenize(["dog", "a photo of a dog"]), output=field)
+        seq = getattr(concept, field)
+        pooled = concept_vectors(model, ["dog", "a photo of a dog"], space=space)
+        assert torch.equal(pooled, seq[torch.arange(2), concept.pool_index])
+        tokens = concept_vectors(model, "dog", source="tokens", space=space)
+        assert torch.allclose(tokens, seq[0, 1:2], atol=1e-6)  # the one content token of "dog"
+        assert decor_intervention(tokens, space=space).site == f"text.{space}"
+        out = remove_concepts(model, TEXTS, ["dog"], output="tokens", space=space, rank=1, alpha=0.8)
+        plain = model.encode_text(model.tokenize(TEXTS), output=("tokens", field))
+        v = out.extras["decor_basis"]
+        assert out.extras["space"] == space and torch.allclose(v.abs(), concept_basis(tokens).abs(), atol=1e-12)
+        assert torch.allclose(getattr(out, field), decor_project(getattr(plain, field), alpha=0.8, basis=v),
+                              atol=1e-5)
+        if space == "final":  # the joint outputs are the projection of the edited final states
+            assert torch.allclose(out.tokens, model.text.proj(out.final), atol=1e-5)
+            pooled_only = remove_concepts(model, TEXTS, ["dog"], space=space, alpha=0.8, rank=1, source="tokens")
+            assert torch.allclose(pooled_only, out.pooled, atol=1e-6)
+        # a different edit from the joint space's: the orthogonal projection does not commute with the text projection
+        joint = remove_concepts(model, TEXTS, ["dog"], output="tokens")
+        assert not torch.allclose(out.tokens, joint.tokens, atol=1e-3)

@@ -192,3 +192,39 @@ def test_leakage_probe_before_and_after_fix_shapes_tiny():
                     "a {c} {o} and a small circle"], n_train=5)
     assert res["before"] > 0.5  # well above chance (0.25)
     assert res["after_spread"] == 0.0 and res["after"] == res["chance"]
+
+
+# --- conditioning spaces (space=) -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("space", ["final", "penultimate"])
+def test_space_reaches_keep_tokens_and_the_fix(model, space):
+    """``space=`` reaches keep_tokens (rows and padding read in that space), decontextualize_intervention (its site
+    and the isolated rows) and decontextualize (the returned sequence is that space's)."""
+    text = "a red apple and a ball"
+
+    def encode(texts, **kw):
+        with torch.no_grad():
+            return model.encode_text(model.tokenize(texts), output=("tokens", space), **kw)
+
+    full = encode([text])
+    seq = getattr(full, space)[0]
+    kept = keep_tokens(model, text, ["apple"], space=space)
+    assert kept.space == space and kept.positions.tolist() == [0, 3]
+    assert torch.equal(kept.tokens, seq[[0, 3]]) and not torch.allclose(kept.tokens, full.tokens[0, [0, 3]])
+    padded = keep_tokens(model, text, ["apple"], mode="pad", space=space)
+    n = seq.shape[0]
+    pad = getattr(encode([text], keep_padding=True), space)[0, n]
+    assert torch.equal(padded.pad, pad) and torch.equal(padded.tokens[[1, 2, 4]], pad.expand(3, -1))
+    # the fix: the item's rows of that space are the isolated encoding's rows of that space
+    batch = model.tokenize([text])
+    iv = decontextualize_intervention(model, batch, "ball", space=space)
+    assert iv.site == f"text.{space}"
+    iso = getattr(encode(["ball"]), space)[0, 1]
+    out = decontextualize(model, text, "ball", space=space)
+    got = getattr(out, space)[0]
+    assert out.extras["space"] == space and torch.equal(got[6], iso)
+    assert torch.equal(got[:6], seq[:6]) and torch.equal(got[7:], seq[7:])  # only the item's row, in that space
+    if space == "final":  # pooled untouched; the joint outputs are the projection of the edited final states
+        assert torch.equal(out.pooled, full.pooled)
+        assert torch.allclose(out.tokens, model.text.proj(got).unsqueeze(0), atol=1e-5)
+    else:  # the replaced rows go on through the last block: EOT reads them
+        assert not torch.allclose(out.pooled, full.pooled, atol=1e-4)

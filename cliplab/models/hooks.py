@@ -15,9 +15,18 @@ Sites (``tower`` is ``"text"`` or ``"image"``, ``layer`` counts blocks from 0):
 ``attn_probs(tower, l, a)``attention probabilities ``[B, H, n, n]`` of layer ``l``; called only where
                            ``edits_attn(tower, l)`` is true
 ``resid(tower, l, x)``     the residual stream after block ``l`` ``[B, n, W]``
+``final(tower, x)``        text tower only: every token after the final LayerNorm, before the projection
+                           ``[B, n, W]`` (the projection and pooling read these); called only where
+                           ``edits_final(tower)`` is true
 ``tokens(tower, x)``       final per-token outputs in the joint space ``[B, n, D]`` (pooling reads these); called
                            only where ``edits_tokens(tower)`` is true
 ========================  =====================================================================================
+
+Conditioning sites. Text-to-image models read the text tower's per-token states *before* the projection: Stable
+Diffusion 1.x the ``final`` site (``ln_final``'s output), SDXL the penultimate stream (``resid`` after block
+``L-2``, Hugging Face's ``hidden_states[-2]``, without the final LayerNorm). ``output="final"`` records the first
+(:attr:`TowerOutput.final`), ``output="penultimate"`` the hidden states, of which :attr:`TowerOutput.penultimate`
+is the second-to-last.
 """
 
 from __future__ import annotations
@@ -55,6 +64,12 @@ class Hooks:
     def resid(self, tower: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def edits_final(self, tower: str) -> bool:
+        return False
+
+    def final(self, tower: str, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def edits_tokens(self, tower: str) -> bool:
         return False
 
@@ -64,11 +79,12 @@ class Hooks:
 
 NO_HOOKS = Hooks()
 
-OUTPUT_FIELDS = frozenset({"tokens", "hidden", "attn"})
+OUTPUT_FIELDS = frozenset({"tokens", "hidden", "attn", "final", "penultimate"})
 
 
 def parse_output(output) -> frozenset[str]:
-    """``True`` -> everything; a string or iterable of names from ``tokens``, ``hidden``, ``attn``."""
+    """``True`` -> everything; a string or iterable of names from ``tokens``, ``hidden``, ``attn``, ``final``
+    (text tower) and ``penultimate`` (records ``hidden``, of which it is the second-to-last)."""
     if output is True:
         return OUTPUT_FIELDS
     if not output:
@@ -77,7 +93,7 @@ def parse_output(output) -> frozenset[str]:
     unknown = names - OUTPUT_FIELDS
     if unknown:
         raise ValueError(f"unknown output fields {sorted(unknown)}; choose from {sorted(OUTPUT_FIELDS)}")
-    return names
+    return names | {"hidden"} if "penultimate" in names else names
 
 
 @dataclass
@@ -89,7 +105,11 @@ class TowerOutput:
     * ``hidden``: ``layers + 1`` tensors ``[B, n, W]``, the stream entering block 0, then after each block;
     * ``attn``: ``layers`` tensors ``[B, H, n, n]`` of attention probabilities (in the autograd graph when
       gradients are enabled, so ``torch.autograd.grad(score, out.attn)`` works);
-    * ``pool_index`` ``[B]``: the pooled position (EOT for text, 0 for images).
+    * ``pool_index`` ``[B]``: the pooled position (EOT for text, 0 for images);
+    * ``final`` ``[B, n, W]`` (text tower, ``output="final"``): every token after the final LayerNorm, before the
+      projection (Stable Diffusion 1.x's conditioning); ``tokens`` is its projection;
+    * :attr:`penultimate` ``[B, n, W]`` (``output="penultimate"``): ``hidden[-2]``, the stream after block ``L-2``
+      without the final LayerNorm (SDXL's conditioning).
     """
 
     pooled: torch.Tensor
@@ -98,6 +118,12 @@ class TowerOutput:
     hidden: list[torch.Tensor] | None = None
     attn: list[torch.Tensor] | None = None
     extras: dict = field(default_factory=dict)
+    final: torch.Tensor | None = None
+
+    @property
+    def penultimate(self) -> torch.Tensor | None:
+        """The stream after block ``L-2`` (``hidden[-2]``), or None when the hidden states were not recorded."""
+        return None if self.hidden is None else self.hidden[-2]
 
     def normalized(self) -> torch.Tensor:
         return F.normalize(self.pooled, dim=-1)

@@ -267,8 +267,9 @@ class TextTower(nn.Module):
         learned context vectors or pseudo-words); with embeddings, ``eot_index`` (or ``ids`` to find it) says where
         to pool (a last-pooled tower, SigLIP, defaults to the last position). Batches of ids are cut to the longest
         EOT like the plain path unless ``keep_padding`` (a SigLIP tower is never cut). Shapes: ``hidden``
-        ``layers + 1`` tensors ``[B, n, W]``, ``attn`` ``layers`` tensors ``[B, H, n, n]``, ``tokens`` ``[B, n, D]``
-        (every position through ``ln_final`` and the head; the pooled row is ``pooled``).
+        ``layers + 1`` tensors ``[B, n, W]``, ``attn`` ``layers`` tensors ``[B, H, n, n]``, ``final`` ``[B, n, W]``
+        (every position through ``ln_final``, before the projection: the ``final`` hook site), ``tokens``
+        ``[B, n, D]`` (``final`` through the projection; the pooled row is ``pooled``).
         """
         if inputs_embeds is None:
             if ids is None:
@@ -293,6 +294,8 @@ class TextTower(nn.Module):
         x = x + hooks.positions("text", self.pos_embed[:n])
         x, hidden, attn = run_blocks(self.transformer, x, self.attn_mask(n, x), "text", hooks, want)
         x = self.ln_final(x)
+        if hooks.edits_final("text"):  # the conditioning site of SD 1.x: the projection and pooling read the edit
+            x = hooks.final("text", x)
         rows = torch.arange(x.shape[0], device=x.device)
         pooled = self.proj(x[rows, eot])
         tokens = None
@@ -302,7 +305,8 @@ class TextTower(nn.Module):
             edited = hooks.tokens("text", tokens)
             if edited is not tokens:
                 pooled, tokens = edited[rows, eot], edited
-        return TowerOutput(pooled, eot, tokens if "tokens" in want else None, hidden, attn)
+        return TowerOutput(pooled, eot, tokens if "tokens" in want else None, hidden, attn,
+                           final=x if "final" in want else None)
 
     def resize_positions(self, table: torch.Tensor) -> None:
         """Replace the positional table (``[n, width]``), changing the context length to ``n``; the model's

@@ -14,18 +14,24 @@ What is implemented:
 * :func:`concept_basis` / :func:`projector`: ``V`` (orthonormal columns ``[d, r]``) and ``P = V V^T`` from the rows of
   ``X~`` (SVD, no centring, as in the paper).
 * :func:`decor_project` (pure): ``X' = X - alpha X P`` for any ``[..., d]`` tensor, computed in float64 and cast back.
-* :func:`decor_intervention`: the same edit as an ``Intervention`` at the ``text.tokens`` site of ``cliplab.tokens``,
-  so it composes with other interventions and the pooled output is read from the edited sequence (the pooled
-  embedding is the EOT row of the per-token outputs, and the projection acts row by row, so projecting the sequence
-  and reading the EOT row equals projecting the pooled embedding).
+* :func:`decor_intervention`: the same edit as an ``Intervention`` at a conditioning site of ``cliplab.tokens``
+  (``text.tokens`` by default), so it composes with other interventions and the pooled output is read from the edited
+  sequence (at ``text.tokens`` the pooled embedding is the EOT row of the per-token outputs, and the projection acts
+  row by row, so projecting the sequence and reading the EOT row equals projecting the pooled embedding).
 * :func:`concept_vectors` and :func:`remove_concepts`: encode the concepts, build ``V``, encode the texts with the
   projection applied; pooled features by default, the per-token sequence with ``output="tokens"``.
 
 Choices (where the notes, the paper and this library differ):
 
-* *Space.* The paper edits the T2I conditioning sequence (the text encoder's last hidden states after the final
-  LayerNorm, 77 rows including PAD). Here the edit acts on cliplab's per-token outputs in the joint space (after the
-  text projection) and on the pooled embedding. ``keep_padding=True`` gives all context rows as in the paper.
+* *Space* (``space=``; see :data:`cliplab.tokens.CONDITIONING_SPACES`). The paper edits the T2I conditioning
+  sequence: SD 1.x's is the text encoder's last hidden states after the final LayerNorm, before the projection, 77
+  rows including PAD (``space="final"``, the ``text.final`` site); SDXL's the penultimate layer's states without the
+  final LayerNorm (``space="penultimate"``, ``text.layer[-2].resid``). The unwanted vectors are read in the same
+  space as the edit. The default ``space="joint"`` acts on cliplab's per-token outputs after the text projection and
+  on the pooled embedding: what cliplab's own consumers read, not what a T2I model reads; the orthogonal projection
+  does not commute with the (non-orthogonal) text projection, so the spaces give different edits. At ``final`` the
+  pooled output is the projection of the edited EOT state; at ``penultimate`` the edit goes on through the last block
+  into every later state and the pooled output. ``keep_padding=True`` gives all context rows as in the paper.
 * *The unwanted vectors X~.* ``source="pooled"``: one vector per concept, its pooled (EOT) embedding, the default for
   pooled outputs. ``source="tokens"``: the per-token outputs of the concept's content tokens (SOT, EOT and padding
   excluded), the default for ``output="tokens"``: the SOT output is the same for every text (causal attention), so
@@ -41,7 +47,7 @@ import torch
 
 from ..methods import register_method
 from ..models.tokenizer import TokenizedBatch
-from ..tokens import Intervention, InterventionSet, as_batch
+from ..tokens import Intervention, InterventionSet, as_batch, space_output, space_site, space_tokens
 
 register_method(
     "decor",
@@ -103,46 +109,55 @@ def decor_project(x: torch.Tensor, unwanted: torch.Tensor | None = None, alpha: 
 
 
 def decor_intervention(unwanted: torch.Tensor | None = None, alpha: float = 1.0, rank: int | None = None, *,
-                       basis: torch.Tensor | None = None) -> Intervention:
-    """DECOR as an intervention on the text tower's per-token outputs (``text.tokens``): the pooled embedding is
-    read from the projected sequence. Use with ``cliplab.tokens.intervene(model, ...)`` or ``hooks=``."""
+                       basis: torch.Tensor | None = None, space: str = "joint") -> Intervention:
+    """DECOR as an intervention on the text tower's per-token states in ``space`` (site ``text.tokens``,
+    ``text.final`` or ``text.penultimate``; the basis must be of that space): the pooled embedding is read from the
+    projected sequence. Use with ``cliplab.tokens.intervene(model, ...)`` or ``hooks=``."""
     v = basis if basis is not None else concept_basis(unwanted, rank)
-    return Intervention("text.tokens", lambda t: decor_project(t, alpha=alpha, basis=v))
+    return Intervention(space_site(space), lambda t: decor_project(t, alpha=alpha, basis=v))
 
 
-def concept_vectors(model, concepts: str | Sequence[str], source: str = "pooled") -> torch.Tensor:
-    """Embeddings of the unwanted concepts ``[k, d]``: pooled (one per concept) or the content tokens' outputs."""
+def concept_vectors(model, concepts: str | Sequence[str], source: str = "pooled", space: str = "joint") -> torch.Tensor:
+    """Embeddings of the unwanted concepts ``[k, dim]`` in ``space``: pooled (the EOT row, one per concept; for
+    ``"joint"`` the pooled embedding) or the content tokens' states."""
     concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    if source not in ("pooled", "tokens"):
+        raise ValueError(f"source must be 'pooled' or 'tokens', got {source!r}")
     batch = model.tokenize(concepts)
-    if source == "pooled":
+    if source == "pooled" and space == "joint":
         return model.encode_text(batch)
-    if source == "tokens":
-        out = model.encode_text(batch, output="tokens")
-        rows = [out.tokens[i, 1: int(out.pool_index[i])] for i in range(len(concepts))]
-        if any(r.shape[0] == 0 for r in rows):
-            raise ValueError(f"a concept has no content tokens: {concepts}")
-        return torch.cat(rows)
-    raise ValueError(f"source must be 'pooled' or 'tokens', got {source!r}")
+    out = model.encode_text(batch, output=space_output(space))
+    seq = space_tokens(out, space)
+    if source == "pooled":
+        return seq[torch.arange(len(concepts)), out.pool_index]
+    rows = [seq[i, 1: int(out.pool_index[i])] for i in range(len(concepts))]
+    if any(r.shape[0] == 0 for r in rows):
+        raise ValueError(f"a concept has no content tokens: {concepts}")
+    return torch.cat(rows)
 
 
 def remove_concepts(model, texts: str | Sequence[str] | TokenizedBatch, concepts: str | Sequence[str],
                     alpha: float = 1.0, rank: int | None = None, *, output: str | None = None,
-                    source: str | None = None, normalize: bool = False, keep_padding: bool = False):
-    """Encode ``texts`` with the unwanted ``concepts`` projected out (DECOR).
+                    source: str | None = None, normalize: bool = False, keep_padding: bool = False,
+                    space: str = "joint"):
+    """Encode ``texts`` with the unwanted ``concepts`` projected out (DECOR) of the per-token states in ``space``
+    (``"joint"``, ``"final"``, ``"penultimate"``; the concepts are read in the same space).
 
-    Returns pooled features ``[B, d]`` (normalised after the projection with ``normalize``), or with
-    ``output="tokens"`` a :class:`~cliplab.models.hooks.TowerOutput` whose ``tokens`` are the projected sequence and
-    ``pooled`` its EOT rows; ``extras["decor_basis"]`` holds ``V``. ``source`` picks the unwanted vectors (see the
-    module docstring; default ``"pooled"`` for pooled output, ``"tokens"`` for ``output="tokens"``)."""
+    Returns pooled features ``[B, D]`` (the joint embedding computed from the edited states, normalised after the
+    projection with ``normalize``), or with ``output="tokens"`` a :class:`~cliplab.models.hooks.TowerOutput` whose
+    sequence of the space (``cliplab.tokens.space_tokens(out, space)``: ``tokens`` for ``"joint"``, ``final``,
+    ``penultimate``) is the projected one and ``pooled`` the edited EOT embedding; ``extras["decor_basis"]`` holds
+    ``V``, ``extras["space"]`` the space. ``source`` picks the unwanted vectors (see the module docstring; default
+    ``"pooled"`` for pooled output, ``"tokens"`` for ``output="tokens"``)."""
     if output not in (None, "tokens"):
         raise ValueError(f"output must be None or 'tokens', got {output!r}")
     source = source or ("pooled" if output is None else "tokens")
-    basis = concept_basis(concept_vectors(model, concepts, source), rank)
+    basis = concept_basis(concept_vectors(model, concepts, source, space=space), rank)
     batch = as_batch(model, texts)
-    hooks = InterventionSet([decor_intervention(alpha=alpha, basis=basis)])
-    out = model.encode_text(batch, normalize=normalize, output=output or False, hooks=hooks,
-                            keep_padding=keep_padding)
+    hooks = InterventionSet([decor_intervention(alpha=alpha, basis=basis, space=space)])
+    want = False if output is None else ("tokens", space_output(space))
+    out = model.encode_text(batch, normalize=normalize, output=want, hooks=hooks, keep_padding=keep_padding)
     if output is None:
         return out.pooled
-    out.extras["decor_basis"] = basis
+    out.extras.update(decor_basis=basis, space=space)
     return out

@@ -4,8 +4,12 @@ Paper: *Follow the Flow: On Information Flow Across Textual Tokens in Text-to-Im
 Y. Reif, Y. Belinkov, R. Schwartz, arXiv 2504.01137 (2025). An analysis paper with a training-free fix; no official
 code was available here, so this follows the paper's description and the method notes.
 
-Two text-side operations on the per-token outputs (``encode_text(..., output="tokens")``), which are what a
-text-to-image model cross-attends to:
+Two text-side operations on the per-token states a text-to-image model cross-attends to. Which states: ``space=``
+(see :data:`cliplab.tokens.CONDITIONING_SPACES`) - ``"final"``, after the final LayerNorm and before the projection
+(Stable Diffusion 1.x's conditioning, the ``text.final`` site), ``"penultimate"``, the stream after block ``L-2``
+without the final LayerNorm (SDXL's, ``text.layer[-2].resid``), or the default ``"joint"``, cliplab's per-token
+outputs after the projection (``encode_text(..., output="tokens")``, what cliplab's own consumers read; no T2I model
+reads this space):
 
 * :func:`keep_tokens` - **token-subset encoding.** The prompt is encoded in full (so the kept tokens are still
   contextual), then only a chosen subset of token representations is kept, e.g. only the last token of
@@ -15,9 +19,12 @@ text-to-image model cross-attends to:
 * :func:`decontextualize` - **the leakage fix.** For an item (e.g. "ball" in "a red apple and a ball"), the item text
   is encoded in isolation, its tokens are aligned one-to-one with the item's tokens in the prompt by character spans
   (relative offsets and token ids must agree, or ``ValueError``), and the prompt's rows of the item are replaced by
-  the isolated rows: ``H[s] <- H_iso[s]``. All other rows (SOT, EOT, the other items) are untouched and the pooled
-  (EOT) embedding is bit-identical. :func:`decontextualize_intervention` gives the same edit as an
-  ``Intervention("text.tokens", ..., mode="replace")`` to compose with others.
+  the isolated rows: ``H[s] <- H_iso[s]``, both read in the same space. At the ``joint`` and ``final`` sites all
+  other rows (SOT, EOT, the other items) are untouched and the pooled (EOT) embedding is bit-identical; at the
+  ``penultimate`` site the replaced rows go on through the last block, so later tokens and the pooled embedding read
+  them (the returned penultimate sequence is still edited only at the item's rows).
+  :func:`decontextualize_intervention` gives the same edit as an ``Intervention(<site>, ..., mode="replace")`` to
+  compose with others.
 
 Choices (the paper's wording is high-level; these are stated so they can be checked):
 
@@ -48,7 +55,7 @@ import torch
 from ..methods import register_method
 from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
-from ..tokens import Intervention, as_batch, intervene
+from ..tokens import Intervention, as_batch, intervene, space_output, space_site, space_tokens
 
 register_method(
     "follow_the_flow",
@@ -64,10 +71,11 @@ __all__ = ["KeptTokens", "align_item", "keep_tokens", "decontextualize",
 # --- token-subset encoding ------------------------------------------------------------------------------------------
 @dataclass
 class KeptTokens:
-    """A prompt's token outputs with only a subset kept.
+    """A prompt's token states (of the conditioning space ``space``) with only a subset kept.
 
-    * ``tokens``: ``[K, D]`` kept rows (``mode="drop"``) or ``[n, D]`` with every other row replaced by ``pad``
-      (``mode="pad"``);
+    * ``tokens``: ``[K, dim]`` kept rows (``mode="drop"``) or ``[n, dim]`` with every other row replaced by ``pad``
+      (``mode="pad"``); ``dim`` is ``D`` for ``space="joint"``, the text width ``W`` for ``"final"`` and
+      ``"penultimate"``;
     * ``positions`` ``[K]``: the kept positions (ascending) in the full encoding;
     * ``mask`` ``[n]``: bool, True at kept positions;
     * ``full``: the full encoding (``TowerOutput``, batch of one); ``pad``: the padding vector (``mode="pad"``).
@@ -79,16 +87,18 @@ class KeptTokens:
     mode: str
     full: TowerOutput
     pad: torch.Tensor | None = None
+    space: str = "joint"
 
 
 @torch.no_grad()
 def keep_tokens(model, text: str, keep: Sequence[str | int] | str, *, mode: str = "drop",
                 specials: Sequence[str] = ("sot",), last_only: bool = False,
-                occurrence: int | None = None) -> KeptTokens:
-    """Encode ``text`` and keep only the token outputs selected by ``keep``: phrases (all their tokens, or only the
-    last one with ``last_only``) and/or explicit positions; ``specials`` adds ``"sot"`` / ``"eot"``.
-    ``mode="drop"`` returns just those rows; ``mode="pad"`` returns the whole ``SOT..EOT`` sequence with the other
-    rows set to the padding token's representation (see the module docstring)."""
+                occurrence: int | None = None, space: str = "joint") -> KeptTokens:
+    """Encode ``text`` and keep only the token states (of ``space``: ``"joint"``, ``"final"``, ``"penultimate"``)
+    selected by ``keep``: phrases (all their tokens, or only the last one with ``last_only``) and/or explicit
+    positions; ``specials`` adds ``"sot"`` / ``"eot"``. ``mode="drop"`` returns just those rows; ``mode="pad"``
+    returns the whole ``SOT..EOT`` sequence with the other rows set to the padding token's representation (see the
+    module docstring)."""
     if mode not in ("drop", "pad"):
         raise ValueError(f"mode must be 'drop' or 'pad', got {mode!r}")
     unknown = set(specials) - {"sot", "eot"}
@@ -96,7 +106,9 @@ def keep_tokens(model, text: str, keep: Sequence[str | int] | str, *, mode: str 
         raise ValueError(f"specials must be 'sot' and/or 'eot', got {sorted(unknown)}")
     keep = [keep] if isinstance(keep, (str, int)) else list(keep)
     batch = model.tokenize([text])
-    full = model.encode_text(batch, output="tokens")
+    output = ("tokens", space_output(space))
+    full = model.encode_text(batch, output=output)
+    full.extras["space"] = space
     n = int(batch.lengths[0])
     eot = n - 1
     chosen: set[int] = set()
@@ -116,15 +128,15 @@ def keep_tokens(model, text: str, keep: Sequence[str | int] | str, *, mode: str 
     positions = torch.tensor(sorted(chosen), dtype=torch.long)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[positions] = True
-    rows = full.tokens[0, :n]
+    rows = space_tokens(full, space)[0, :n]
     if mode == "drop":
-        return KeptTokens(rows[positions].clone(), positions, mask, mode, full)
+        return KeptTokens(rows[positions].clone(), positions, mask, mode, full, space=space)
     if n >= batch.ids.shape[1]:
         raise ValueError(f"{text!r} fills the context ({n} tokens): there is no padding position to read")
-    padded = model.encode_text(batch, output="tokens", keep_padding=True)
-    pad = padded.tokens[0, n].clone()  # first padding position after EOT
+    padded = model.encode_text(batch, output=output, keep_padding=True)
+    pad = space_tokens(padded, space)[0, n].clone()  # first padding position after EOT
     out = torch.where(mask[:, None], rows, pad.expand_as(rows))
-    return KeptTokens(out, positions, mask, mode, full, pad)
+    return KeptTokens(out, positions, mask, mode, full, pad, space)
 
 
 # --- the leakage fix ------------------------------------------------------------------------------------------------
@@ -157,23 +169,24 @@ def align_item(batch: TokenizedBatch, row: int, item: str, isolated: TokenizedBa
 
 
 @torch.no_grad()
-def _isolated(model, item: str, template: str) -> tuple[TokenizedBatch, int, torch.Tensor]:
+def _isolated(model, item: str, template: str, space: str) -> tuple[TokenizedBatch, int, torch.Tensor]:
     if template.count("{}") != 1:
         raise ValueError(f"template must contain exactly one '{{}}', got {template!r}")
     text = template.format(item)
     batch = model.tokenize([text])
-    return batch, template.index("{}"), model.encode_text(batch, output="tokens").tokens[0]
+    return batch, template.index("{}"), space_tokens(model.encode_text(batch, output=space_output(space)), space)[0]
 
 
 def decontextualize_intervention(model, batch: TokenizedBatch, items: str | Sequence[str], *,
                                  template: str = "{}", width: int | None = None,
-                                 occurrence: int | None = None) -> Intervention:
-    """The fix as ``Intervention("text.tokens", rows, positions=<item mask>, mode="replace")`` for ``batch``.
+                                 occurrence: int | None = None, space: str = "joint") -> Intervention:
+    """The fix as ``Intervention(space_site(space), rows, positions=<item mask>, mode="replace")`` for ``batch``
+    (``text.tokens``, ``text.final`` or ``text.penultimate``; the isolated rows are read in the same space).
     ``width`` is the encoded length: default the longest row (``encode_text(batch)``), ``batch.ids.shape[1]`` with
     ``keep_padding=True``."""
     items = [items] if isinstance(items, str) else list(items)
     width = int(batch.lengths.max()) if width is None else int(width)
-    iso = {item: _isolated(model, item, template) for item in dict.fromkeys(items)}
+    iso = {item: _isolated(model, item, template, space) for item in dict.fromkeys(items)}
     mask = torch.zeros(len(batch), width, dtype=torch.bool)
     source: dict[tuple[int, int], torch.Tensor] = {}
     for r in range(len(batch)):
@@ -188,16 +201,24 @@ def decontextualize_intervention(model, batch: TokenizedBatch, items: str | Sequ
                 mask[r, p] = True
     order = mask.nonzero().tolist()  # the row-major order in which x[mask] lists the selected rows
     values = torch.stack([source[(r, p)] for r, p in order])
-    return Intervention("text.tokens", values, positions=mask, mode="replace")
+    return Intervention(space_site(space), values, positions=mask, mode="replace")
 
 
 def decontextualize(model, texts: str | Sequence[str] | TokenizedBatch, items: str | Sequence[str], *,
-                    template: str = "{}", output="tokens", occurrence: int | None = None) -> TowerOutput:
-    """Encode ``texts`` with the tokens of every item replaced by the item's isolated (uncontextualised) encoding.
+                    template: str = "{}", output=None, occurrence: int | None = None,
+                    space: str = "joint") -> TowerOutput:
+    """Encode ``texts`` with the states of every item's tokens in ``space`` replaced by the item's isolated
+    (uncontextualised) encoding in that space.
 
-    Returns a :class:`TowerOutput`; ``tokens`` is the edited sequence, ``pooled`` the unedited EOT embedding.
+    Returns a :class:`TowerOutput`: the edited sequence is ``cliplab.tokens.space_tokens(out, space)`` (``tokens``
+    for ``"joint"``, ``final``, ``penultimate``), recorded by default (``output=None``) with the joint ``tokens``;
+    ``extras["space"]`` names it. ``pooled`` is the unedited EOT embedding for ``"joint"`` and ``"final"``.
     Stacks on interventions already active on ``model``."""
     batch = as_batch(model, texts)
-    iv = decontextualize_intervention(model, batch, items, template=template, occurrence=occurrence)
+    iv = decontextualize_intervention(model, batch, items, template=template, occurrence=occurrence, space=space)
+    if output is None:
+        output = ("tokens", space_output(space))
     with torch.no_grad(), intervene(model, iv):
-        return model.encode_text(batch, output=output)
+        out = model.encode_text(batch, output=output)
+    out.extras["space"] = space
+    return out

@@ -102,6 +102,9 @@ class InterventionSet(Hooks):
             why = missing.get(f"{s.tower}.{s.place}") or missing.get(s.place)
             if why:
                 raise ValueError(f"{iv.site}: {why}")
+            if s.place == "final" and not hasattr(getattr(model, "text", None), "ln_final"):
+                raise ValueError(f"{iv.site}: this model's text tower has no final LayerNorm before a projection; "
+                                 "edit text.tokens instead")
             if isinstance(s.layers, int) and not -self.n_layers[s.tower] <= s.layers < self.n_layers[s.tower]:
                 raise IndexError(f"{iv.site}: the {s.tower} tower has {self.n_layers[s.tower]} blocks")
         return self
@@ -135,6 +138,12 @@ class InterventionSet(Hooks):
             b = iv.edit(n) if callable(iv.edit) else iv.edit
             total = b if total is None else total + b
         return total
+
+    def edits_final(self, tower):
+        return any(True for _ in self._at(tower, "final"))
+
+    def final(self, tower, x):
+        return self._apply_all(self._at(tower, "final"), x, 1)
 
     def edits_tokens(self, tower):
         return any(True for _ in self._at(tower, "tokens"))

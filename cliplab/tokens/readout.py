@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..models.hooks import TowerOutput
 from ..models.tokenizer import TokenizedBatch
+from .sites import space_site
 
 
 def as_batch(model, texts) -> TokenizedBatch:
@@ -16,6 +17,23 @@ def as_batch(model, texts) -> TokenizedBatch:
     if isinstance(texts, TokenizedBatch):
         return texts
     return model.tokenize([texts] if isinstance(texts, str) else list(texts))
+
+
+def space_output(space: str) -> str:
+    """The ``output=`` name that records a conditioning space's per-token sequence (``"joint"`` -> ``"tokens"``)."""
+    space_site(space)  # validates the name
+    return "tokens" if space == "joint" else space
+
+
+def space_tokens(out: TowerOutput, space: str) -> torch.Tensor:
+    """The per-token sequence of a conditioning space in ``out``: ``joint`` -> ``out.tokens`` ``[B, n, D]``,
+    ``final`` -> ``out.final`` ``[B, n, W]``, ``penultimate`` -> ``out.penultimate`` ``[B, n, W]``; encode with
+    ``output=space_output(space)``."""
+    space_site(space)  # validates the name
+    seq = {"joint": out.tokens, "final": out.final, "penultimate": out.penultimate}[space]
+    if seq is None:
+        raise ValueError(f"the {space!r} sequence was not recorded: encode with output={space_output(space)!r}")
+    return seq
 
 
 def token_mask(batch: TokenizedBatch, phrases: str | list[str | None], width: int | None = None,
