@@ -65,8 +65,8 @@ PAPERS: tuple[Paper, ...] = (
     _m(10, "text2token", "Text2Token", "Text2Token: Unsupervised Text Representation Learning with Token Target "
        "Prediction", "textrep"),
     _m(11, "sce", "Dissecting CLIP", "Dissecting CLIP: Decomposition with a Schur Complement-based Approach",
-       "metrics", 32),
-    _m(12, "dptr", "DPTR", "Decoder Pre-Training with only Text for Scene Text Recognition", "scenetext", 32),
+       "metrics"),
+    _m(12, "dptr", "DPTR", "Decoder Pre-Training with only Text for Scene Text Recognition", "scenetext"),
     _m(13, "nola", "NoLA", "CLIP meets DINO for Tuning Zero-Shot Classifier using Unlabeled Image Collections",
        "zeroshot", 20),
     _m(14, "rave", "RAVE", "RAVE: Residual Vector Embedding for CLIP-Guided Backlit Image Enhancement", "generation",
@@ -98,8 +98,8 @@ PAPERS: tuple[Paper, ...] = (
        "objectives"),
     _m(29, "un2clip", "un^2CLIP", "un^2CLIP: Improving CLIP's Visual Detail Capturing Ability via Inverting unCLIP",
        "generation", 31),
-    _m(30, "cgtgan", "CgT-GAN", "CgT-GAN: CLIP-guided Text GAN for Image Captioning", "captioning", 32),
-    _m(31, "clippings", "CLIPPINGS", "Linking Representations with Multimodal Contrastive Learning", "apps", 32),
+    _m(30, "cgtgan", "CgT-GAN", "CgT-GAN: CLIP-guided Text GAN for Image Captioning", "captioning"),
+    _m(31, "clippings", "CLIPPINGS", "Linking Representations with Multimodal Contrastive Learning", "apps"),
     _m(32, "follow_the_flow", "Follow the Flow", "Follow the Flow: On Information Flow Across Textual Tokens in "
        "Text-to-Image Models", "text_edit", 31),
     _m(33, "lexinvariant_lm", "Lexinvariant LM", "Lexinvariant Language Models", "textrep"),
@@ -117,10 +117,10 @@ PAPERS: tuple[Paper, ...] = (
     _m(40, "binary_pv_dsg", "Binary PV / DSG", "Vector representations of text data in deep learning", "textrep"),
     _m(41, "grain", "GRAIN", "Grounding Descriptions in Images informs Zero-Shot Visual Recognition", "zeroshot",
        20),
-    _m(42, "clip4dm", "CLIP4DM", "Extract Free Dense Misalignment from CLIP", "metrics", 32),
+    _m(42, "clip4dm", "CLIP4DM", "Extract Free Dense Misalignment from CLIP", "metrics"),
     _m(43, "coop", "CoOp", "Learning to Prompt for Vision-Language Models", "zeroshot", 20),
     _m(44, "fdp", "FDP", "Focus, Distinguish, and Prompt: Unleashing CLIP for Efficient and Flexible Scene Text "
-       "Retrieval", "scenetext", 32),
+       "Retrieval", "scenetext"),
     _m(45, "decor", "DECOR", "DECOR: Decomposition and Projection of Text Embeddings for Text-to-Image "
        "Customization", "text_edit", 31),
     _s(46, "survey_word_to_mm", "Survey: word vectors to multimodal embeddings", "From Word Vectors to Multimodal "

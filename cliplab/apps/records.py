@@ -50,6 +50,13 @@ def ocr_noise(text: str, rng: np.random.Generator, rate: float = 0.15) -> str:
     return "".join(out)
 
 
+def _shuffled(items: set, rng: np.random.Generator) -> list:
+    """A seeded random order of a set: sorted first, since a set's iteration order of strings changes with Python's
+    hash seed from one process to the next."""
+    ordered = sorted(items)
+    return [ordered[i] for i in rng.permutation(len(ordered))]
+
+
 def _names(n: int, rng: np.random.Generator, words: tuple[str, ...]) -> list[str]:
     """``n`` distinct two-word names from ``words`` (the world's drawn words, which the shipped text tower knows)."""
     if n > len(words) * (len(words) - 1):
@@ -57,7 +64,7 @@ def _names(n: int, rng: np.random.Generator, words: tuple[str, ...]) -> list[str
     names: set[str] = set()
     while len(names) < n:
         names.add(" ".join(str(w) for w in rng.choice(words, size=2, replace=False)))
-    return sorted(names, key=lambda s: rng.random())
+    return _shuffled(names, rng)
 
 
 def _logos(n: int, rng: np.random.Generator, shapes, colours) -> list[tuple[tuple[str, str], ...]]:
@@ -65,7 +72,7 @@ def _logos(n: int, rng: np.random.Generator, shapes, colours) -> list[tuple[tupl
     while len(logos) < n:
         k = int(rng.integers(1, 3))
         logos.add(tuple(sorted((str(rng.choice(shapes)), str(rng.choice(colours))) for _ in range(k))))
-    return sorted(logos, key=lambda s: rng.random())
+    return _shuffled(logos, rng)
 
 
 def make_records(n_entities: int = 24, records_per_entity: int = 4, seed: int = 0, noise: float = 0.15,
