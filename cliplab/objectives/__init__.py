@@ -14,8 +14,8 @@ softened labels, relaxed bipartite word-patch alignment and image-fused MLM; los
 ``lightclip-tiny``; the matching is shared in :mod:`cliplab.train.matching`), ``mcip`` (MCIP's ArcMargin and
 multi-caption ArcMargin fine-tuning and 2SFT; losses ``mcip``, ``arcmargin``, source ``mcip-views``, presets
 ``mcip-tiny``, ``mcip-2sft-tiny``, ``mcip-realign-tiny``), ``dclip`` (DCLIP's region-aware cross-modal teacher
-and hybrid InfoNCE + cosine distillation; Python API: its teacher needs each scene's object boxes, which the
-trainer's batches do not carry).
+and hybrid InfoNCE + cosine distillation; ``cliplab dclip distill`` rather than a preset: its teacher needs each
+scene's object boxes, which the trainer's batches do not carry).
 """
 
 __all__: list[str] = []
