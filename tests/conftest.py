@@ -93,3 +93,19 @@ def minilm():
         return text.load_embedder("all-MiniLM-L6-v2")
     except MissingDependency as e:
         pytest.skip(str(e))
+
+
+def clip_batch_output(model, pixels: torch.Tensor, texts: list[str], step: int = 0):
+    """The trainer's ``BatchOutput`` for one batch of ``pixels`` and ``texts`` (normalised fp32 features), as a loss
+    plug-in receives it: for testing losses outside the trainer."""
+    import torch.nn.functional as F
+
+    from cliplab.train.data import Batch
+    from cliplab.train.losses import BatchOutput
+
+    ids = model.tokenize(texts).ids
+    batch = Batch(step=step, indices=list(range(len(texts))), pixels=pixels, ids=ids, texts=texts,
+                  is_long=torch.zeros(len(texts), dtype=torch.bool), truncated=torch.zeros(len(texts), dtype=torch.bool))
+    img = F.normalize(model.encode_image(pixels).float(), dim=-1)
+    txt = F.normalize(model.encode_text(ids).float(), dim=-1)
+    return BatchOutput(img, txt, model.logit_scale, batch)

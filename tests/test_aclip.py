@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 import cliplab
 from cliplab.objectives.aclip import AClipLoss, aclip_keep, aclip_tiny, crop_views, view_boxes
-from cliplab.train import BatchOutput, CLIPLoss, Trainer, get_loss
-from cliplab.train.data import Batch
+from cliplab.train import CLIPLoss, Trainer, get_loss
 from cliplab.train.ema import EMATeacher, cosine_momentum, ema_update_
 from cliplab.train.masking import (attentive_block_keep, block_scores, cls_attention_over_layers, crop_score_map,
                                    kept_count, random_block_keep)
 from cliplab.train.ssl import byol_loss, simclr_loss
+from conftest import clip_batch_output as _output  # the BatchOutput a loss receives
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,15 +173,6 @@ def tiny():
     pixels = model.preprocessor.batch([s.render() for s in scenes])
     texts = [s.short_caption for s in scenes]
     return model, pixels, texts
-
-
-def _output(model, pixels, texts, step=0) -> BatchOutput:
-    ids = model.tokenize(texts).ids
-    batch = Batch(step=step, indices=list(range(len(texts))), pixels=pixels, ids=ids, texts=texts,
-                  is_long=torch.zeros(len(texts), dtype=torch.bool), truncated=torch.zeros(len(texts), dtype=torch.bool))
-    img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-    txt = F.normalize(model.encode_text(ids).float(), dim=-1)
-    return BatchOutput(img, txt, model.logit_scale, batch)
 
 
 def _attached(model, **kw) -> AClipLoss:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import cliplab
 from cliplab.objectives.lightclip import (LightCLIPLoss, lightclip_tiny, mlm_positions, soft_targets,
                                           softened_clip_loss, softening_epsilon, token_alignment_loss, word_mask)
-from cliplab.train import BatchOutput, CLIPLoss, Trainer, TrainConfig, get_loss
-from cliplab.train.data import Batch
+from cliplab.train import CLIPLoss, Trainer, TrainConfig, get_loss
 from cliplab.train.matching import (hungarian_matching, matched_similarity, relaxed_matching, token_match_scores)
+from conftest import clip_batch_output as _output  # the BatchOutput a loss receives
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,15 +134,6 @@ def tiny():
     scenes = [world.sample(i) for i in range(8)]
     pixels = model.preprocessor.batch([s.render() for s in scenes])
     return model, pixels, [s.short_caption for s in scenes]
-
-
-def _output(model, pixels, texts, step=0) -> BatchOutput:
-    ids = model.tokenize(texts).ids
-    batch = Batch(step=step, indices=list(range(len(texts))), pixels=pixels, ids=ids, texts=texts,
-                  is_long=torch.zeros(len(texts), dtype=torch.bool), truncated=torch.zeros(len(texts), dtype=torch.bool))
-    img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-    txt = F.normalize(model.encode_text(ids).float(), dim=-1)
-    return BatchOutput(img, txt, model.logit_scale, batch)
 
 
 def _attached(model, **kw) -> LightCLIPLoss:
