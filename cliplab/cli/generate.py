@@ -1,0 +1,146 @@
+"""``cliplab generate``: the small text-to-image generator (:mod:`cliplab.generation`): draw prompts, judge the
+generator, train one."""
+
+from __future__ import annotations
+
+import click
+
+from .app import main
+from .common import emit, json_option, progress_option, warnings_to_stderr
+
+
+def _generator_option():
+    return click.option("--generator", "-g", default="scenes-32", show_default=True,
+                        help="A shipped generator name or a directory saved by `cliplab generate train`.")
+
+
+def _load(name):
+    from ..generation import TextConditioner, load_generator
+    from ..pipeline.modelref import resolve_model
+
+    gen = load_generator(name)
+    text_model, _ = resolve_model(gen.info.get("text_model", "shapes-tiny"))
+    return gen, TextConditioner(text_model.float().eval(), space=gen.info.get("space", "final"))
+
+
+@main.group("generate")
+def generate_group():
+    """A small token-conditioned diffusion model on the synthetic world (docs/generation.md)."""
+
+
+@generate_group.command("sample")
+@click.argument("prompts", nargs=-1, required=True)
+@_generator_option()
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="PNG grid to write.")
+@click.option("--per-prompt", type=click.IntRange(1, 64), default=4, show_default=True, help="Samples per prompt.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="DDIM steps.")
+@click.option("--guidance", type=click.FloatRange(min=0), default=None,
+              help="Classifier-free guidance scale (default: the generator's; 1 = unguided).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--judge/--no-judge", "use_judge", default=True, show_default=True,
+              help="Score each prompt's samples with the generator's judge (prompts in its grammar only).")
+@json_option()
+def sample_cmd(prompts, generator, out, per_prompt, steps, guidance, seed, use_judge, as_json):
+    """Draw PER_PROMPT samples of every prompt into one grid (a row per prompt).
+
+    \b
+    Example:
+      cliplab generate sample "a red circle" "a red circle and a blue square" -o grid.png
+    """
+    import torch
+
+    from ..data.synthetic import parse_caption
+    from ..generation import load_judge, save_grid
+
+    with warnings_to_stderr():
+        gen, cond = _load(generator)
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        images = torch.cat([gen.sample(cond([p] * per_prompt), steps=steps, seed=seed + i, guidance=guidance)
+                            for i, p in enumerate(prompts)]) if rows else None
+        path = save_grid(images, out, columns=per_prompt)
+        scores = {}
+        if use_judge:
+            judge = load_judge(generator)
+            for i, p in enumerate(prompts):
+                pairs = _pairs_of(p, parse_caption)
+                if pairs is not None:
+                    scores[p] = judge.score(images[i * per_prompt:(i + 1) * per_prompt], [pairs] * per_prompt)
+    data = {"grid": str(path), "prompts": list(prompts), "per_prompt": per_prompt, "judged": scores}
+    emit(data, as_json, lambda d: click.echo(f"grid -> {d['grid']}" + "".join(
+        f"\n  {p!r}: binding {s['binding']:.2f}, colours {s['colours']:.2f}, shapes {s['shapes']:.2f}"
+        for p, s in d["judged"].items())))
+
+
+def _pairs_of(prompt, parse_caption):
+    """The (colour, shape) pairs of a generator-grammar prompt, or None when the judge cannot score it."""
+    from ..generation import GEN_COLOURS, GEN_SHAPES
+
+    pairs = []
+    for part in prompt.split(" and "):
+        words = part.split()
+        if len(words) != 3 or words[1] not in GEN_COLOURS or words[2] not in GEN_SHAPES:
+            return None
+        pairs.append((words[1], words[2]))
+    return pairs
+
+
+@generate_group.command("judge")
+@_generator_option()
+@click.option("--per-count", type=click.IntRange(1), default=48, show_default=True,
+              help="Held-out prompts of each object count (1, 2, 3).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True)
+@click.option("--guidance", type=click.FloatRange(min=0), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option()
+def judge_cmd(generator, per_count, steps, guidance, seed, as_json):
+    """Sample held-out prompts of 1, 2 and 3 objects and report the judge's binding, colour and shape accuracy
+    (beside its accuracy on clean renders of the same prompts)."""
+    from ..generation import judge_generator, load_judge
+
+    with warnings_to_stderr():
+        gen, cond = _load(generator)
+        data = judge_generator(gen, cond, load_judge(generator), per_count=per_count, steps=steps, seed=seed,
+                               guidance=guidance)
+    emit(data, as_json, lambda d: click.echo("\n".join(
+        f"{n} object(s): binding {s['binding']:.3f} (clean renders {s['clean_binding']:.3f}), "
+        f"colours {s['colours']:.3f}, shapes {s['shapes']:.3f}" for n, s in d.items())))
+
+
+@generate_group.command("train")
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
+@click.option("--text-model", "-m", default="shapes-tiny", show_default=True,
+              help="The frozen text tower whose per-token states condition the generator.")
+@click.option("--space", type=click.Choice(["final", "penultimate", "joint"]), default="final", show_default=True,
+              help="Where the generator reads the text tower (final: SD 1.x; penultimate: SDXL).")
+@click.option("--steps", type=click.IntRange(1), default=4000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--channels", default="16,32,64", show_default=True, help="U-Net channels per level.")
+@click.option("--judge-steps", type=click.IntRange(0), default=800, show_default=True,
+              help="Train a judge beside it (0: none).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@progress_option()
+@json_option()
+def train_cmd(out, text_model, space, steps, batch_size, channels, judge_steps, seed, progress, as_json):
+    """Train a generator on the synthetic world (32 px, 1-3 objects) conditioned on TEXT_MODEL's per-token states,
+    save it (and a judge) to OUT. The shipped scenes-32 is this with the defaults (experiments/train_generator.py)."""
+    from ..generation import (DenoiserConfig, GenerationScenes, GeneratorTrainConfig, TextConditioner,
+                              train_generator, train_judge)
+    from ..pipeline.modelref import resolve_model
+
+    try:
+        chans = tuple(int(c) for c in channels.split(","))
+        dcfg = DenoiserConfig(channels=chans, attn_levels=tuple(range(1, len(chans))))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--channels") from None
+    with warnings_to_stderr():
+        model, _ = resolve_model(text_model)
+        cond = TextConditioner(model.float().eval(), space=space)
+        cfg = GeneratorTrainConfig(steps=steps, batch_size=batch_size, seed=seed, denoiser=dcfg)
+        gen = train_generator(cond, GenerationScenes(seed=seed), cfg, progress=progress,
+                              info={"text_model": text_model, "space": space})
+        gen.save(out)
+        if judge_steps:
+            train_judge(GenerationScenes(seed=1000 + seed), steps=judge_steps, seed=seed, progress=progress).save(out)
+    data = {"generator": out, "final_loss": gen.info["final_loss"], "train_seconds": gen.info["train_seconds"]}
+    emit(data, as_json, lambda d: click.echo(f"generator -> {d['generator']} (final loss {d['final_loss']:.4f}, "
+                                             f"{d['train_seconds']:.0f} s)"))
