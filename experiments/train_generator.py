@@ -27,9 +27,10 @@ from cliplab.generation.quality import judge_generator  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--steps", type=int, default=1600)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--judge-steps", type=int, default=4000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--judge-steps", type=int, default=600)
     ap.add_argument("--judge-only", action="store_true", help="Train (or retrain) the judge and stop.")
     ap.add_argument("--channels", default="16,32,64")
     ap.add_argument("--checkpoint-every", type=int, default=250)
@@ -41,17 +42,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if args.judge_only or (args.judge_steps and not (out / "judge.json").is_file()):
-        judge = train_judge(GenerationScenes(seed=1000), steps=args.judge_steps, n_images=16000, progress=True)
+        judge = train_judge(GenerationScenes(seed=1000), steps=args.judge_steps, progress=True)
         held = GenerationScenes(seed=2000)
-        imgs, specs = held.tensors(600)
-        print("judge on clean held-out renders:", judge.score(imgs.float() / 255, specs), flush=True)
+        imgs, specs = held.batch(range(600))
+        print("judge on clean held-out renders:", judge.score(imgs, specs), flush=True)
         judge.save(out)
         if args.judge_only:
             return
     model = cliplab.load("shapes-tiny")
     cond = TextConditioner(model, space="final")
     chans = tuple(int(c) for c in args.channels.split(","))
-    cfg = GeneratorTrainConfig(steps=args.steps, batch_size=args.batch_size,
+    cfg = GeneratorTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                denoiser=DenoiserConfig(channels=chans, attn_levels=tuple(range(1, len(chans)))))
     info = {"text_model": "shapes-tiny", "space": "final"}
 

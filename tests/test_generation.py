@@ -220,26 +220,51 @@ def test_scenes_are_seeded_with_distinct_objects():
 
 
 def test_judge_scores_binding_exactly():
-    class Oracle(SceneJudge):  # logits that put the given pairs on top
-        def __init__(self, found):
+    class Oracle(SceneJudge):  # a parser that reports given {colour: shape} maps
+        def __init__(self, seen):
             super().__init__()
-            self.found = found
+            self.seen = seen
 
-        def forward(self, images):
-            logits = torch.full((len(images), len(self.colours), len(self.shapes)), -5.0)
-            for i, pairs in enumerate(self.found):
-                for c, s in pairs:
-                    logits[i, self.colours.index(c), self.shapes.index(s)] = 5.0
-            return logits
+        def parse(self, images):
+            return self.seen
 
-    truth = [[("red", "circle"), ("blue", "square")]] * 3
-    judge = Oracle([[("red", "circle"), ("blue", "square")], [("blue", "circle"), ("red", "square")],
-                    [("red", "circle"), ("green", "square")]])
-    rows = judge.score(torch.zeros(3, 3, 32, 32), truth, per_image=True)
-    assert rows["binding"] == [1.0, 0.0, 0.0]          # swapped colours: colours and shapes right, binding wrong
-    assert rows["colours"] == [1.0, 1.0, 0.5] and rows["shapes"] == [1.0, 1.0, 1.0]
+    truth = [[("red", "circle"), ("blue", "square")]] * 4
+    judge = Oracle([{"red": "circle", "blue": "square"}, {"blue": "circle", "red": "square"},
+                    {"red": "circle", "green": "square"}, {"red": "circle", "blue": "square", "cyan": "cross"}])
+    rows = judge.score(torch.zeros(4, 3, 32, 32), truth, per_image=True)
+    assert rows["binding"] == [1.0, 0.0, 0.0, 1.0]     # swapped colours: colours and shapes right, binding wrong
+    assert rows["colours"] == [1.0, 1.0, 0.5, 1.0] and rows["shapes"] == [1.0, 1.0, 0.5, 1.0]
     with pytest.raises(ValueError, match="images for"):
         judge.score(torch.zeros(2, 3, 32, 32), truth)
+
+
+def test_judge_parses_colours_exactly_and_crops_are_scale_free():
+    judge = SceneJudge()
+    img = torch.full((1, 3, 32, 32), 139 / 255)
+    img[0, :, 4:10, 4:10] = torch.tensor([210, 25, 25]).view(3, 1, 1) / 255     # red block
+    img[0, :, 20:22, 20:22] = torch.tensor([30, 70, 230]).view(3, 1, 1) / 255   # blue, 4 px (= min_area)
+    img[0, :, 28, 28] = torch.tensor([30, 170, 50]) / 255                       # green, 1 px: too small
+    cmap = judge.colour_map(img)[0]
+    assert (cmap == judge.colours.index("red")).sum() == 36 and (cmap == len(judge.colours)).sum() == 1024 - 41
+    assert judge.region(cmap, "blue").sum() == 4 and judge.region(cmap, "green") is None
+    assert set(judge.parse(img)[0]) == {"red", "blue"}
+    small, large = torch.zeros(32, 32), torch.zeros(32, 32)
+    small[4:8, 4:8], large[10:26, 6:22] = 1, 1
+    assert torch.allclose(judge.crop_region(small.numpy() > 0), judge.crop_region(large.numpy() > 0))
+
+
+def test_shipped_judge_reads_clean_renders():
+    """The shipped judge on held-out clean renders: the ceiling every generator score is read against."""
+    from cliplab.generation import load_judge
+
+    judge = load_judge("scenes-32")
+    for count in (1, 2):
+        specs, images = held_out_specs(count, 40)
+        scores = judge.score(images, specs)
+        assert scores["colours"] == 1.0 and scores["binding"] >= 0.85
+        swapped = [tuple((a[0], b[1]) for a, b in zip(s.pairs, s.pairs[1:] + s.pairs[:1])) for s in specs]
+        if count == 2:
+            assert judge.score(images, swapped)["binding"] <= 0.1
 
 
 def test_grid_layout():

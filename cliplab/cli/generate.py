@@ -112,10 +112,10 @@ def judge_cmd(generator, per_count, steps, guidance, seed, as_json):
               help="The frozen text tower whose per-token states condition the generator.")
 @click.option("--space", type=click.Choice(["final", "penultimate", "joint"]), default="final", show_default=True,
               help="Where the generator reads the text tower (final: SD 1.x; penultimate: SDXL).")
-@click.option("--steps", type=click.IntRange(1), default=4000, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=1600, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--channels", default="16,32,64", show_default=True, help="U-Net channels per level.")
-@click.option("--judge-steps", type=click.IntRange(0), default=800, show_default=True,
+@click.option("--judge-steps", type=click.IntRange(0), default=600, show_default=True,
               help="Train a judge beside it (0: none).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @progress_option()

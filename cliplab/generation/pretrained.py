@@ -31,5 +31,7 @@ def load_generator(name_or_dir: str | Path = "scenes-32") -> DiffusionGenerator:
 def load_judge(name_or_dir: str | Path = "scenes-32") -> SceneJudge:
     """The judge saved beside a generator (``judge.json``)."""
     p = Path(name_or_dir)
-    d = p if (p / "judge.json").is_file() else shipped_generator_dir(str(name_or_dir))
-    return SceneJudge.load(d)
+    for d in (p, _ROOT / str(name_or_dir)):
+        if (d / "judge.json").is_file():
+            return SceneJudge.load(d)
+    raise FileNotFoundError(f"no judge at {name_or_dir!r} (neither a directory with judge.json nor a shipped name)")

@@ -22,9 +22,9 @@ __all__ = ["GeneratorTrainConfig", "train_generator"]
 
 @dataclass
 class GeneratorTrainConfig:
-    steps: int = 4000
+    steps: int = 1600
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100
     n_images: int = 12000
     cond_dropout: float = 0.1      # prompts replaced by "" (the unconditional branch of guidance)
