@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 # Capability packages whose modules hold paper methods (one file per paper).
 CAPABILITIES = ("text_edit", "longtext", "metrics", "zeroshot", "dense", "vision_tokens", "objectives", "curation",
-                "textrep", "apps", "generation", "cir", "scenetext", "captioning")
+                "textrep", "apps", "generation", "cir", "scenetext", "captioning", "enhance", "t2i")
 
 
 @dataclass(frozen=True)

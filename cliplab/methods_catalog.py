@@ -69,8 +69,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(12, "dptr", "DPTR", "Decoder Pre-Training with only Text for Scene Text Recognition", "scenetext"),
     _m(13, "nola", "NoLA", "CLIP meets DINO for Tuning Zero-Shot Classifier using Unlabeled Image Collections",
        "zeroshot", 20),
-    _m(14, "rave", "RAVE", "RAVE: Residual Vector Embedding for CLIP-Guided Backlit Image Enhancement", "generation",
-       31),
+    _m(14, "rave", "RAVE", "RAVE: Residual Vector Embedding for CLIP-Guided Backlit Image Enhancement", "enhance"),
     _m(15, "maft_plus", "MAFT+", "Collaborative Vision-Text Representation Optimizing for Open-Vocabulary "
        "Segmentation", "dense"),
     _m(16, "ga_dms", "GA-DMS", "Gradient-Attention Guided Dual-Masking Synergetic Framework for Robust Text-based "

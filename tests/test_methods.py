@@ -24,6 +24,7 @@ METHODS = {m.slug: m for m in list_methods()}
 # the implementing module (a move is a deliberate change, not an accident) ...
 MODULES = {
     "aclip": "cliplab.objectives.aclip",
+    "rave": "cliplab.enhance.rave",
     "attribute_control": "cliplab.text_edit.attribute_control",
     "binary_pv_dsg": "cliplab.textrep.binary_pv_dsg",
     "clip4dm": "cliplab.metrics.clip4dm",
