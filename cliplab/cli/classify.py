@@ -15,7 +15,9 @@ from .common import (
     fail,
     json_option,
     model_option,
+    backend_option,
     precision_option,
+    with_backend,
     progress_option,
     render_table,
     shorten,
@@ -108,7 +110,8 @@ def _write_csv(path: str, results: list[dict]) -> int:
                    "context replace --templates; --labels, if given, must name the same classes (and sets the order).")
 @top_k_option(default=5, help="Classes shown per image.")
 @model_option()
-@precision_option()
+@backend_option()
+@precision_option(int8=True)
 @click.option("--out", "-o", "out_file", type=click.Path(dir_okay=False), default=None,
               help="Write every result to this CSV file: one row per image and rank (image, rank, label, prob, "
                    "error).")
@@ -116,7 +119,7 @@ def _write_csv(path: str, results: list[dict]) -> int:
 @click.option("--all-files", is_flag=True, help="In folders, try every file, not only image extensions.")
 @progress_option()
 @json_option()
-def classify_cmd(images, labels, labels_file, templates, template_list, prompts_file, top_k, model, precision,
+def classify_cmd(images, labels, labels_file, templates, template_list, prompts_file, top_k, model, backend, precision,
                  out_file, batch_size, all_files, progress, as_json):
     """Classify IMAGES (files or folders) zero-shot among the given labels.
 
@@ -163,8 +166,9 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
                    err=True)
     with warnings_to_stderr():
         net, _ = resolve_model(model)
-        if precision != "fp32":
-            net.set_precision(precision)
+        if learned is not None and backend != "torch":
+            raise click.UsageError("--prompts (learned prompt vectors) needs --backend torch")
+        net = with_backend(net, backend, precision)
         if learned is not None:
             try:
                 clf = ZeroShotClassifier.from_learned_prompts(net, learned, classnames=classes)
@@ -192,7 +196,9 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
                                                for j, (lab, prob) in enumerate(top)]
                 bar.update(len(paths[start:start + batch_size]))
     n_failed = sum(1 for r in results if "error" in r)
-    data = {"model": net.config.name, "precision": precision, "labels": classes,
+    from ..export.backends import backend_info
+
+    data = {"model": net.config.name, **backend_info(net), "labels": classes,
             "templates": len(clf.prompts[0][0]) if clf.prompts else None,
             "prompts": None if learned is None else {"file": str(prompts_file), "method": learned.method},
             "results": results, "failed": n_failed,

@@ -120,9 +120,35 @@ def set_option(help: str = "An option of the run (repeatable), e.g. --set limit=
 
 
 def precision_option(help: str = "Model compute precision: fp32 (exact) or bf16 (fast where the CPU has native "
-                                 "bf16)."):
-    return click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-                        help=help)
+                                 "bf16).", int8: bool = False):
+    """``--precision``; ``int8=True`` (commands with ``--backend``) also offers int8, which only ONNX Runtime runs."""
+    choices = ["fp32", "bf16", "int8"] if int8 else ["fp32", "bf16"]
+    if int8:
+        help = help.rstrip(".") + "; int8: --backend onnxruntime only (dynamic int8, fidelity in docs/backends.md)."
+    return click.option("--precision", type=click.Choice(choices), default="fp32", show_default=True, help=help)
+
+
+def backend_option():
+    """``--backend torch|onnxruntime|openvino``: who runs the model (docs/backends.md)."""
+    return click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino"]), default="torch",
+                        show_default=True,
+                        help="Inference backend: torch (every feature), or onnxruntime / openvino on the model's ONNX "
+                             "export (made on first use and cached by weight fingerprint; pip install onnxruntime "
+                             "/ openvino).")
+
+
+def with_backend(net, backend: str, precision: str):
+    """``net`` run by ``backend`` at ``precision`` (torch: the model itself, cast when not fp32); a combination the
+    backend does not offer is a usage error naming what to use instead."""
+    if backend == "torch" and precision in ("fp32", "bf16"):
+        return net.set_precision(precision) if precision != "fp32" else net
+    from ..export.backends import check_backend, load_backend
+
+    try:
+        check_backend(backend, precision)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--backend/--precision") from None
+    return load_backend(net, backend, precision)
 
 
 def parse_settings(pairs, param_hint: str = "--set") -> dict:

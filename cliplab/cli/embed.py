@@ -8,7 +8,7 @@ import click
 
 from .app import main
 from .common import (  # noqa: F401  (MODEL_HELP re-exported for old imports)
-    MODEL_HELP, emit, fail, json_option, model_option, on_interrupt, out_option, precision_option, progress_option,
+    MODEL_HELP, backend_option, emit, fail, json_option, model_option, on_interrupt, out_option, precision_option, progress_option,
     warnings_to_stderr,
 )
 
@@ -17,7 +17,8 @@ from .common import (  # noqa: F401  (MODEL_HELP re-exported for old imports)
 @out_option("Output directory (shards/, manifest.json, rejects.jsonl). Rerunning the same command resumes, and "
             "embeds what was added to SOURCE since.", required=True)
 @model_option()
-@precision_option()
+@backend_option()
+@precision_option(int8=True)
 @click.option("--synthetic", type=int, default=None, metavar="N",
               help="Embed N generated synthetic scenes (same as SOURCE synthetic:N).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -51,7 +52,7 @@ from .common import (  # noqa: F401  (MODEL_HELP re-exported for old imports)
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input was rejected.")
 @progress_option()
 @json_option()
-def embed_cmd(source, out_dir, model, precision, synthetic, engine, batch_size, text_batch_size, shard_size, workers,
+def embed_cmd(source, out_dir, model, backend, precision, synthetic, engine, batch_size, text_batch_size, shard_size, workers,
               dtype, no_normalize, no_truncate, what, device, path_column, caption_column, id_column, image_root,
               encoding, all_files, overwrite, strict, progress, as_json):
     """Embed SOURCE into sharded Parquet files in --out.
@@ -73,6 +74,7 @@ def embed_cmd(source, out_dir, model, precision, synthetic, engine, batch_size, 
     """
     from ..pipeline import embed
     from ..pipeline.embed import JobLockedError
+    from ..export.deps import MissingDependencyError
     from ..pipeline.engines.ray_engine import EngineUnavailable
 
     if synthetic is not None:
@@ -92,8 +94,8 @@ def embed_cmd(source, out_dir, model, precision, synthetic, engine, batch_size, 
                            engine=engine, batch_size=batch_size, text_batch_size=text_batch_size,
                            shard_size=shard_size, workers=workers, dtype=dtype, normalize=not no_normalize,
                            truncate=not no_truncate, what=what, device=device, progress=progress,
-                           precision=precision)
-    except (JobLockedError, EngineUnavailable) as e:
+                           precision=precision, backend=backend)
+    except (JobLockedError, EngineUnavailable, MissingDependencyError) as e:
         fail(str(e), 1)
     m = result.manifest
     c = m["counts"]
@@ -101,7 +103,7 @@ def embed_cmd(source, out_dir, model, precision, synthetic, engine, batch_size, 
     changes = result.changes
     data = {"out_dir": str(result.out_dir), "manifest": str(result.out_dir / "manifest.json"),
             "rejects_file": str(result.out_dir / m["rejects_file"]), "model": m["model"]["name"],
-            "engine": engine, "precision": m.get("precision", "fp32"), "items": c["items"], "rows": c["rows"],
+            "engine": engine, "backend": backend, "precision": m.get("precision", "fp32"), "items": c["items"], "rows": c["rows"],
             "rejects": c["rejects"], "images": c["images"], "texts": c["texts"],
             "captions_truncated": c["captions_truncated"],
             "captions_too_long_rejected": c["captions_too_long_rejected"],
@@ -114,7 +116,8 @@ def embed_cmd(source, out_dir, model, precision, synthetic, engine, batch_size, 
 
     def render(d):
         click.echo(f"embedded {d['rows']} of {d['items']} items ({d['images']} images, {d['texts']} captions) with "
-                   f"{d['model']} into {d['out_dir']}")
+                   f"{d['model']}" + (f" ({d['backend']} {d['precision']})" if d["backend"] != "torch" else "") +
+                   f" into {d['out_dir']}")
         click.echo(f"  shards: {d['shards_written']} written, {d['shards_skipped']} already done; "
                    f"{d['seconds']} s")
         if d["added"] and d["shards_skipped"]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from .app import main
-from .common import (MODEL_HELP, emit, fail, json_option, model_option, precision_option, render_table, shorten,
-                     top_k_option, warnings_to_stderr)
+from .common import (MODEL_HELP, backend_option, emit, fail, json_option, model_option, precision_option,
+                     render_table, shorten, top_k_option, warnings_to_stderr, with_backend)
 
 
 def _need_faiss():
@@ -128,14 +128,15 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
               help="Search with this image instead of a text QUERY.")
 @top_k_option(default=10, help="Results to return.")
 @model_option(default=None, help="Query encoder [default: the model recorded in the index]. " + MODEL_HELP)
+@backend_option()
 @precision_option(help="Compute precision of the query encoder: fp32 (exact) or bf16 (fast where the CPU has "
-                       "native bf16).")
+                       "native bf16).", int8=True)
 @click.option("--exclude-self", is_flag=True,
               help="Leave out the query itself: the query image's own file, and any row with an identical "
                    "embedding [default: off, so the top hit confirms an indexed image].")
 @click.option("--no-mmap", is_flag=True, help="Read the index into memory instead of memory-mapping it.")
 @json_option("Print JSON.")
-def search_cmd(index, query, image, top_k, model, precision, exclude_self, no_mmap, as_json):
+def search_cmd(index, query, image, top_k, model, backend, precision, exclude_self, no_mmap, as_json):
     """Search INDEX (a directory from `cliplab index`, or the embeddings directory holding it) with a text QUERY
     or --image PATH; prints rank (1 = best), score, id, path and caption of the top -k rows.
 
@@ -164,8 +165,8 @@ def search_cmd(index, query, image, top_k, model, precision, exclude_self, no_mm
             if recorded and recorded != info["fingerprint"]:
                 click.echo(f"warning: --model {model} is not the model that built this index "
                            f"({ix.info['model'].get('name')}); scores may be meaningless", err=True)
-        if precision != "fp32":
-            enc = (enc or ix.model()).set_precision(precision)
+        if precision != "fp32" or backend != "torch":
+            enc = with_backend(enc or ix.model(), backend, precision)
         try:
             if image is None:
                 hits = ix.search_text(query, k=top_k, model=enc, exclude_self=exclude_self)

@@ -11,14 +11,22 @@ Importing this package needs none of the optional packages; each function import
 install it when it is missing. See docs/export.md.
 """
 
+from .backends import BACKENDS, available_backends, backend_info, load_backend
 from .deps import INSTALL_HINT, MissingDependencyError
 from .manifest import MANIFEST_FILE, OnnxExportError
 from .onnx import export_onnx, quantize_onnx
 from .parity import check_parity
+from .openvino_runtime import OpenVINOCLIP, load_openvino
 from .runtime import OnnxCLIP, load_onnx
 
 __all__ = [
+    "BACKENDS",
     "INSTALL_HINT",
+    "OpenVINOCLIP",
+    "available_backends",
+    "backend_info",
+    "load_backend",
+    "load_openvino",
     "MANIFEST_FILE",
     "MissingDependencyError",
     "OnnxCLIP",

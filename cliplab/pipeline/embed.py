@@ -69,7 +69,10 @@ class EmbedOptions:
     (items without it are rejected). ``truncate=False`` rejects captions longer than the context instead of cutting
     them. ``workers``: decode threads (local) or CPUs (ray); default ``min(8, cpu_count)``. ``progress``: a bar on
     stderr (``None``: a bar on a terminal, a plain line every 10 s otherwise; ``cliplab.progress``). ``precision``:
-    ``fp32`` (exact) or ``bf16`` (the model's fast mode; recorded in the job, so a rerun cannot mix the two)."""
+    ``fp32`` (exact) or ``bf16`` (the model's fast mode; recorded in the job, so a rerun cannot mix the two).
+    ``backend``: ``torch`` (default), or ``onnxruntime`` / ``openvino`` on the model's ONNX export (exported on first
+    use, cached by weight fingerprint; precisions as :func:`cliplab.export.load_backend` offers them; local engine,
+    CPU only; recorded in the job like ``precision``)."""
 
     batch_size: int = 64
     text_batch_size: int = 256
@@ -83,6 +86,7 @@ class EmbedOptions:
     engine: str = "local"
     progress: bool | None = None
     precision: str = "fp32"
+    backend: str = "torch"
 
     def __post_init__(self):
         for name in ("batch_size", "text_batch_size", "shard_size"):
@@ -98,8 +102,17 @@ class EmbedOptions:
             raise ValueError(f"what must be one of {WHAT}, got {self.what!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.backend == "torch":
+            if self.precision not in ("fp32", "bf16"):
+                hint = "; int8 runs on backend='onnxruntime'" if self.precision == "int8" else ""
+                raise ValueError(f"precision must be fp32 or bf16 with backend='torch', got {self.precision!r}{hint}")
+        else:
+            from ..export.backends import check_backend
+
+            check_backend(self.backend, self.precision)
+            if self.engine != "local" or self.device != "cpu":
+                raise ValueError(f"backend={self.backend!r} runs on the local engine on the CPU: use "
+                                 "--engine local --device cpu, or backend='torch'")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -205,7 +218,11 @@ class EmbedJob:
         self.seed = seed
         self.on_shard = on_shard
         self.model, self.model_info = resolve_model(model, device=self.options.device, seed=seed)
-        if self.options.precision != "fp32":  # the fingerprint stays that of the fp32 weights
+        if self.options.backend != "torch":  # the fingerprint stays that of the fp32 weights it was exported from
+            from ..export.backends import load_backend
+
+            self.model = load_backend(self.model, self.options.backend, self.options.precision)
+        elif self.options.precision != "fp32":  # the fingerprint stays that of the fp32 weights
             if self.model_info["kind"] == "object":  # the caller's model is theirs: cast a copy
                 import copy
 
@@ -227,6 +244,8 @@ class EmbedJob:
         options = {k: opts[k] for k in _IDENTITY_OPTIONS}
         if self.options.precision != "fp32":  # only then: jobs written before the option existed still resume
             options["precision"] = self.options.precision
+        if self.options.backend != "torch":
+            options["backend"] = self.options.backend
         return {"source": self.source.identity(),
                 "model": {"name": self.model_info["name"], "fingerprint": self.model_info["fingerprint"]},
                 "options": options}
