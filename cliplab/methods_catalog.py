@@ -60,8 +60,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(7, "mcip", "MCIP", "Optimizing CLIP Models for Image Retrieval with Maintained Joint-Embedding Alignment",
        "objectives"),
     _m(8, "aclip", "A-CLIP", "Attentive Mask CLIP", "objectives"),
-    _m(9, "proclip", "ProCLIP", "ProCLIP: Progressive Vision-Language Alignment via LLM-based Embedder", "longtext",
-       23),
+    _m(9, "proclip", "ProCLIP", "ProCLIP: Progressive Vision-Language Alignment via LLM-based Embedder", "longtext"),
     _m(10, "text2token", "Text2Token", "Text2Token: Unsupervised Text Representation Learning with Token Target "
        "Prediction", "textrep"),
     _m(11, "sce", "Dissecting CLIP", "Dissecting CLIP: Decomposition with a Schur Complement-based Approach",
@@ -79,7 +78,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(18, "dupmae", "RetroMAE v2", "RetroMAE v2: Duplex Masked Auto-Encoder For Pre-Training "
        "Retrieval-Oriented Language Models", "textrep"),
     _m(19, "llm2clip", "LLM2CLIP", "LLM2CLIP: Powerful Language Model Unlock Richer Visual Representation",
-       "longtext", 23),
+       "longtext"),
     _m(20, "tcc_compress", "Token-correlation compression", "Token-level Correlation-guided Compression for "
        "Efficient Multimodal Document Understanding", "vision_tokens", 22),
     _m(21, "token_prepending", "Token Prepending", "Token Prepending: A Training-Free Approach for Eliciting Better "

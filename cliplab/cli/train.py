@@ -9,6 +9,7 @@ import click
 from .app import main
 from .common import (
     emit,
+    fail,
     json_option,
     on_interrupt,
     parse_settings,
@@ -60,8 +61,10 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
       cliplab train --preset tiny-smoke --data captions.csv --image-root images/ --init-from runs/smoke/final
       cliplab train --config runs/smoke/config.json --resume
       cliplab train --preset coop -o runs/coop      # learned prompts: runs/coop/prompts.safetensors
+      cliplab train --preset llm2clip-stage2 --set embedder=runs/emb -o runs/llm2clip   # an LLM text tower
     """
     from ..train import Trainer, TrainConfig, get_preset, list_presets as _list_presets
+    from ..train.runners import is_runner, runner_summaries
     from ..zeroshot.grain import GRAIN_PRESETS
     from ..zeroshot.nola import NOLA_PRESETS
     from ..zeroshot.prompt_learning import prompt_presets
@@ -71,6 +74,7 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
         data.update(prompt_presets())
         data.update(GRAIN_PRESETS)
         data.update(NOLA_PRESETS)
+        data.update(runner_summaries())
         emit(data, as_json, lambda d: [click.echo(f"{n:<14} {s}") for n, s in d.items()])
         return
     if (preset is None) == (config_path is None):
@@ -87,6 +91,9 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
     if preset in prompt_presets():
         _train_prompts(preset, out, steps, settings, init_from, show, as_json,
                        unsupported={"--data": data_path, "--image-root": image_root, "--resume": resume or None})
+        return
+    if is_runner(preset):
+        _train_runner(preset, out, steps, data_path, image_root, init_from, resume, settings, show, progress, as_json)
         return
     if image_root is not None and data_path is None:
         raise click.UsageError("--image-root goes with --data")
@@ -196,6 +203,34 @@ def _train_nola(preset, out, steps, settings, init_from, show, as_json, unsuppor
                    "it tunes on the synthetic blurred-shape task; see docs/methods/nola.md",
                    {"model": init_from or "shapes-tiny", "out": out or f"runs/{preset}"},
                    lambda options: run_nola_preset(preset, resolve_model(init_from)[0], out, **options), render)
+
+
+def _train_runner(preset, out, steps, data_path, image_root, init_from, resume, settings, show, progress,
+                  as_json) -> None:
+    """A runner preset (``cliplab.train.runners``: llm2clip-*, proclip-*): the method's own training function with
+    the preset's options; --set KEY=VALUE sets any of them, and the flags the preset honours set theirs (--steps,
+    -o, --init-from, --data, --progress); the others are refused before anything trains."""
+    from ..train.runners import get_runner
+
+    runner = get_runner(preset)
+    refused = [flag for flag, value in (("--resume", resume), ("--image-root", image_root)) if value]
+    if refused:
+        raise click.UsageError(f"{', '.join(refused)} do(es) not apply to preset {preset!r} (not a TrainConfig "
+                               f"run; see {runner.doc or 'cliplab train --list-presets'})")
+    try:
+        options = runner.options(parse_settings(settings), out=out, steps=steps, init_from=init_from,
+                                 data=data_path, progress=progress)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if show:
+        emit({"preset": preset, "options": options}, True, None)
+        return
+    with warnings_to_stderr(), on_interrupt("the run stopped before saving anything; run the command again"):
+        try:
+            summary = runner.run(**options)
+        except ValueError as e:
+            fail(str(e))
+    emit(summary, as_json, lambda d: click.echo(runner.line(d)))
 
 
 def _preset_summary(cfg) -> str:

@@ -31,12 +31,17 @@ class RandomWeightsWarning(UserWarning):
 
 
 def fingerprint(model) -> str:
-    """A short hash of the architecture config and every weight (name, dtype, shape, bytes)."""
+    """A short hash of the architecture config and every weight (name, dtype, shape, bytes), including weights a
+    model holds outside its ``state_dict`` (``model.external_state_dict()``: an LLM text tower's frozen embedder)."""
     import torch
 
     h = hashlib.blake2b(digest_size=16)
     h.update(repr(sorted(model.config.to_dict().items())).encode())
-    for name, t in sorted(model.state_dict().items()):
+    state = dict(model.state_dict())
+    external = getattr(model, "external_state_dict", None)
+    if callable(external):
+        state.update(external())
+    for name, t in sorted(state.items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

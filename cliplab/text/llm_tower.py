@@ -246,6 +246,13 @@ class LLMTextCLIP(nn.Module):
                                    text=dataclasses.replace(cfg.text, context_length=int(self.max_tokens)))
 
     # --- the bookkeeping the services read ---------------------------------------------------------------------
+    def external_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen embedder's weights (``embedder.*``): not this module's parameters, so not in ``state_dict``
+        and not saved with it (the embedder is stored by reference); ``cliplab.pipeline.modelref.fingerprint``
+        hashes them too, so a model whose embedder folder was re-tuned in place gets a new fingerprint."""
+        lm = getattr(self.embedder, "model", None)
+        return {} if lm is None else {f"embedder.{k}": v for k, v in lm.state_dict().items()}
+
     @property
     def device(self) -> torch.device:
         return self.clip.device
