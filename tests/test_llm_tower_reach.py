@@ -217,3 +217,15 @@ def test_classify_on_a_saved_directory(saved, tmp_path):
     top = d["results"][0]["top"]
     assert [t["label"] for t in top] == [labels[int(k)] for k in probs.argsort(descending=True)]
     assert [t["prob"] for t in top] == pytest.approx(sorted(probs.tolist(), reverse=True), abs=1e-4)
+
+
+def test_ray_engine_refuses_an_llm_tower_in_one_line():
+    """Ray workers rebuild a plain CLIP from a weights blob, which cannot carry an LLM tower: refused up front (the
+    embed command turns EngineUnavailable into a one-line error), never a failure inside an actor."""
+    from types import SimpleNamespace
+
+    from cliplab.pipeline.engines.ray_engine import EngineUnavailable, run_ray
+
+    ctx = SimpleNamespace(model=SimpleNamespace(embedder=object()), options=None)
+    with pytest.raises(EngineUnavailable, match="--engine local"):
+        run_ray(ctx, [0])

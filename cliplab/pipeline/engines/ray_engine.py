@@ -112,6 +112,9 @@ class _Embedder:
 
 
 def run_ray(ctx: "JobContext", pending: list[int]) -> None:
+    if getattr(ctx.model, "embedder", None) is not None:  # its workers rebuild a plain CLIP from the weights blob
+        raise EngineUnavailable("the ray engine cannot carry an LLM text tower yet (LLM2CLIP/ProCLIP models): use "
+                                "--engine local")
     ok, why = ray_available()
     if not ok:
         raise EngineUnavailable(why)
