@@ -381,3 +381,38 @@ def test_a_long_query_is_cut_to_fit_so_the_encoder_never_truncates(service):
         batch = service.model.tokenize([text])
     assert not batch.num_truncated and int(batch.lengths[0]) == 77
     assert service.prepare_query("red circle") == ("red circle", [])
+
+
+@pytest.fixture(scope="module")
+def export_cache(tmp_path_factory):
+    """One ONNX export cache for the backend tests of this module (the export is the slow part)."""
+    import os
+
+    before = os.environ.get("CLIPLAB_CACHE")
+    os.environ["CLIPLAB_CACHE"] = str(tmp_path_factory.mktemp("export-cache"))
+    yield
+    if before is None:
+        os.environ.pop("CLIPLAB_CACHE", None)
+    else:
+        os.environ["CLIPLAB_CACHE"] = before
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_service_on_another_backend_answers_as_torch(site, service, backend, export_cache):
+    """``--backend`` on serve: text search answers as the torch service does (fp32 fidelity), health says what
+    runs, and explanations (which take gradients) are refused with a one-line 400."""
+    pytest.importorskip("openvino" if backend == "openvino" else "onnxruntime")
+    svc = SearchService(str(site / "emb"), settings=ServeSettings(backend=backend))
+    try:
+        assert svc.health()["backend"] == backend and service.health()["backend"] == "torch"
+        q = "a red circle above a blue square"
+        got, want = svc.search_text(q, k=8)["hits"], service.search_text(q, k=8)["hits"]
+        assert [h["id"] for h in got] == [h["id"] for h in want]
+        np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want], atol=1e-4)
+        with TestClient(create_app(svc)) as c:
+            r = c.get("/api/explain", params={"q": q, "id": want[0]["id"]})
+            assert r.status_code == 400 and "--backend torch" in r.json()["detail"]
+    finally:
+        svc.close()
+    with pytest.raises(ValueError, match="onnxruntime"):
+        ServeSettings(backend="openvino", precision="int8")

@@ -8,7 +8,8 @@ import socket
 import click
 
 from .app import main
-from .common import MODEL_HELP, fail, json_option, model_option, precision_option, warnings_to_stderr
+from .common import (MODEL_HELP, backend_option, fail, json_option, model_option, precision_option,
+                     warnings_to_stderr)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -39,7 +40,8 @@ def _port_free(host: str, port: int) -> str | None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="TCP port (0: any free port; --json says which).")
 @model_option(default=None, help="Query encoder [default: the model recorded in the index]. " + MODEL_HELP)
-@precision_option()
+@backend_option()
+@precision_option(int8=True)
 @click.option("--max-upload-mb", type=click.FloatRange(0.01), default=20.0, show_default=True,
               help="Larger request bodies are refused with 413.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0.1), default=30.0, show_default=True,
@@ -54,7 +56,7 @@ def _port_free(host: str, port: int) -> str | None:
               show_default=True, help="uvicorn's log level (info logs every request).")
 @json_option("Print one JSON line on stdout once the index and model are loaded: url, port, model, n, ... (for "
              "scripts that start the server).")
-def serve_cmd(index, host, port, model, precision, max_upload_mb, timeout_s, max_batch, batch_wait_ms, k_max, no_mmap,
+def serve_cmd(index, host, port, model, backend, precision, max_upload_mb, timeout_s, max_batch, batch_wait_ms, k_max, no_mmap,
               log_level, as_json):
     """Serve INDEX (a directory from `cliplab index`, or the embeddings directory holding it): a search page at /,
     a JSON API (/api/search, /api/embed, /api/explain; documented at /docs), thumbnails and /metrics.
@@ -72,6 +74,7 @@ def serve_cmd(index, host, port, model, precision, max_upload_mb, timeout_s, max
     except ImportError as exc:
         fail(f"cliplab serve needs FastAPI, uvicorn and python-multipart ({exc.name} is missing): "
              "pip install 'cliplab[serve]'", 1)
+    from ..export.deps import MissingDependencyError
     from ..index import Index
 
     if host not in LOOPBACK:
@@ -83,8 +86,11 @@ def serve_cmd(index, host, port, model, precision, max_upload_mb, timeout_s, max
     why = _port_free(host, port)
     if why is not None:
         fail(f"cannot listen on {host}:{port}: {why} (choose another --port)", 1)
-    settings = ServeSettings(max_upload_mb=max_upload_mb, timeout_s=timeout_s, max_batch=max_batch,
-                             batch_wait_ms=batch_wait_ms, k_max=k_max, precision=precision)
+    try:
+        settings = ServeSettings(max_upload_mb=max_upload_mb, timeout_s=timeout_s, max_batch=max_batch,
+                                 batch_wait_ms=batch_wait_ms, k_max=k_max, precision=precision, backend=backend)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--backend/--precision") from None
     with warnings_to_stderr():
         try:
             ix = Index.load(index, mmap=not no_mmap)
@@ -94,7 +100,7 @@ def serve_cmd(index, host, port, model, precision, max_upload_mb, timeout_s, max
 
                 enc, _ = resolve_model(model)
             service = SearchService(ix, model=enc, settings=settings)
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, ValueError, MissingDependencyError) as exc:
             fail(str(exc), 2)
     h = service.health()
     url_host = f"[{host}]" if ":" in host else host

@@ -41,9 +41,14 @@ class SearchService:
         if self.model.config.embed_dim != self.index.dim:
             raise ValueError(f"model {self.model.config.name!r} makes {self.model.config.embed_dim}-d vectors, the "
                              f"index holds {self.index.dim}-d ones")
-        self.model.eval()
-        if self.settings.precision != self.model.precision:
-            self.model.set_precision(self.settings.precision)
+        if self.settings.backend != "torch":  # the same plain API, run by the runtime on the model's ONNX export
+            from ..export.backends import load_backend
+
+            self.model = load_backend(self.model, self.settings.backend, self.settings.precision)
+        else:
+            self.model.eval()
+            if self.settings.precision != self.model.precision:
+                self.model.set_precision(self.settings.precision)
         self.metrics = metrics or Metrics()
         self.metrics.set_gauge("cliplab_index_vectors", len(self.index))
         md = self.index.metadata
@@ -65,8 +70,10 @@ class SearchService:
 
     # --- what the server says about itself --------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
+        from ..export.backends import backend_info
+
         return {"status": "ok", "model": self.model.config.name, "n": len(self.index), "dim": self.index.dim,
-                "field": self.index.info.get("field"), "kind": self.index.kind, "precision": self.model.precision,
+                "field": self.index.info.get("field"), "kind": self.index.kind, **backend_info(self.model),
                 "partial": bool(self.index.info.get("partial", False)), "rss_mb": resident_memory_mb(),
                 "index_loaded_with": self.index.info.get("loaded_with")}
 
@@ -227,6 +234,9 @@ class SearchService:
         word is evidence against the image), computed by gradient x attention in the text tower."""
         from ..metrics.clip4dm import EPSILON, TEMPLATE, caption_word_scores, text_attribution
 
+        if self.settings.backend != "torch":
+            raise RequestError(400, f"per-word explanations take gradients through the text tower: serve with "
+                                    f"--backend torch (this service runs {self.settings.backend})")
         text, notes = self.prepare_query(q)
         row = self.row_of(id_)
         feats = self._row_image_features(row)

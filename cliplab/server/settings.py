@@ -12,7 +12,9 @@ class ServeSettings:
     are cut (with a warning in the answer) before tokenizing; the model's context cuts further, also with a warning.
     ``max_embed_texts``: texts per ``/api/embed`` call. ``timeout_s``: a request waiting longer for the model gets 504.
     ``max_batch`` / ``batch_wait_ms``: micro-batching (see :class:`~cliplab.server.batcher.MicroBatcher`).
-    ``precision``: the model's compute precision (``fp32`` exact, ``bf16`` fast)."""
+    ``precision``: the model's compute precision (``fp32`` exact, ``bf16`` fast; ``int8`` with ONNX Runtime).
+    ``backend``: ``torch``, or ``onnxruntime`` / ``openvino`` on the model's ONNX export (docs/backends.md); per-word
+    explanations need torch."""
 
     max_upload_mb: float = 20.0
     max_image_pixels: int = 50_000_000
@@ -23,6 +25,7 @@ class ServeSettings:
     max_batch: int = 32
     batch_wait_ms: float = 4.0
     precision: str = "fp32"
+    backend: str = "torch"
     thumb_size: int = 256
 
     def __post_init__(self):
@@ -30,8 +33,13 @@ class ServeSettings:
             raise ValueError(f"max_upload_mb must be > 0, got {self.max_upload_mb}")
         if self.k_max < 1:
             raise ValueError(f"k_max must be >= 1, got {self.k_max}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.backend == "torch":
+            if self.precision not in ("fp32", "bf16"):
+                raise ValueError(f"precision must be fp32 or bf16 with backend='torch', got {self.precision!r}")
+        else:
+            from ..export.backends import check_backend
+
+            check_backend(self.backend, self.precision)
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
 
