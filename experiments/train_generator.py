@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import cliplab  # noqa: E402
-from cliplab.generation import (DenoiserConfig, GenerationScenes, GeneratorTrainConfig, SceneJudge, TextConditioner,  # noqa: E402
+from cliplab.generation import (DenoiserConfig, DiffusionGenerator, GenerationScenes, GeneratorTrainConfig, SceneJudge, TextConditioner,  # noqa: E402
                                 train_generator, train_judge)
 from cliplab.generation.quality import judge_generator  # noqa: E402
 
@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--channels", default="16,32,64")
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume-from", default=None,
+                    help="Continue from a saved generator (its weights; a fresh schedule of --steps).")
+    ap.add_argument("--seed", type=int, default=0, help="Sampling order of the run (scenes stay world seed 0).")
     ap.add_argument("--out", default=str(ROOT / "cliplab/generation/pretrained/scenes-32"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,7 +55,7 @@ def main() -> None:
     model = cliplab.load("shapes-tiny")
     cond = TextConditioner(model, space="final")
     chans = tuple(int(c) for c in args.channels.split(","))
-    cfg = GeneratorTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    cfg = GeneratorTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                denoiser=DenoiserConfig(channels=chans, attn_levels=tuple(range(1, len(chans)))))
     info = {"text_model": "shapes-tiny", "space": "final"}
 
@@ -61,8 +64,14 @@ def main() -> None:
         gen.save(out)
         print(f"step {step}: saved ({time.time() - t0:.0f} s)", flush=True)
 
+    init = None
+    if args.resume_from:
+        init = DiffusionGenerator.load(args.resume_from)
+        prior = init.info.get("train_history", []) + [{k: init.info.get(k) for k in ("train", "final_loss",
+                                                                                       "train_seconds", "step")}]
+        info["train_history"] = prior
     gen = train_generator(cond, GenerationScenes(seed=0), cfg, progress=True, info=info,
-                          checkpoint_every=args.checkpoint_every, on_checkpoint=checkpoint)
+                          checkpoint_every=args.checkpoint_every, on_checkpoint=checkpoint, init=init)
     gen.save(out)
     if not (out / "judge.json").is_file():
         print("no judge yet: run with --judge-only, then `cliplab generate judge` for quality.json")

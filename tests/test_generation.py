@@ -74,6 +74,35 @@ def test_ddim_with_the_true_noise_returns_the_clean_image():
     assert torch.allclose(out, x0, atol=1e-4)
 
 
+def test_velocity_round_trips_to_the_noise():
+    s = NoiseSchedule(1000)
+    x0, eps, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0, 400, 999])
+    xt = s.add_noise(x0, t, eps)
+    v = s.velocity(x0, t, eps)
+    assert torch.allclose(s.noise_from_velocity(xt, t, v), eps, atol=1e-5)
+    # a v-predicting generator's predict_noise is that conversion of its denoiser's output
+    gen = _tiny_generator()
+    c = _cond(3)
+    x = torch.randn(3, 3, 32, 32)
+    tt = torch.tensor([5, 500, 990])
+    gen.schedule = NoiseSchedule(1000)
+    assert torch.allclose(gen.predict_noise(x, tt, c), s.noise_from_velocity(x, tt, gen.denoiser(x, tt, c)))
+    assert DiffusionGenerator(gen.denoiser, prediction="eps").predict_noise(x, tt, c).equal(gen.denoiser(x, tt, c))
+    with pytest.raises(ValueError, match="prediction"):
+        DiffusionGenerator(gen.denoiser, prediction="x0")
+
+
+def test_generator_loss_targets_its_prediction():
+    gen = _tiny_generator()
+    x0, noise, t = torch.rand(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.tensor([10, 80])
+    c = _cond()
+    v = gen.schedule.velocity(x0 * 2 - 1, t, noise)
+    out = gen.denoiser(gen.schedule.add_noise(x0 * 2 - 1, t, noise), t, c)
+    assert torch.allclose(gen.loss(x0, c, t=t, noise=noise), (out - v).pow(2).mean())
+    gen.prediction = "eps"
+    assert torch.allclose(gen.loss(x0, c, t=t, noise=noise), (out - noise).pow(2).mean())
+
+
 def test_schedule_loss_is_the_noise_error():
     s = NoiseSchedule(100)
     x0, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([1, 50, 99])
@@ -147,13 +176,13 @@ def test_guidance_keywords_reach_the_sampler(monkeypatch):
         return torch.zeros(shape)
 
     monkeypatch.setattr(gen.schedule, "ddim_sample", capture)
-    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
-    eps_c = gen.denoiser(x, t, c)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([50, 50])
+    eps_c = gen.predict_noise(x, t, c)
     other = Conditioning(torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.bool))
     for kwargs, scale, u in (({}, 2.5, gen.null), ({"guidance": 4.0}, 4.0, gen.null),
                              ({"guidance": 2.0, "uncond": other}, 2.0, other)):
         gen.sample(c, steps=7, seed=11, **kwargs)
-        eps_u = gen.denoiser(x, t, u.repeat(2))
+        eps_u = gen.predict_noise(x, t, u.repeat(2))
         assert torch.allclose(seen["predict"](x, t), eps_u + scale * (eps_c - eps_u), atol=1e-5)
         assert seen["steps"] == 7 and seen["seed"] == 11
     gen.null = None
@@ -240,7 +269,7 @@ def test_judge_scores_binding_exactly():
 
 def test_judge_parses_colours_exactly_and_crops_are_scale_free():
     judge = SceneJudge()
-    img = torch.full((1, 3, 32, 32), 139 / 255)
+    img = torch.full((1, 3, 32, 32), 120 / 255)
     img[0, :, 4:10, 4:10] = torch.tensor([210, 25, 25]).view(3, 1, 1) / 255     # red block
     img[0, :, 20:22, 20:22] = torch.tensor([30, 70, 230]).view(3, 1, 1) / 255   # blue, 4 px (= min_area)
     img[0, :, 28, 28] = torch.tensor([30, 170, 50]) / 255                       # green, 1 px: too small

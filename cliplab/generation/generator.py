@@ -23,9 +23,12 @@ __all__ = ["DiffusionGenerator"]
 
 class DiffusionGenerator(torch.nn.Module):
     def __init__(self, denoiser: TokenDenoiser, null: Conditioning | None = None, timesteps: int = 1000,
-                 guidance: float = 3.0, info: dict | None = None) -> None:
+                 guidance: float = 3.0, info: dict | None = None, prediction: str = "v") -> None:
         super().__init__()
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         self.denoiser = denoiser
+        self.prediction = prediction
         self.schedule = NoiseSchedule(timesteps)
         self.guidance = float(guidance)
         self.info = dict(info or {})
@@ -45,7 +48,9 @@ class DiffusionGenerator(torch.nn.Module):
         return self.schedule.timesteps
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return self.denoiser(x_t, t, cond)
+        """The noise in ``x_t``; a velocity-predicting denoiser's output is converted (``prediction="v"``)."""
+        out = self.denoiser(x_t, t, cond)
+        return out if self.prediction == "eps" else self.schedule.noise_from_velocity(x_t, t, out)
 
     def sample(self, cond: Conditioning, steps: int = 25, seed: int = 0, guidance: float | None = None,
                uncond: Conditioning | None = None) -> torch.Tensor:
@@ -60,12 +65,11 @@ class DiffusionGenerator(torch.nn.Module):
             both = Conditioning.cat([cond, uncond])
 
             def predict(x, t):
-                eps = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), both)
-                c, u = eps.chunk(2)
+                c, u = self.predict_noise(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
                 return u + scale * (c - u)
         else:
             def predict(x, t):
-                return self.denoiser(x, t, cond)
+                return self.predict_noise(x, t, cond)
         s = self.image_size
         was_training = self.training
         self.eval()
@@ -84,9 +88,10 @@ class DiffusionGenerator(torch.nn.Module):
     def loss(self, images: torch.Tensor, cond: Conditioning, generator: torch.Generator | None = None,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None, reduction: str = "mean"
              ) -> torch.Tensor:
-        """The denoising loss for clean ``images`` in [0, 1] under ``cond`` (gradients reach ``cond.tokens``)."""
+        """The training loss for clean ``images`` in [0, 1] under ``cond`` (gradients reach ``cond.tokens``): the
+        error of the denoiser's own target (the velocity for ``prediction="v"``, else the noise)."""
         return self.schedule.loss(lambda x, tt: self.denoiser(x, tt, cond), images * 2 - 1, t=t, noise=noise,
-                                  generator=generator, reduction=reduction)
+                                  generator=generator, reduction=reduction, prediction=self.prediction)
 
     # -------------------------------------------------------------- save / load
     def save(self, directory: str | Path) -> Path:
@@ -98,7 +103,8 @@ class DiffusionGenerator(torch.nn.Module):
             tensors["null.mask"] = self.null.mask.to(torch.uint8).contiguous()
         save_file(tensors, str(d / "generator.safetensors"))
         meta = {"format": "cliplab-generator", "format_version": 1, "denoiser": self.denoiser.config.to_dict(),
-                "timesteps": self.timesteps, "guidance": self.guidance, "info": self.info}
+                "timesteps": self.timesteps, "guidance": self.guidance, "prediction": self.prediction,
+                "info": self.info}
         (d / "generator.json").write_text(json.dumps(meta, indent=2) + "\n")
         return d
 
@@ -117,7 +123,8 @@ class DiffusionGenerator(torch.nn.Module):
         null = None
         if "null.tokens" in tensors:
             null = Conditioning(tensors["null.tokens"], tensors["null.mask"].bool())
-        return cls(denoiser, null=null, timesteps=meta["timesteps"], guidance=meta["guidance"], info=meta["info"])
+        return cls(denoiser, null=null, timesteps=meta["timesteps"], guidance=meta["guidance"], info=meta["info"],
+                   prediction=meta.get("prediction", "eps"))
 
     def frozen(self) -> "DiffusionGenerator":
         """Eval mode with every parameter's ``requires_grad`` off (methods that train around a fixed generator)."""

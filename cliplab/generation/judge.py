@@ -27,12 +27,12 @@ from torch import nn
 
 from ..data.synthetic import COLOURS
 from ..progress import Progress
-from .scenes import GEN_COLOURS, GEN_SHAPES, GenerationScenes, Pair, SceneSpec
+from .scenes import BACKGROUND, GEN_COLOURS, GEN_SHAPES, GenerationScenes, Pair, SceneSpec
 
 __all__ = ["SceneJudge", "train_judge", "BACKGROUND_GREY"]
 
-#: The generator world's background (the world's grey at normal brightness), in [0, 1].
-BACKGROUND_GREY: float = 139 / 255
+#: The generator world's background grey, in [0, 1].
+BACKGROUND_GREY: float = BACKGROUND / 255
 
 
 class SceneJudge(nn.Module):

@@ -1,9 +1,11 @@
-"""The generator's world: synthetic scenes of 1-3 plain objects, drawn at 64 px and box-downsampled, with a prompt
-that names every object's colour and shape ("a red circle and a blue square").
+"""The generator's world: synthetic scenes of 1-3 large plain objects on a plain grey background, drawn at 64 px and
+box-downsampled, with a prompt that names every object's colour and shape ("a red circle and a blue square").
 
 Objects of one scene have distinct shapes and distinct colours, so a prompt's binding (which colour goes with which
-shape) is unambiguous and a judge can score it. Sizes (medium/large) and positions are free: the prompt does not fix
-them and the generator may draw them anywhere.
+shape) is unambiguous and a judge can score it. Objects sit in fixed slots (``SLOTS``: one object in the centre, two
+side by side, three in a triangle, in the prompt's order) with a little jitter: a layout convention that leaves the
+generator only the objects themselves to learn, which a small model on a CPU budget can (with free positions, sizes
+and backgrounds it learned colours but not shapes in the same compute; docs/generation.md).
 """
 
 from __future__ import annotations
@@ -17,11 +19,21 @@ from PIL import Image
 from ..data.synthetic import COLOURS, SceneWorld
 from ..data.synthetic.vocabulary import article
 
-__all__ = ["GEN_SHAPES", "GEN_COLOURS", "SceneSpec", "GenerationScenes", "prompt_for", "render_spec"]
+__all__ = ["GEN_SHAPES", "GEN_COLOURS", "SLOTS", "BACKGROUND", "SceneSpec", "GenerationScenes", "prompt_for", "render_spec"]
 
 #: Shapes the shipped generator draws: the four that stay distinct at 32 px.
 GEN_SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 GEN_COLOURS: tuple[str, ...] = tuple(COLOURS)
+
+#: Object centres as fractions of the image side, by object count (in the prompt's order).
+SLOTS: dict[int, tuple[tuple[float, float], ...]] = {
+    1: ((0.5, 0.5),),
+    2: ((0.27, 0.5), (0.73, 0.5)),
+    3: ((0.25, 0.28), (0.75, 0.28), (0.5, 0.74)),
+}
+#: The scene background's grey level (the world's default).
+BACKGROUND: int = 120
+JITTER: float = 0.04  # of the image side, each axis
 
 Pair = tuple[str, str]  # (colour, shape)
 
@@ -59,7 +71,7 @@ class GenerationScenes:
         self._cdf = np.cumsum(w / w.sum())
         self.shapes, self.colours = tuple(shapes), tuple(colours)
         self._worlds = {n: SceneWorld(render_size, seed * 10 + n, min_objects=n, max_objects=n, shapes=shapes,
-                                      colours=colours, sizes=("medium", "large"), textures=("plain",),
+                                      colours=colours, sizes=("large",), textures=("plain",),
                                       clutter_prob=0.0, word_prob=0.0, repeat_prob=0.0,
                                       brightness_probs={"normal": 1.0}) for n in self.counts}
 
@@ -73,8 +85,18 @@ class GenerationScenes:
         for k in range(1000):  # the first draw of the stream whose objects have distinct shapes and colours
             s = world.sample(index + k * 10_000_019)
             if len({o.shape for o in s.objects}) == n and len({o.colour for o in s.objects}) == n:
-                return s
+                return self._in_slots(s, index)
         raise RuntimeError("no scene with distinct shapes and colours found")  # pragma: no cover
+
+    def _in_slots(self, scene, index: int):
+        """The scene's objects moved to their slots (with jitter), on the plain background."""
+        rng = np.random.default_rng([self.seed, index, 11])
+        side = self.render_size
+        objects = []
+        for obj, (fx, fy) in zip(scene.objects, SLOTS[len(scene.objects)]):
+            dx, dy = rng.uniform(-JITTER, JITTER, size=2)
+            objects.append(obj.moved((fx + dx) * side, (fy + dy) * side))
+        return scene.replace(objects=tuple(objects), background=BACKGROUND, clutter=False, word=None)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, SceneSpec]:
         s = self.scene(index)

@@ -1,5 +1,5 @@
-"""A DDPM noise schedule (cosine, Nichol & Dhariwal 2021) with the forward process, the epsilon-prediction loss and a
-deterministic DDIM sampler with classifier-free guidance."""
+"""A DDPM noise schedule (cosine, Nichol & Dhariwal 2021) with the forward process, the noise- or velocity-prediction
+loss and a deterministic DDIM sampler."""
 
 from __future__ import annotations
 
@@ -38,15 +38,30 @@ class NoiseSchedule:
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         return torch.randint(0, self.timesteps, (n,), generator=generator, device=device)
 
+    def velocity(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The v target ``sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` (Salimans & Ho 2022)."""
+        a = self._abar(t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def noise_from_velocity(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t``: a v-predicting model read as a noise predictor."""
+        a = self._abar(t, x_t)
+        return a.sqrt() * v + (1 - a).sqrt() * x_t
+
     def loss(self, predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
              t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, reduction: str = "mean") -> torch.Tensor:
-        """The denoising loss ``|eps - predict(x_t, t)|^2`` (``reduction="none"`` gives one value per image)."""
+             generator: torch.Generator | None = None, reduction: str = "mean", prediction: str = "eps"
+             ) -> torch.Tensor:
+        """The denoising loss ``|target - predict(x_t, t)|^2`` with target the noise (``prediction="eps"``) or the
+        velocity (``"v"``); ``reduction="none"`` gives one value per image."""
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
         if t is None:
             t = self.sample_timesteps(x0.shape[0], generator, x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        err = (predict(self.add_noise(x0, t, noise), t) - noise).pow(2)
+        target = noise if prediction == "eps" else self.velocity(x0, t, noise)
+        err = (predict(self.add_noise(x0, t, noise), t) - target).pow(2)
         if reduction == "none":
             return err.flatten(1).mean(1)
         if reduction != "mean":

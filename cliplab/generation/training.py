@@ -30,6 +30,7 @@ class GeneratorTrainConfig:
     cond_dropout: float = 0.1      # prompts replaced by "" (the unconditional branch of guidance)
     ema_decay: float = 0.995
     guidance: float = 3.0
+    prediction: str = "v"          # velocity: well conditioned at high noise, where eps-prediction's x0 is not
     seed: int = 0
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
 
@@ -45,10 +46,12 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 def train_generator(conditioner: TextConditioner, scenes: GenerationScenes | None = None,
                     config: GeneratorTrainConfig | None = None, progress: bool | None = None,
                     info: dict | None = None, checkpoint_every: int = 0,
-                    on_checkpoint: Callable[[int, DiffusionGenerator], None] | None = None) -> DiffusionGenerator:
+                    on_checkpoint: Callable[[int, DiffusionGenerator], None] | None = None,
+                    init: DiffusionGenerator | None = None) -> DiffusionGenerator:
     """A :class:`DiffusionGenerator` trained on ``scenes`` (default: the generator world at the denoiser's size)
     conditioned on ``conditioner``'s per-token states; returns the EMA weights. ``on_checkpoint(step, generator)``
-    sees the EMA weights every ``checkpoint_every`` steps (a long run saves as it goes)."""
+    sees the EMA weights every ``checkpoint_every`` steps (a long run saves as it goes). ``init``: continue from a
+    saved generator's weights (same architecture and conditioning) with a fresh schedule of ``config.steps``."""
     cfg = config or GeneratorTrainConfig()
     dcfg = copy.deepcopy(cfg.denoiser)
     dcfg.cond_dim = conditioner.dim
@@ -57,8 +60,13 @@ def train_generator(conditioner: TextConditioner, scenes: GenerationScenes | Non
         raise ValueError(f"scenes are {scenes.image_size} px but the denoiser is {dcfg.image_size} px")
     torch.manual_seed(cfg.seed)
     denoiser = TokenDenoiser(dcfg)
+    if init is not None:
+        if init.denoiser.config.to_dict() != dcfg.to_dict():
+            raise ValueError("init= has another denoiser configuration than config.denoiser (with the conditioner's "
+                             f"width): {init.denoiser.config.to_dict()} vs {dcfg.to_dict()}")
+        denoiser.load_state_dict(init.denoiser.state_dict())
     ema = copy.deepcopy(denoiser).requires_grad_(False)
-    gen = DiffusionGenerator(denoiser, null=conditioner.null(), guidance=cfg.guidance)
+    gen = DiffusionGenerator(denoiser, null=conditioner.null(), guidance=cfg.guidance, prediction=cfg.prediction)
     images, specs = scenes.tensors(cfg.n_images)
     prompts = [s.prompt for s in specs]
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -86,6 +94,7 @@ def train_generator(conditioner: TextConditioner, scenes: GenerationScenes | Non
             bar.update(1)
         if on_checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
             on_checkpoint(step + 1, DiffusionGenerator(ema, null=gen.null, guidance=cfg.guidance,
+                                                       prediction=cfg.prediction,
                                                        info={"step": step + 1, "loss": running}))
     bar.close()
     meta = {"train": {k: v for k, v in cfg.__dict__.items() if k != "denoiser"}, "final_loss": running,
@@ -93,4 +102,5 @@ def train_generator(conditioner: TextConditioner, scenes: GenerationScenes | Non
                 "image_size": scenes.image_size, "seed": scenes.seed, "counts": scenes.counts,
                 "shapes": scenes.shapes, "colours": scenes.colours}}
     meta.update(info or {})
-    return DiffusionGenerator(ema.eval(), null=gen.null, timesteps=gen.timesteps, guidance=cfg.guidance, info=meta)
+    return DiffusionGenerator(ema.eval(), null=gen.null, timesteps=gen.timesteps, guidance=cfg.guidance, info=meta,
+                              prediction=cfg.prediction)
