@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--judge-steps", type=int, default=600)
     ap.add_argument("--judge-only", action="store_true", help="Train (or retrain) the judge and stop.")
+    ap.add_argument("--card-only", action="store_true",
+                    help="Judge the saved generator (unless quality.json exists) and write MODEL_CARD.md.")
     ap.add_argument("--channels", default="16,32,64")
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
@@ -54,6 +56,13 @@ def main() -> None:
             return
     model = cliplab.load("shapes-tiny")
     cond = TextConditioner(model, space="final")
+    if args.card_only:
+        gen = DiffusionGenerator.load(out)
+        if not (out / "quality.json").is_file():
+            quality = judge_generator(gen, cond, SceneJudge.load(out), per_count=48, steps=25, seed=0)
+            (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+        write_card(out, gen, json.loads((out / "quality.json").read_text()))
+        return
     chans = tuple(int(c) for c in args.channels.split(","))
     cfg = GeneratorTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                denoiser=DenoiserConfig(channels=chans, attn_levels=tuple(range(1, len(chans)))))
@@ -79,7 +88,44 @@ def main() -> None:
     quality = judge_generator(gen, cond, SceneJudge.load(out), per_count=48, steps=25, seed=0)
     quality["train_seconds"] = gen.info.get("train_seconds")
     (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    write_card(out, gen, quality)
     print(json.dumps(quality, indent=2))
+
+
+def write_card(out: Path, gen, quality: dict) -> None:
+    """MODEL_CARD.md: what the generator reads, how it was trained, what it can and cannot draw (judged)."""
+    train = gen.info.get("train", {})
+    rows = "\n".join(f"| {n} | {q['colours']:.3f} | {q['shapes']:.3f} | {q['binding']:.3f} | {q['clean_binding']:.3f} |"
+                     for n, q in quality.items() if isinstance(q, dict))
+    params = sum(p.numel() for p in gen.denoiser.parameters())
+    card = f"""# scenes-32: a small text-to-image generator on shapes-tiny's per-token states
+
+* **Reads**: shapes-tiny's text tower, every token up to EOT after the final LayerNorm and before the projection
+  (`space="final"`, Stable Diffusion 1.x's site), through cross-attention at 16 and 8 px.
+* **Draws**: 32 x 32 RGB, 1-3 large plain objects (circle, square, triangle, cross; the world's 8 colours, distinct
+  within a scene) on a plain grey background, in fixed slots (one centred, two side by side, three in a triangle, in
+  the prompt's order). Prompts: "a red circle", "a red circle and a blue square", up to three objects.
+* **Model**: U-Net, channels {gen.denoiser.config.channels}, {params:,} parameters; cosine schedule, 1000 steps,
+  {gen.prediction}-prediction; DDIM sampling with classifier-free guidance {gen.guidance} against the empty prompt.
+* **Training**: {train.get('steps')} steps of batch {train.get('batch_size')} (AdamW lr {train.get('lr')}, cosine,
+  prompt dropout {train.get('cond_dropout')}, EMA {train.get('ema_decay')}) on {train.get('n_images')} scenes of
+  world seed 0; {gen.info.get('train_seconds')} s on a shared 2-core CPU (`experiments/train_generator.py`).
+
+## Judged quality (held-out prompts, 48 per object count, 25 DDIM steps, seed 0)
+
+| objects | colours | shapes | binding | judge on clean renders |
+|---|---|---|---|---|
+{rows}
+
+`colours` / `shapes`: the fractions of the prompt's colours / shapes drawn; `binding`: every object drawn with its own
+colour and shape (see `cliplab.generation.SceneJudge`). The last column is the judge's own ceiling on clean renders.
+
+## Cannot
+
+Other shapes, sizes, textures, positions, backgrounds, words, relations ("left of"), counts beyond three, anything
+outside the synthetic grammar. It is a stand-in that makes conditioning effects measurable, not an image model.
+"""
+    (out / "MODEL_CARD.md").write_text(card)
 
 
 if __name__ == "__main__":
