@@ -39,8 +39,9 @@ Choices (where the notes, the paper and this library differ):
 * *Last token of the phrase.* As in the official code, the phrase is appended after the prefix with one space and its
   last token is the last token whose span overlaps the appended phrase (for an empty prefix the phrase alone is
   encoded).
-* *Not implemented:* the learned variant (delta optimised through a diffusion model's noise prediction), which needs
-  a text-to-image generator this library does not have.
+* The learned variant (delta optimised through a generator's noise prediction) is
+  :mod:`cliplab.text_edit.attribute_control_learned`, against :mod:`cliplab.generation` (same doc page, section
+  "Learned directions").
 """
 
 from __future__ import annotations
