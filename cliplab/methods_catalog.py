@@ -95,7 +95,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(28, "unime", "UniME", "Breaking the Modality Barrier: Universal Embedding Learning with Multimodal LLMs",
        "objectives"),
     _m(29, "un2clip", "un^2CLIP", "un^2CLIP: Improving CLIP's Visual Detail Capturing Ability via Inverting unCLIP",
-       "generation", 31),
+       "objectives"),
     _m(30, "cgtgan", "CgT-GAN", "CgT-GAN: CLIP-guided Text GAN for Image Captioning", "captioning"),
     _m(31, "clippings", "CLIPPINGS", "Linking Representations with Multimodal Contrastive Learning", "apps"),
     _m(32, "follow_the_flow", "Follow the Flow", "Follow the Flow: On Information Flow Across Textual Tokens in "

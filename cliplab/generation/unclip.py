@@ -5,7 +5,10 @@ unCLIP (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with
 trains an image decoder on a frozen CLIP image encoder's embedding, i.e. it inverts the encoder. Here:
 
 * the condition is the model's pooled, projected image embedding, L2-normalised (the joint space that the text tower
-  shares), given to the denoiser's cross-attention as **one token** (:meth:`Conditioning.single`);
+  shares), passed as **one token** (:meth:`Conditioning.single`). With ``context_tokens=k > 0`` the generator also
+  maps it to ``k`` extra learned context tokens (DALL-E 2's decoder projects the embedding to four extra tokens):
+  cross-attention over a single token is the same value at every pixel (softmax over one key), a spatially uniform
+  bias, so extra tokens are what lets the condition act differently on different image regions;
 * the encoder reads the scene at its own resolution (64 px for ``shapes-tiny``), the generator draws it smaller
   (32 px: the 64 px render average-pooled, which is exactly the generator world's box downsampling);
 * classifier-free guidance: the condition is dropped to the **zero vector** with probability ``cond_dropout`` during
@@ -15,18 +18,20 @@ trains an image decoder on a frozen CLIP image encoder's embedding, i.e. it inve
   embeddings.
 
 ``train_unclip`` trains one (the image encoder frozen, embeddings computed once); ``save_unclip`` stores it in half
-precision (the shipped ``unclip-32`` stays under 1 MB), :func:`load_unclip` reads it back at fp32.
+precision (the shipped ``unclip-32``, 4 context tokens, is 1.07 MB), :func:`load_unclip` reads it back at fp32.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from ..progress import Progress
@@ -35,11 +40,50 @@ from .generator import DiffusionGenerator
 from .protocol import Conditioning
 from .scenes import GenerationScenes
 
-__all__ = ["normalise_pixels", "image_embeddings", "image_conditioning", "unclip_null", "generator_view",
+__all__ = ["EmbeddingContext", "UnclipDenoiser", "normalise_pixels", "image_embeddings", "image_conditioning", "unclip_null", "generator_view",
            "UnclipTrainConfig", "train_unclip", "save_unclip", "load_unclip", "unclip_variations",
            "shipped_unclip_dir"]
 
 _ROOT = Path(__file__).parent / "pretrained"
+
+
+class EmbeddingContext(nn.Module):
+    """One embedding token -> itself followed by ``k`` learned context tokens (a linear map of the embedding)."""
+
+    def __init__(self, dim: int, k: int) -> None:
+        super().__init__()
+        self.k, self.dim = int(k), int(dim)
+        self.proj = nn.Linear(dim, self.k * dim)
+
+    def forward(self, cond: Conditioning) -> Conditioning:
+        if cond.tokens.shape[1] != 1:
+            raise ValueError(f"unCLIP conditioning is one embedding token, got {cond.tokens.shape[1]} tokens")
+        extra = self.proj(cond.tokens[:, 0]).view(len(cond), self.k, self.dim)
+        tokens = torch.cat([cond.tokens, extra], dim=1)
+        return Conditioning(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+
+
+class UnclipDenoiser(nn.Module):
+    """A :class:`TokenDenoiser` reading one embedding token expanded by :class:`EmbeddingContext` (same call)."""
+
+    def __init__(self, config: DenoiserConfig, context_tokens: int) -> None:
+        super().__init__()
+        self.inner = TokenDenoiser(config)
+        self.context = EmbeddingContext(config.cond_dim, context_tokens)
+
+    @property
+    def config(self) -> DenoiserConfig:
+        return self.inner.config
+
+    def cross_attentions(self):
+        return self.inner.cross_attentions()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.inner(x, t, self.context(cond))
+
+
+def _make_denoiser(config: DenoiserConfig, context_tokens: int) -> nn.Module:
+    return UnclipDenoiser(config, context_tokens) if context_tokens else TokenDenoiser(config)
 
 
 def normalise_pixels(model, images: torch.Tensor) -> torch.Tensor:
@@ -90,6 +134,8 @@ class UnclipTrainConfig:
     ema_decay: float = 0.995
     guidance: float = 3.0
     seed: int = 0
+    context_tokens: int = 0        # extra learned context tokens from the embedding (0: the one token only)
+    prediction: str = "v"          # the denoiser's target (the generation layer's default: velocity)
     denoiser: DenoiserConfig = field(default_factory=lambda: DenoiserConfig(channels=(16, 32, 56)))
 
 
@@ -119,9 +165,10 @@ def train_unclip(model, scenes: GenerationScenes | None = None, config: UnclipTr
     embeddings = _embed_all(model, images)
     small = generator_view(images.float() / 255, dcfg.image_size)
     torch.manual_seed(cfg.seed)
-    denoiser = TokenDenoiser(dcfg)
+    denoiser = _make_denoiser(dcfg, cfg.context_tokens)
     ema = copy.deepcopy(denoiser).requires_grad_(False)
-    gen = DiffusionGenerator(denoiser, null=unclip_null(dcfg.cond_dim), guidance=cfg.guidance)
+    gen = DiffusionGenerator(denoiser, null=unclip_null(dcfg.cond_dim), guidance=cfg.guidance,
+                             prediction=cfg.prediction)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / cfg.warmup) * 0.5 * (
         1 + torch.cos(torch.tensor(i / cfg.steps * torch.pi)).item()))
@@ -149,11 +196,13 @@ def train_unclip(model, scenes: GenerationScenes | None = None, config: UnclipTr
             bar.update(1)
     bar.close()
     meta = {"kind": "unclip", "condition": "normalised image embedding (one token)",
+            "context_tokens": cfg.context_tokens,
             "image_model": model.config.name, "encoder_size": model.config.vision.image_size,
             "train": {k: v for k, v in cfg.__dict__.items() if k != "denoiser"}, "final_loss": running,
             "train_seconds": round(time.perf_counter() - t0, 1)}
     meta.update(info or {})
-    return DiffusionGenerator(ema.eval(), null=gen.null, timesteps=gen.timesteps, guidance=cfg.guidance, info=meta)
+    return DiffusionGenerator(ema.eval(), null=gen.null, timesteps=gen.timesteps, guidance=cfg.guidance, info=meta,
+                              prediction=cfg.prediction)
 
 
 def save_unclip(generator: DiffusionGenerator, directory: str | Path, half: bool = True) -> Path:
@@ -179,7 +228,18 @@ def load_unclip(name_or_dir: str | Path = "unclip-32") -> DiffusionGenerator:
     """A saved unCLIP generator (shipped name or directory), fp32, eval mode."""
     p = Path(name_or_dir)
     d = p if (p / "generator.json").is_file() else shipped_unclip_dir(str(name_or_dir))
-    gen = DiffusionGenerator.load(d).float().eval()
+    meta = json.loads((d / "generator.json").read_text())
+    k = int(meta.get("info", {}).get("context_tokens", 0))
+    if k:
+        tensors = load_file(str(d / "generator.safetensors"))
+        denoiser = UnclipDenoiser(DenoiserConfig(**meta["denoiser"]), k)
+        denoiser.load_state_dict({n[len("denoiser."):]: v.float() for n, v in tensors.items()
+                                  if n.startswith("denoiser.")})
+        null = Conditioning(tensors["null.tokens"].float(), tensors["null.mask"].bool())
+        gen = DiffusionGenerator(denoiser, null=null, timesteps=meta["timesteps"], guidance=meta["guidance"],
+                                 info=meta["info"], prediction=meta.get("prediction", "eps")).eval()
+    else:
+        gen = DiffusionGenerator.load(d).float().eval()
     if gen.null is not None:
         gen.null = Conditioning(gen.null.tokens.float(), gen.null.mask)
     return gen

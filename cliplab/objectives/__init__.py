@@ -15,7 +15,8 @@ softened labels, relaxed bipartite word-patch alignment and image-fused MLM; los
 multi-caption ArcMargin fine-tuning and 2SFT; losses ``mcip``, ``arcmargin``, source ``mcip-views``, presets
 ``mcip-tiny``, ``mcip-2sft-tiny``, ``mcip-realign-tiny``), ``dclip`` (DCLIP's region-aware cross-modal teacher
 and hybrid InfoNCE + cosine distillation; ``cliplab dclip distill`` rather than a preset: its teacher needs each
-scene's object boxes, which the trainer's batches do not carry).
+scene's object boxes, which the trainer's batches do not carry), ``un2clip`` (un²CLIP: the image tower tuned by
+inverting a frozen unCLIP generator, :mod:`cliplab.generation.unclip`; ``cliplab un2clip train``).
 """
 
 __all__: list[str] = []
