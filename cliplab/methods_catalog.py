@@ -53,7 +53,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(3, "attribute_control", "Attribute control", "Continuous, Subject-Specific Attribute Control in T2I Models "
        "by Identifying Semantic Directions", "text_edit", 31),
     _m(4, "core", "CoRe", "CoRe: Context-Regularized Text Embedding Learning for Text-to-Image Personalization",
-       "text_edit", 31),
+       "t2i"),
     _m(5, "lightclip", "LightCLIP", "LightCLIP: Learning Multi-Level Interaction for Lightweight Vision-Language "
        "Models", "objectives"),
     _m(6, "long_clip", "Long-CLIP", "Long-CLIP: Unlocking the Long-Text Capability of CLIP", "longtext"),

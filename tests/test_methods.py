@@ -25,6 +25,7 @@ METHODS = {m.slug: m for m in list_methods()}
 MODULES = {
     "aclip": "cliplab.objectives.aclip",
     "rave": "cliplab.enhance.rave",
+    "core": "cliplab.t2i.core",
     "un2clip": "cliplab.objectives.un2clip",
     "attribute_control": "cliplab.text_edit.attribute_control",
     "binary_pv_dsg": "cliplab.textrep.binary_pv_dsg",

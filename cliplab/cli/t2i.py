@@ -1,0 +1,84 @@
+"""``cliplab t2i``: the text-to-image conditioning methods (:mod:`cliplab.t2i`) against the small generator of
+:mod:`cliplab.generation` (``scenes-32`` by default)."""
+
+from __future__ import annotations
+
+import click
+
+from .app import main
+from .common import emit, json_option, progress_option, warnings_to_stderr
+
+
+def generator_option():
+    return click.option("--generator", "-g", default="scenes-32", show_default=True,
+                        help="A shipped generator name or a directory saved by `cliplab generate train`.")
+
+
+@main.group("t2i")
+def t2i_group():
+    """Text-to-image conditioning methods: WiCLP, CoRe, ELLA (docs/generation.md, docs/methods)."""
+
+
+# ------------------------------------------------------------------------------------------------------------- CoRe
+@t2i_group.group("core")
+def core_group():
+    """CoRe: a new concept token S* learned from a few images, context-regularised (docs/methods/core.md)."""
+
+
+@core_group.command("learn")
+@click.option("--images", "-i", "images", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Concept images (repeat the option; any size).")
+@click.option("--class-word", required=True, help="The concept's super-class word, e.g. triangle.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True)
+@generator_option()
+@click.option("--inversion-only", is_flag=True, help="Plain textual inversion (the control), no CoRe regularisers.")
+@click.option("--stage1-steps", type=click.IntRange(0), default=150, show_default=True)
+@click.option("--stage2-steps", type=click.IntRange(0), default=150, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.005, show_default=True)
+@click.option("--stage2-lr", type=click.FloatRange(min=0, min_open=True), default=0.003, show_default=True)
+@click.option("--lambda-emb", type=click.FloatRange(min=0), default=0.001, show_default=True,
+              help="Context-embedding regulariser weight.")
+@click.option("--lambda-attn", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Context-attention regulariser weight.")
+@click.option("--rescale", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Rescale |S*| to this multiple of the class word's norm after stage 1 (0: off).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@progress_option()
+@json_option()
+def core_learn_cmd(images, class_word, out_dir, generator, inversion_only, stage1_steps, stage2_steps, lr, stage2_lr,
+                   lambda_emb, lambda_attn, rescale, seed, progress, as_json):
+    """Learn S* from the concept IMAGES against the frozen generator and save it to OUT (then sample prompts with
+    "S*" in them: `cliplab t2i core sample OUT "a S* and a blue square" -o grid.png`)."""
+    from ..t2i import core
+
+    opts = {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "lr": lr, "stage2_lr": stage2_lr,
+            "seed": seed, "progress": progress}
+    if not inversion_only:
+        opts.update(lambda_emb=lambda_emb, lambda_attn=lambda_attn, rescale=rescale or None)
+    with warnings_to_stderr():
+        result = core.learn_from_images(list(images), class_word, out_dir, generator=generator,
+                                        core=not inversion_only, **opts)
+    data = {"out": out_dir, "method": "inversion" if inversion_only else "core",
+            "last": result.history[-1] if result.history else None}
+    emit(data, as_json, lambda d: click.echo(f"S* ({d['method']}) -> {d['out']}" +
+                                             (f"\n  last step: {d['last']}" if d["last"] else "")))
+
+
+@core_group.command("sample")
+@click.argument("token_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("prompts", nargs=-1, required=True)
+@generator_option()
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="PNG grid (a row per prompt).")
+@click.option("--per-prompt", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True)
+@click.option("--guidance", type=click.FloatRange(min=0), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def core_sample_cmd(token_dir, prompts, generator, out, per_prompt, steps, guidance, seed):
+    """Draw PROMPTS that name the learned token (S*) with the generator; write one grid."""
+    from ..generation import save_grid
+    from ..t2i import core
+
+    with warnings_to_stderr():
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        images = core.sample_concept(token_dir, rows, generator=generator, steps=steps, seed=seed, guidance=guidance)
+    click.echo(str(save_grid(images, out, columns=per_prompt)))
