@@ -124,8 +124,7 @@ PAPERS: tuple[Paper, ...] = (
     _s(46, "survey_word_to_mm", "Survey: word vectors to multimodal embeddings", "From Word Vectors to Multimodal "
        "Embeddings: Techniques, Applications, and Future Directions For Large Language Models"),
     _m(47, "gem", "GEM", "GEM: Empowering LLM for both Embedding Generation and Language Understanding", "textrep"),
-    _m(48, "ella", "ELLA", "ELLA: Equip Diffusion Models with LLM for Enhanced Semantic Alignment", "generation",
-       31),
+    _m(48, "ella", "ELLA", "ELLA: Equip Diffusion Models with LLM for Enhanced Semantic Alignment", "t2i"),
     _s(49, "survey_gpte", "Survey: pretrained LMs in text embeddings", "On The Role of Pretrained Language Models in "
        "General-Purpose Text Embeddings: A Survey"),
     _m(50, "zett", "ZeTT", "Zero-Shot Tokenizer Transfer", "textrep"),

@@ -26,6 +26,7 @@ MODULES = {
     "aclip": "cliplab.objectives.aclip",
     "rave": "cliplab.enhance.rave",
     "core": "cliplab.t2i.core",
+    "ella": "cliplab.t2i.ella",
     "un2clip": "cliplab.objectives.un2clip",
     "attribute_control": "cliplab.text_edit.attribute_control",
     "binary_pv_dsg": "cliplab.textrep.binary_pv_dsg",

@@ -82,3 +82,85 @@ def core_sample_cmd(token_dir, prompts, generator, out, per_prompt, steps, guida
         rows = [p for p in prompts for _ in range(per_prompt)]
         images = core.sample_concept(token_dir, rows, generator=generator, steps=steps, seed=seed, guidance=guidance)
     click.echo(str(save_grid(images, out, columns=per_prompt)))
+
+
+# ------------------------------------------------------------------------------------------------------------- ELLA
+@t2i_group.group("ella")
+def ella_group():
+    """ELLA: a timestep-aware connector from a real language model's tokens to the frozen generator
+    (docs/methods/ella.md)."""
+
+
+@ella_group.command("train")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--kind", type=click.Choice(["tsc", "pooled"]), default="tsc", show_default=True,
+              help="tsc: ELLA's Timestep-aware Semantic Connector; pooled: the control (one pooled token).")
+@generator_option()
+@click.option("--embedder", default="all-MiniLM-L6-v2", show_default=True, help="The frozen language model.")
+@click.option("--steps", type=click.IntRange(1), default=1600, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--n-images", type=click.IntRange(1), default=6000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", "resume_from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue from a saved connector of the same kind.")
+@progress_option()
+@json_option()
+def ella_train_cmd(out_dir, kind, generator, embedder, steps, batch_size, lr, n_images, seed, resume_from, progress,
+                   as_json):
+    """Train a connector between EMBEDDER's token states and the frozen generator with the denoising loss; save it to
+    OUT and print how it was made."""
+    from ..t2i import ella
+
+    cfg = ella.ELLATrainConfig(steps=steps, batch_size=batch_size, lr=lr, n_images=n_images, seed=seed)
+    with warnings_to_stderr():
+        wrapped, _ = ella.train_ella(out_dir, kind=kind, generator=generator, embedder=embedder, config=cfg,
+                                     progress=progress, init=resume_from)
+    info = dict(wrapped.connector.info)
+    emit(info, as_json, lambda d: click.echo(f"{kind} connector -> {out_dir} (final loss {d['final_loss']:.4f}, "
+                                             f"{d['seconds']:.0f} s)"))
+
+
+@ella_group.command("sample")
+@click.argument("connector")
+@click.argument("prompts", nargs=-1, required=True)
+@generator_option()
+@click.option("--embedder", default="all-MiniLM-L6-v2", show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="PNG grid (a row per prompt).")
+@click.option("--per-prompt", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True)
+@click.option("--guidance", type=click.FloatRange(min=0), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+def ella_sample_cmd(connector, prompts, generator, embedder, out, per_prompt, steps, guidance, seed):
+    """Draw PROMPTS through CONNECTOR (a directory, or the shipped `tsc` / `pooled`); write one grid."""
+    from ..generation import save_grid
+    from ..t2i import ella
+
+    with warnings_to_stderr():
+        wrapped = ella.load_ella(connector, generator=generator, embedder=embedder)
+        rows = [p for p in prompts for _ in range(per_prompt)]
+        images = wrapped.generate(rows, steps=steps, seed=seed, guidance=guidance)
+    click.echo(str(save_grid(images, out, columns=per_prompt)))
+
+
+@ella_group.command("judge")
+@click.argument("connector")
+@generator_option()
+@click.option("--embedder", default="all-MiniLM-L6-v2", show_default=True)
+@click.option("--count", type=click.IntRange(1, 3), default=3, show_default=True, help="Objects per prompt.")
+@click.option("--n", type=click.IntRange(1), default=48, show_default=True, help="Held-out prompts.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option()
+def ella_judge_cmd(connector, generator, embedder, count, n, steps, seed, as_json):
+    """Judge CONNECTOR's samples of held-out COUNT-object prompts: binding, colours, shapes and colour in the right
+    object's slot (beside the judge's scores on clean renders)."""
+    from ..generation import load_judge
+    from ..t2i import ella
+
+    with warnings_to_stderr():
+        wrapped = ella.load_ella(connector, generator=generator, embedder=embedder)
+        scores = ella.judge_binding(wrapped, wrapped.text, load_judge(generator), count=count, n=n, steps=steps,
+                                    seed=seed)
+    emit(scores, as_json, lambda d: click.echo("\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
+                                                         for k, v in d.items())))
