@@ -51,7 +51,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(2, "wiclp", "WiCLP", "Understanding and Mitigating Compositional Issues in Text-to-Image Generative Models",
        "text_edit", 31),
     _m(3, "attribute_control", "Attribute control", "Continuous, Subject-Specific Attribute Control in T2I Models "
-       "by Identifying Semantic Directions", "text_edit", 31),
+       "by Identifying Semantic Directions", "text_edit"),
     _m(4, "core", "CoRe", "CoRe: Context-Regularized Text Embedding Learning for Text-to-Image Personalization",
        "t2i"),
     _m(5, "lightclip", "LightCLIP", "LightCLIP: Learning Multi-Level Interaction for Lightweight Vision-Language "
@@ -99,7 +99,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(30, "cgtgan", "CgT-GAN", "CgT-GAN: CLIP-guided Text GAN for Image Captioning", "captioning"),
     _m(31, "clippings", "CLIPPINGS", "Linking Representations with Multimodal Contrastive Learning", "apps"),
     _m(32, "follow_the_flow", "Follow the Flow", "Follow the Flow: On Information Flow Across Textual Tokens in "
-       "Text-to-Image Models", "text_edit", 31),
+       "Text-to-Image Models", "text_edit"),
     _m(33, "lexinvariant_lm", "Lexinvariant LM", "Lexinvariant Language Models", "textrep"),
     _s(34, "survey_llm_text_emb", "Survey: text embeddings and LLMs", "When Text Embedding Meets Large Language "
        "Model: A Comprehensive Survey"),
@@ -120,7 +120,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(44, "fdp", "FDP", "Focus, Distinguish, and Prompt: Unleashing CLIP for Efficient and Flexible Scene Text "
        "Retrieval", "scenetext"),
     _m(45, "decor", "DECOR", "DECOR: Decomposition and Projection of Text Embeddings for Text-to-Image "
-       "Customization", "text_edit", 31),
+       "Customization", "text_edit"),
     _s(46, "survey_word_to_mm", "Survey: word vectors to multimodal embeddings", "From Word Vectors to Multimodal "
        "Embeddings: Techniques, Applications, and Future Directions For Large Language Models"),
     _m(47, "gem", "GEM", "GEM: Empowering LLM for both Embedding Generation and Language Understanding", "textrep"),
