@@ -49,7 +49,7 @@ PAPERS: tuple[Paper, ...] = (
     _m(1, "rtd", "RTD", "Reducing Task Discrepancy of Text Encoders for Zero-Shot Composed Image Retrieval",
        "cir"),
     _m(2, "wiclp", "WiCLP", "Understanding and Mitigating Compositional Issues in Text-to-Image Generative Models",
-       "text_edit", 31),
+       "t2i"),
     _m(3, "attribute_control", "Attribute control", "Continuous, Subject-Specific Attribute Control in T2I Models "
        "by Identifying Semantic Directions", "text_edit"),
     _m(4, "core", "CoRe", "CoRe: Context-Regularized Text Embedding Learning for Text-to-Image Personalization",

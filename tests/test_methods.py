@@ -27,6 +27,7 @@ MODULES = {
     "rave": "cliplab.enhance.rave",
     "core": "cliplab.t2i.core",
     "ella": "cliplab.t2i.ella",
+    "wiclp": "cliplab.t2i.wiclp",
     "un2clip": "cliplab.objectives.un2clip",
     "attribute_control": "cliplab.text_edit.attribute_control",
     "binary_pv_dsg": "cliplab.textrep.binary_pv_dsg",

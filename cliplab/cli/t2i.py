@@ -164,3 +164,84 @@ def ella_judge_cmd(connector, generator, embedder, count, n, steps, seed, as_jso
                                     seed=seed)
     emit(scores, as_json, lambda d: click.echo("\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
                                                          for k, v in d.items())))
+
+
+# ------------------------------------------------------------------------------------------------------------ WiCLP
+def _shipped_generator_and_conditioner(generator):
+    from ..generation import TextConditioner, load_generator
+    from ..pipeline.modelref import resolve_model
+
+    gen = load_generator(generator).frozen()
+    text_model, _ = resolve_model(gen.info.get("text_model", "shapes-tiny"))
+    return gen, TextConditioner(text_model.float().eval(), space=gen.info.get("space", "final"))
+
+
+@t2i_group.group("wiclp")
+def wiclp_group():
+    """WiCLP: a token-state projection trained with the frozen generator's loss, Switch-Off sampling
+    (docs/methods/wiclp.md)."""
+
+
+@wiclp_group.command("train")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--kind", type=click.Choice(["clp", "wiclp"]), default="wiclp", show_default=True,
+              help="clp: per-token linear (identity at start); wiclp: window convolution, zero-initialised residual.")
+@generator_option()
+@click.option("--steps", type=click.IntRange(1), default=400, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--n-images", type=click.IntRange(1), default=1024, show_default=True,
+              help="Two-object training scenes (held-out judged prompts excluded).")
+@click.option("--threshold", type=int, default=-1, show_default=True,
+              help="Switch-Off: use the projection only for timesteps t > THRESHOLD (-1: always), saved with it.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@progress_option()
+@json_option()
+def wiclp_train_cmd(out_dir, kind, generator, steps, lr, batch_size, n_images, threshold, seed, progress, as_json):
+    """Train a CLP/WiCLP projection of the generator's per-token conditioning (everything else frozen) and save it."""
+    from ..t2i import wiclp
+
+    with warnings_to_stderr():
+        gen, cond = _shipped_generator_and_conditioner(generator)
+        trained = wiclp.train_projection(gen, cond, progress=progress, kind=kind, steps=steps, lr=lr,
+                                         batch_size=batch_size, n_images=n_images, seed=seed)
+        path = trained.save(out_dir, threshold=threshold)
+    losses = trained.losses
+    tenth = max(1, len(losses) // 10)
+    data = {"out": str(path), "kind": kind, "first_loss": sum(losses[:tenth]) / tenth,
+            "last_loss": sum(losses[-tenth:]) / tenth}
+    emit(data, as_json, lambda d: click.echo(f"{d['kind']} -> {d['out']} (loss {d['first_loss']:.4f} -> "
+                                             f"{d['last_loss']:.4f}, first and last tenth)"))
+
+
+@wiclp_group.command("judge")
+@click.argument("projection_dir", type=click.Path(exists=True, file_okay=False))
+@generator_option()
+@click.option("--threshold", type=int, default=None, help="Switch-Off threshold [default: the one saved].")
+@click.option("--per-count", type=click.IntRange(1), default=48, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@json_option()
+def wiclp_judge_cmd(projection_dir, generator, threshold, per_count, steps, seed, as_json):
+    """Judge held-out 1- and 2-object prompts through the projection beside the plain generator (same prompts and
+    seeds): binding, colours, shapes."""
+    from ..generation import load_judge
+    from ..t2i import wiclp
+
+    with warnings_to_stderr():
+        gen, cond = _shipped_generator_and_conditioner(generator)
+        projection, meta = wiclp.load_projection(projection_dir)
+        thr = meta.get("threshold", -1) if threshold is None else threshold
+        judge = load_judge(generator)
+        kw = {"per_count": per_count, "steps": steps, "seed": seed}
+        data = {"plain": wiclp.judge_projection(gen, cond, judge, None, **kw),
+                "projected": wiclp.judge_projection(gen, cond, judge, projection, threshold=thr, **kw),
+                "threshold": thr}
+
+    def render(d):
+        for n in d["plain"]:
+            p, q = d["plain"][n], d["projected"][n]
+            click.echo(f"{n} object(s): binding {p['binding']:.3f} -> {q['binding']:.3f}, colours "
+                       f"{p['colours']:.3f} -> {q['colours']:.3f}, shapes {p['shapes']:.3f} -> {q['shapes']:.3f}")
+
+    emit(data, as_json, render)
