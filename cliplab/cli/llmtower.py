@@ -13,7 +13,6 @@ CLIP model's image tower (``-m``, default the shipped ``shapes-tiny``). The save
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import click
 from .app import main
 from .common import emit, fail, json_option, on_interrupt, progress_option, warnings_to_stderr
 
-RUN_FILE = "llmtower.json"
 
 
 # --- shared pieces -------------------------------------------------------------------------------------------------
@@ -72,16 +70,6 @@ def _scenes(clip, n: int, caption: str, world_seed: int):
     scenes = [world.sample(i) for i in range(n)]
     texts = [s.long_caption if caption == "long" else s.short_caption for s in scenes]
     return clip.preprocessor.batch([s.render() for s in scenes]), texts
-
-
-def _losses(result) -> dict:
-    losses = list(result.losses)
-    return {"steps": result.steps, "first_loss": round(losses[0], 5) if losses else None,
-            "last_loss": round(losses[-1], 5) if losses else None, "seconds": round(result.seconds, 1)}
-
-
-def _write_run(out: Path, summary: dict) -> None:
-    (out / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def scene_options(f):
@@ -146,6 +134,7 @@ def stage1_cmd(embedder, captions_path, image_column, caption_column, max_captio
     import csv
 
     from ..longtext import llm2clip as l2c
+    from ..longtext.presets import loss_summary, write_run_summary
 
     out = _check_out(out_dir, overwrite)
     texts, ids = [], []
@@ -174,9 +163,9 @@ def stage1_cmd(embedder, captions_path, image_column, caption_column, max_captio
     summary = {"method": "llm2clip", "stage": 1, "embedder": embedder, "captions": str(captions_path),
                "n_captions": len(texts), "n_images": len(set(ids)), "tune_layers": tune_layers,
                "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-               "temperature": temperature, "seed": seed, **_losses(result),
+               "temperature": temperature, "seed": seed, **loss_summary(result),
                "wall_seconds": round(time.perf_counter() - t0, 1), "out": str(out), "tuned": tuned.name}
-    _write_run(out, summary)
+    write_run_summary(out, summary)
     emit(summary, as_json, lambda d: click.echo(
         f"llm2clip stage 1: tuned the last {d['tune_layers']} block(s) of {d['embedder']} on {d['n_captions']} "
         f"captions of {d['n_images']} images, {d['steps']} steps (loss {d['first_loss']} -> {d['last_loss']}); "
@@ -212,6 +201,7 @@ def stage2_cmd(embedder, model, scenes, caption, world_seed, pooling, adapter_bl
       cliplab info runs/llm2clip
     """
     from ..longtext import llm2clip as l2c
+    from ..longtext.presets import loss_summary, write_run_summary
     from ..text.llm_tower import LLMTextCLIP
 
     out = _check_out(out_dir, overwrite)
@@ -231,9 +221,9 @@ def stage2_cmd(embedder, model, scenes, caption, world_seed, pooling, adapter_bl
     summary = {"method": "llm2clip", "stage": 2, "embedder": embedder, "model": model or "shapes-tiny",
                "scenes": scenes, "caption": caption, "world_seed": world_seed, "pooling": net.pooling,
                "adapter_blocks": adapter_blocks, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-               "warmup": warmup, "tune_image": not freeze_image, "seed": seed, **_losses(result),
+               "warmup": warmup, "tune_image": not freeze_image, "seed": seed, **loss_summary(result),
                "wall_seconds": round(time.perf_counter() - t0, 1), "out": str(out), "text_tower": net.describe()}
-    _write_run(out, summary)
+    write_run_summary(out, summary)
     emit(summary, as_json, lambda d: click.echo(
         f"llm2clip stage 2: {d['steps']} steps on {d['scenes']} scenes (loss {d['first_loss']} -> "
         f"{d['last_loss']}); " + _summary_line(d)))
@@ -279,6 +269,7 @@ def proclip_cmd(embedder, model, scenes, caption, world_seed, pooling, stage1_st
       cliplab proclip -e all-MiniLM-L6-v2 --distill-weight 0 -o runs/proclip-no-sd   # the ablation
     """
     from ..longtext import proclip as pc
+    from ..longtext.presets import loss_summary, write_run_summary
 
     out = _check_out(out_dir, overwrite)
     clip = _load_clip(model)
@@ -301,13 +292,13 @@ def proclip_cmd(embedder, model, scenes, caption, world_seed, pooling, stage1_st
     net.save(out, embedder_ref=_embedder_ref(embedder))
     summary = {"method": "proclip", "embedder": embedder, "model": model or "shapes-tiny", "scenes": scenes,
                "caption": caption, "world_seed": world_seed, "pooling": net.pooling,
-               "stage1": {**_losses(r1), "lr": stage1_lr, "batch_size": stage1_batch_size, "noise_drop": noise_drop,
+               "stage1": {**loss_summary(r1), "lr": stage1_lr, "batch_size": stage1_batch_size, "noise_drop": noise_drop,
                           "structure_weight": structure_weight},
-               "stage2": None if r2 is None else {**_losses(r2), "lr": stage2_lr, "batch_size": stage2_batch_size,
+               "stage2": None if r2 is None else {**loss_summary(r2), "lr": stage2_lr, "batch_size": stage2_batch_size,
                                                   "distill_weight": distill_weight, "weight_decay": weight_decay},
                "warmup": warmup, "seed": seed, "wall_seconds": round(time.perf_counter() - t0, 1), "out": str(out),
                "text_tower": net.describe()}
-    _write_run(out, summary)
+    write_run_summary(out, summary)
 
     def render(d):
         s1, s2 = d["stage1"], d["stage2"]

@@ -15,7 +15,7 @@ text-to-image seed papers' claims (WiCLP, CoRe, ELLA, attribute control, un²CLI
 
 from .conditioning import TextConditioner
 from .denoiser import DenoiserConfig, TokenDenoiser, timestep_embedding
-from .generator import DiffusionGenerator
+from .generator import DiffusionGenerator, guided_sample
 from .grid import image_grid, save_grid
 from .judge import SceneJudge, train_judge
 from .pretrained import load_generator, load_judge, shipped_generator_dir
@@ -30,5 +30,5 @@ __all__ = [
     "NoiseSchedule", "DiffusionGenerator", "TextConditioner", "GenerationScenes", "SceneSpec", "prompt_for",
     "render_spec", "GEN_SHAPES", "GEN_COLOURS", "SceneJudge", "train_judge", "GeneratorTrainConfig",
     "train_generator", "load_generator", "load_judge", "shipped_generator_dir", "image_grid", "save_grid",
-    "judge_generator",
+    "judge_generator", "guided_sample",
 ]

@@ -8,7 +8,7 @@ no text tower to sample from precomputed conditioning). Saved as ``generator.jso
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +18,35 @@ from .denoiser import DenoiserConfig, TokenDenoiser
 from .protocol import Conditioning
 from .schedule import NoiseSchedule
 
-__all__ = ["DiffusionGenerator"]
+__all__ = ["DiffusionGenerator", "guided_sample"]
+
+
+def guided_sample(predict_noise: Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor],
+                  schedule: NoiseSchedule, image_size: int, cond: Conditioning, uncond: Conditioning | None = None,
+                  scale: float = 1.0, steps: int = 25, seed: int = 0,
+                  cond_at: Callable[[torch.Tensor], Conditioning] | None = None) -> torch.Tensor:
+    """Images ``[B, 3, S, S]`` in [0, 1] by deterministic DDIM from noise drawn with ``seed``, with classifier-free
+    guidance ``eps_u + scale (eps_c - eps_u)`` against ``uncond`` (one row is repeated; unused at ``scale=1``).
+    ``predict_noise(x_t, t, cond)`` is any noise predictor (a generator, or a wrapper that transforms the
+    conditioning first); ``cond_at(t)`` lets a wrapper pick the conditional branch per timestep (Switch-Off)."""
+    b = len(cond)
+    if scale != 1.0:
+        if uncond is None:
+            raise ValueError("guidance needs an unconditional conditioning (uncond=), or scale=1")
+        if len(uncond) == 1 and b > 1:
+            uncond = uncond.repeat(b)
+        fixed = Conditioning.cat([cond, uncond]) if cond_at is None else None
+
+        def predict(x, t):
+            both = fixed if fixed is not None else Conditioning.cat([cond_at(t), uncond])
+            c, u = predict_noise(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            return u + scale * (c - u)
+    else:
+        def predict(x, t):
+            return predict_noise(x, t, cond if cond_at is None else cond_at(t))
+    x = schedule.ddim_sample(predict, (b, 3, image_size, image_size), steps=steps, seed=seed,
+                             device=cond.tokens.device)
+    return ((x + 1) / 2).clamp(0, 1)
 
 
 class DiffusionGenerator(torch.nn.Module):
@@ -57,28 +85,15 @@ class DiffusionGenerator(torch.nn.Module):
         """Images ``[B, 3, S, S]`` in [0, 1]; ``guidance`` (default: the model's) scales classifier-free guidance
         against ``uncond`` (default: the stored empty-prompt conditioning); ``guidance=1`` is unguided."""
         scale = self.guidance if guidance is None else float(guidance)
-        b = len(cond)
-        if scale != 1.0:
-            uncond = uncond if uncond is not None else self.null_for(b)
-            if len(uncond) == 1 and b > 1:
-                uncond = uncond.repeat(b)
-            both = Conditioning.cat([cond, uncond])
-
-            def predict(x, t):
-                c, u = self.predict_noise(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-                return u + scale * (c - u)
-        else:
-            def predict(x, t):
-                return self.predict_noise(x, t, cond)
-        s = self.image_size
+        if scale != 1.0 and uncond is None:
+            uncond = self.null_for(1)
         was_training = self.training
         self.eval()
         try:
-            x = self.schedule.ddim_sample(predict, (b, 3, s, s), steps=steps, seed=seed,
-                                          device=cond.tokens.device)
+            return guided_sample(self.predict_noise, self.schedule, self.image_size, cond, uncond=uncond,
+                                 scale=scale, steps=steps, seed=seed)
         finally:
             self.train(was_training)
-        return ((x + 1) / 2).clamp(0, 1)
 
     def null_for(self, n: int) -> Conditioning:
         if self.null is None:

@@ -34,7 +34,7 @@ import torch
 
 from ..train.runners import register_runner
 
-__all__ = ["RUN_FILE", "HELDOUT_OFFSET", "load_embedder_spec", "load_clip_spec", "embedder_ref", "synthetic_scenes",
+__all__ = ["RUN_FILE", "HELDOUT_OFFSET", "loss_summary", "write_run_summary", "load_embedder_spec", "load_clip_spec", "embedder_ref", "synthetic_scenes",
            "synthetic_caption_pairs", "read_caption_table", "heldout_text_to_image", "run_llm2clip_stage1",
            "run_llm2clip_stage2", "run_proclip", "LLM2CLIP_STAGE1", "LLM2CLIP_STAGE2", "PROCLIP"]
 
@@ -153,14 +153,16 @@ def heldout_text_to_image(model, clip, n: int, caption: str = "long", world_seed
             "clip_tower_R@1": retrieval_recall(c_img @ c_txt.T, owner, ks=(1,))["text_to_image"]["R@1"]}
 
 
-def _losses(result) -> dict:
+def loss_summary(result) -> dict:
+    """``steps``, first and last loss, seconds of a training result (what every LLM-tower run records)."""
     losses = list(result.losses)
     return {"steps": result.steps, "first_loss": round(losses[0], 5) if losses else None,
             "last_loss": round(losses[-1], 5) if losses else None, "seconds": round(result.seconds, 1)}
 
 
-def _write_summary(out: Path, summary: dict) -> dict:
-    (out / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+def write_run_summary(out: Path, summary: dict) -> dict:
+    """``summary`` as ``out/llmtower.json`` (the run file of every LLM-tower command and preset); returns it."""
+    (Path(out) / RUN_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -212,12 +214,12 @@ def run_llm2clip_stage1(*, out, embedder, captions, image_column, caption_column
                "tuned": l2c.caption_retrieval_accuracy(tuned.encode(test_texts, pooling="mean"), test_ids)}
     target = Path(out)
     tuned.save(target)
-    return _write_summary(target, {
+    return write_run_summary(target, {
         "preset": "llm2clip-stage1", "method": "llm2clip", "stage": 1, "embedder": embedder,
         "data": str(captions) if captions is not None else f"synthetic ({scenes} scenes, world seed {world_seed})",
         "n_captions": len(texts), "n_images": len(set(ids)), "tune_layers": tune_layers, "batch_size": batch_size,
         "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "temperature": temperature, "seed": seed,
-        **_losses(result), "cra": cra, "wall_seconds": round(time.perf_counter() - t0, 1), "out": str(target),
+        **loss_summary(result), "cra": cra, "wall_seconds": round(time.perf_counter() - t0, 1), "out": str(target),
         "tuned": tuned.name})
 
 
@@ -267,11 +269,11 @@ def run_llm2clip_stage2(*, out, embedder, model, scenes, caption, world_seed, po
     heldout = heldout_text_to_image(net, reference, eval_scenes, caption, world_seed) if eval_scenes else None
     target = Path(out)
     net.save(target, embedder_ref=embedder_ref(embedder))
-    return _write_summary(target, {
+    return write_run_summary(target, {
         "preset": "llm2clip-stage2", "method": "llm2clip", "stage": 2, "embedder": embedder, "model": model,
         "scenes": scenes, "caption": caption, "world_seed": world_seed, "pooling": net.pooling,
         "adapter_blocks": adapter_blocks, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-        "warmup": warmup, "tune_image": tune_image, "seed": seed, **_losses(result), "heldout": heldout,
+        "warmup": warmup, "tune_image": tune_image, "seed": seed, **loss_summary(result), "heldout": heldout,
         "wall_seconds": round(time.perf_counter() - t0, 1), "out": str(target), "text_tower": net.describe()})
 
 
@@ -309,8 +311,8 @@ def run_proclip(*, out, embedder, model, scenes, caption, world_seed, pooling, s
     heldout = heldout_text_to_image(net, reference, eval_scenes, caption, world_seed) if eval_scenes else None
     target = Path(out)
     net.save(target, embedder_ref=embedder_ref(embedder))
-    s1, s2 = _losses(r1), None if r2 is None else _losses(r2)
-    return _write_summary(target, {
+    s1, s2 = loss_summary(r1), None if r2 is None else loss_summary(r2)
+    return write_run_summary(target, {
         "preset": preset, "method": "proclip", "embedder": embedder, "model": model, "scenes": scenes,
         "caption": caption, "world_seed": world_seed, "pooling": net.pooling,
         "stage1": {**s1, "lr": stage1_lr, "batch_size": stage1_batch_size, "noise_drop": noise_drop,

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..generation import Conditioning, GenerationScenes, NoiseSchedule, timestep_embedding
+from ..generation import Conditioning, GenerationScenes, NoiseSchedule, guided_sample, timestep_embedding
 from ..generation.quality import held_out_specs
 from ..methods import register_method
 from ..progress import Progress
@@ -316,27 +316,15 @@ class ConnectedGenerator(nn.Module):
         """Images ``[B, 3, S, S]`` in [0, 1] by DDIM; ``guidance`` (default: the generator's) against ``uncond``
         (default: the empty prompt's LM tokens), both through the connector at every step."""
         scale = float(getattr(self.generator, "guidance", 1.0) if guidance is None else guidance)
-        b = len(cond)
-        if scale != 1.0:
-            uncond = uncond if uncond is not None else self.null
-            if len(uncond) == 1 and b > 1:
-                uncond = uncond.repeat(b)
-            both = Conditioning.cat([cond, uncond])
-
-            def predict(x, t):
-                c, u = self.predict_noise(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-                return u + scale * (c - u)
-        else:
-            def predict(x, t):
-                return self.predict_noise(x, t, cond)
-        s = self.image_size
+        if scale != 1.0 and uncond is None:
+            uncond = self.null
         was_training = self.connector.training
         self.connector.eval()
         try:
-            x = self.schedule.ddim_sample(predict, (b, 3, s, s), steps=steps, seed=seed, device=cond.tokens.device)
+            return guided_sample(self.predict_noise, self.schedule, self.image_size, cond, uncond=uncond, scale=scale,
+                                 steps=steps, seed=seed)
         finally:
             self.connector.train(was_training)
-        return ((x + 1) / 2).clamp(0, 1)
 
     def generate(self, prompts: str | Sequence[str], steps: int = 25, seed: int = 0,
                  guidance: float | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..generation.generator import guided_sample
 from ..generation.protocol import Conditioning
 from ..generation.quality import held_out_specs, judge_generator
 from ..generation.scenes import GenerationScenes
@@ -180,31 +181,19 @@ class SwitchOffGenerator:
         same ``seed``), guidance against the unprojected ``uncond`` (default: the generator's empty prompt)."""
         gen = self.generator
         scale = gen.guidance if guidance is None else float(guidance)
-        b = len(cond)
         with torch.no_grad():
             projected = apply_projection(self.projection, cond)
-        if scale != 1.0:
-            uncond = uncond if uncond is not None else gen.null_for(b)
-            if len(uncond) == 1 and b > 1:
-                uncond = uncond.repeat(b)
-
-            def predict(x, t):
-                both = Conditioning.cat([self.conditioning_at(cond, t, projected), uncond])
-                c, u = gen.predict_noise(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-                return u + scale * (c - u)
-        else:
-            def predict(x, t):
-                return gen.predict_noise(x, t, self.conditioning_at(cond, t, projected))
-        s = self.image_size
+        if scale != 1.0 and uncond is None:
+            uncond = gen.null_for(1)
         was_training = getattr(gen, "training", False)
         if hasattr(gen, "eval"):
             gen.eval()
         try:
-            x = gen.schedule.ddim_sample(predict, (b, 3, s, s), steps=steps, seed=seed, device=cond.tokens.device)
+            return guided_sample(gen.predict_noise, gen.schedule, self.image_size, cond, uncond=uncond, scale=scale,
+                                 steps=steps, seed=seed, cond_at=lambda t: self.conditioning_at(cond, t, projected))
         finally:
             if hasattr(gen, "train"):
                 gen.train(was_training)
-        return ((x + 1) / 2).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- training
