@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from .app import main
-from .common import emit, json_option, progress_option, warnings_to_stderr
+from .common import emit, json_option, model_option, progress_option, warnings_to_stderr
 
 
 def _generator_option():
@@ -94,7 +94,12 @@ def _pairs_of(prompt, parse_caption):
 @json_option()
 def judge_cmd(generator, per_count, steps, guidance, seed, as_json):
     """Sample held-out prompts of 1, 2 and 3 objects and report the judge's binding, colour and shape accuracy
-    (beside its accuracy on clean renders of the same prompts)."""
+    (beside its accuracy on clean renders of the same prompts).
+
+    \b
+    Example:
+      cliplab generate judge --per-count 16 --json
+    """
     from ..generation import judge_generator, load_judge
 
     with warnings_to_stderr():
@@ -108,8 +113,7 @@ def judge_cmd(generator, per_count, steps, guidance, seed, as_json):
 
 @generate_group.command("train")
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True)
-@click.option("--text-model", "-m", default="shapes-tiny", show_default=True,
-              help="The frozen text tower whose per-token states condition the generator.")
+@model_option(default="shapes-tiny", help="The frozen text tower whose per-token states condition the generator.")
 @click.option("--space", type=click.Choice(["final", "penultimate", "joint"]), default="final", show_default=True,
               help="Where the generator reads the text tower (final: SD 1.x; penultimate: SDXL).")
 @click.option("--steps", type=click.IntRange(1), default=1600, show_default=True)
@@ -120,9 +124,15 @@ def judge_cmd(generator, per_count, steps, guidance, seed, as_json):
 @click.option("--seed", type=int, default=0, show_default=True)
 @progress_option()
 @json_option()
-def train_cmd(out, text_model, space, steps, batch_size, channels, judge_steps, seed, progress, as_json):
-    """Train a generator on the synthetic world (32 px, 1-3 objects) conditioned on TEXT_MODEL's per-token states,
-    save it (and a judge) to OUT. The shipped scenes-32 is this with the defaults (experiments/train_generator.py)."""
+def train_cmd(out, model, space, steps, batch_size, channels, judge_steps, seed, progress, as_json):
+    """Train a generator on the synthetic world (32 px, 1-3 objects) conditioned on MODEL's per-token states, save it
+    (and a judge) to OUT. The shipped scenes-32 is this with the defaults (experiments/train_generator.py).
+
+    \b
+    Example:
+      cliplab generate train -o runs/gen --steps 1600
+      cliplab generate train -o runs/gen-sdxl --space penultimate   # read SDXL's site instead
+    """
     from ..generation import (DenoiserConfig, GenerationScenes, GeneratorTrainConfig, TextConditioner,
                               train_generator, train_judge)
     from ..pipeline.modelref import resolve_model
@@ -133,11 +143,11 @@ def train_cmd(out, text_model, space, steps, batch_size, channels, judge_steps, 
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--channels") from None
     with warnings_to_stderr():
-        model, _ = resolve_model(text_model)
-        cond = TextConditioner(model.float().eval(), space=space)
+        text_model, _ = resolve_model(model)
+        cond = TextConditioner(text_model.float().eval(), space=space)
         cfg = GeneratorTrainConfig(steps=steps, batch_size=batch_size, seed=seed, denoiser=dcfg)
         gen = train_generator(cond, GenerationScenes(seed=seed), cfg, progress=progress,
-                              info={"text_model": text_model, "space": space})
+                              info={"text_model": model if isinstance(model, str) else str(model), "space": space})
         gen.save(out)
         if judge_steps:
             train_judge(GenerationScenes(seed=1000 + seed), steps=judge_steps, seed=seed, progress=progress).save(out)

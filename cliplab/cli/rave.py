@@ -71,8 +71,14 @@ def train_cmd(model, out_dir, n_train, n_eval, kind, steps, lr, batch_size, guid
 @click.option("--enhancer", "-e", type=click.Path(exists=True, dir_okay=False), required=True,
               help="enhancer.safetensors written by `cliplab rave train`.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), required=True)
-def enhance_cmd(images, enhancer, out_dir):
-    """Enhance IMAGES (any size) and write them to OUT under their file names; prints one output path per image."""
+@json_option()
+def enhance_cmd(images, enhancer, out_dir, as_json):
+    """Enhance IMAGES (any size) and write them to OUT under their file names; prints one output path per image.
+
+    \b
+    Example:
+      cliplab rave enhance dark/*.png -e runs/rave/enhancer.safetensors -o bright/
+    """
     from pathlib import Path
 
     from ..enhance import rave
@@ -80,5 +86,5 @@ def enhance_cmd(images, enhancer, out_dir):
     with warnings_to_stderr():
         net = rave.load_enhancer(enhancer)
         rave.enhance_images(net, list(images), out_dir=out_dir)
-    for p in images:
-        click.echo(str(Path(out_dir) / Path(p).name))
+    outputs = [str(Path(out_dir) / Path(p).name) for p in images]
+    emit({"outputs": outputs}, as_json, lambda d: click.echo("\n".join(d["outputs"])))

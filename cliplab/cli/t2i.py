@@ -48,7 +48,13 @@ def core_group():
 def core_learn_cmd(images, class_word, out_dir, generator, inversion_only, stage1_steps, stage2_steps, lr, stage2_lr,
                    lambda_emb, lambda_attn, rescale, seed, progress, as_json):
     """Learn S* from the concept IMAGES against the frozen generator and save it to OUT (then sample prompts with
-    "S*" in them: `cliplab t2i core sample OUT "a S* and a blue square" -o grid.png`)."""
+    "S*" in them: `cliplab t2i core sample OUT "a S* and a blue square" -o grid.png`).
+
+    \b
+    Example:
+      cliplab t2i core learn -i c1.png -i c2.png -i c3.png --class-word triangle -o runs/core
+      cliplab t2i core learn -i c1.png -i c2.png --class-word triangle -o runs/ti --inversion-only   # the control
+    """
     from ..t2i import core
 
     opts = {"stage1_steps": stage1_steps, "stage2_steps": stage2_steps, "lr": lr, "stage2_lr": stage2_lr,
@@ -73,15 +79,22 @@ def core_learn_cmd(images, class_word, out_dir, generator, inversion_only, stage
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True)
 @click.option("--guidance", type=click.FloatRange(min=0), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-def core_sample_cmd(token_dir, prompts, generator, out, per_prompt, steps, guidance, seed):
-    """Draw PROMPTS that name the learned token (S*) with the generator; write one grid."""
+@json_option()
+def core_sample_cmd(token_dir, prompts, generator, out, per_prompt, steps, guidance, seed, as_json):
+    """Draw PROMPTS that name the learned token (S*) with the generator; write one grid.
+
+    \b
+    Example:
+      cliplab t2i core sample runs/core "a S*" "a S* and a blue square" -o core.png
+    """
     from ..generation import save_grid
     from ..t2i import core
 
     with warnings_to_stderr():
         rows = [p for p in prompts for _ in range(per_prompt)]
         images = core.sample_concept(token_dir, rows, generator=generator, steps=steps, seed=seed, guidance=guidance)
-    click.echo(str(save_grid(images, out, columns=per_prompt)))
+    path = str(save_grid(images, out, columns=per_prompt))
+    emit({"grid": path, "prompts": list(prompts)}, as_json, lambda d: click.echo(d["grid"]))
 
 
 # ------------------------------------------------------------------------------------------------------------- ELLA
@@ -109,7 +122,13 @@ def ella_group():
 def ella_train_cmd(out_dir, kind, generator, embedder, steps, batch_size, lr, n_images, seed, resume_from, progress,
                    as_json):
     """Train a connector between EMBEDDER's token states and the frozen generator with the denoising loss; save it to
-    OUT and print how it was made."""
+    OUT and print how it was made.
+
+    \b
+    Example:
+      cliplab t2i ella train -o runs/ella --steps 1600
+      cliplab t2i ella train -o runs/pooled --kind pooled     # the control
+    """
     from ..t2i import ella
 
     cfg = ella.ELLATrainConfig(steps=steps, batch_size=batch_size, lr=lr, n_images=n_images, seed=seed)
@@ -131,8 +150,14 @@ def ella_train_cmd(out_dir, kind, generator, embedder, steps, batch_size, lr, n_
 @click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True)
 @click.option("--guidance", type=click.FloatRange(min=0), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-def ella_sample_cmd(connector, prompts, generator, embedder, out, per_prompt, steps, guidance, seed):
-    """Draw PROMPTS through CONNECTOR (a directory, or the shipped `tsc` / `pooled`); write one grid."""
+@json_option()
+def ella_sample_cmd(connector, prompts, generator, embedder, out, per_prompt, steps, guidance, seed, as_json):
+    """Draw PROMPTS through CONNECTOR (a directory, or the shipped `tsc` / `pooled`); write one grid.
+
+    \b
+    Example:
+      cliplab t2i ella sample tsc "a red circle and a blue square and a green cross" -o ella.png
+    """
     from ..generation import save_grid
     from ..t2i import ella
 
@@ -140,7 +165,8 @@ def ella_sample_cmd(connector, prompts, generator, embedder, out, per_prompt, st
         wrapped = ella.load_ella(connector, generator=generator, embedder=embedder)
         rows = [p for p in prompts for _ in range(per_prompt)]
         images = wrapped.generate(rows, steps=steps, seed=seed, guidance=guidance)
-    click.echo(str(save_grid(images, out, columns=per_prompt)))
+    path = str(save_grid(images, out, columns=per_prompt))
+    emit({"grid": path, "prompts": list(prompts)}, as_json, lambda d: click.echo(d["grid"]))
 
 
 @ella_group.command("judge")
@@ -154,7 +180,13 @@ def ella_sample_cmd(connector, prompts, generator, embedder, out, per_prompt, st
 @json_option()
 def ella_judge_cmd(connector, generator, embedder, count, n, steps, seed, as_json):
     """Judge CONNECTOR's samples of held-out COUNT-object prompts: binding, colours, shapes and colour in the right
-    object's slot (beside the judge's scores on clean renders)."""
+    object's slot (beside the judge's scores on clean renders).
+
+    \b
+    Example:
+      cliplab t2i ella judge tsc --count 3 --json
+      cliplab t2i ella judge pooled --count 3 --json          # the control
+    """
     from ..generation import load_judge
     from ..t2i import ella
 
@@ -198,7 +230,12 @@ def wiclp_group():
 @progress_option()
 @json_option()
 def wiclp_train_cmd(out_dir, kind, generator, steps, lr, batch_size, n_images, threshold, seed, progress, as_json):
-    """Train a CLP/WiCLP projection of the generator's per-token conditioning (everything else frozen) and save it."""
+    """Train a CLP/WiCLP projection of the generator's per-token conditioning (everything else frozen) and save it.
+
+    \b
+    Example:
+      cliplab t2i wiclp train -o runs/wiclp --kind wiclp --threshold 500
+    """
     from ..t2i import wiclp
 
     with warnings_to_stderr():
@@ -224,7 +261,12 @@ def wiclp_train_cmd(out_dir, kind, generator, steps, lr, batch_size, n_images, t
 @json_option()
 def wiclp_judge_cmd(projection_dir, generator, threshold, per_count, steps, seed, as_json):
     """Judge held-out 1- and 2-object prompts through the projection beside the plain generator (same prompts and
-    seeds): binding, colours, shapes."""
+    seeds): binding, colours, shapes.
+
+    \b
+    Example:
+      cliplab t2i wiclp judge runs/wiclp --json
+    """
     from ..generation import load_judge
     from ..t2i import wiclp
 
