@@ -329,3 +329,14 @@ def test_shipped_generator_follows_its_prompts(scene_generator):
     without = judge.score(blind, specs)
     assert with_prompt["colours"] > 0.85 and with_prompt["colours"] > without["colours"] + 0.5
     assert with_prompt["shapes"] > without["shapes"] + 0.1
+
+
+def test_generation_page_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "generation.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "docs/generation.md", "exec"), {})
+    assert (tmp_path / "samples.png").is_file()
