@@ -340,3 +340,25 @@ def test_generation_page_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/generation.md", "exec"), {})
     assert (tmp_path / "samples.png").is_file()
+
+
+def test_cli_sample_with_a_learned_direction(tmp_path):
+    """`cliplab generate sample --direction --subject --alpha`: a row per alpha with the same noise, judged; at
+    alpha 0 the rows equal plain sampling, and the direction needs its subject."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cliplab.cli import main
+
+    run = CliRunner().invoke
+    args = ["generate", "sample", "a blue circle and a green square", "--per-prompt", "2", "--steps", "6", "--json"]
+    r = run(main, args + ["-o", str(tmp_path / "edit.png"), "--direction", "red-blue", "--subject", "circle",
+                          "--alpha", "0", "--alpha", "3"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["alphas"] == [0.0, 3.0] and len(d["judged"]) == 2
+    plain = json.loads(run(main, args + ["-o", str(tmp_path / "plain.png")]).output)
+    assert d["judged"]["a blue circle and a green square @ alpha 0"] == plain["judged"]["a blue circle and a green square"]
+    r = run(main, args + ["-o", str(tmp_path / "x.png"), "--direction", "red-blue"])
+    assert r.exit_code != 0 and "--subject" in r.output

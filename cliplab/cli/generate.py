@@ -37,41 +37,68 @@ def generate_group():
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,
               help="Classifier-free guidance scale (default: the generator's; 1 = unguided).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--direction", default=None,
+              help="An attribute direction (a shipped name such as red-blue, or a saved directory) added to the "
+                   "--subject's tokens: a row per --alpha, the same noise in every row of a prompt.")
+@click.option("--subject", default=None, help="The word whose tokens the direction moves (with --direction).")
+@click.option("--alpha", "alphas", type=float, multiple=True,
+              help="Direction strengths (repeat the option) [default with --direction: 0, 1, 2].")
 @click.option("--judge/--no-judge", "use_judge", default=True, show_default=True,
               help="Score each prompt's samples with the generator's judge (prompts in its grammar only).")
 @json_option()
-def sample_cmd(prompts, generator, out, per_prompt, steps, guidance, seed, use_judge, as_json):
-    """Draw PER_PROMPT samples of every prompt into one grid (a row per prompt).
+def sample_cmd(prompts, generator, out, per_prompt, steps, guidance, seed, direction, subject, alphas, use_judge,
+               as_json):
+    """Draw PER_PROMPT samples of every prompt into one grid (a row per prompt, or per prompt and alpha).
 
     \b
     Example:
       cliplab generate sample "a red circle" "a red circle and a blue square" -o grid.png
+      cliplab generate sample "a blue circle and a green square" --direction red-blue --subject circle \\
+          --alpha 0 --alpha 1 --alpha 2 -o edit.png      # attribute control's learned direction
     """
     import torch
 
-    from ..data.synthetic import parse_caption
     from ..generation import load_judge, save_grid
 
+    if (direction is None) != (subject is None):
+        raise click.UsageError("--direction and --subject go together")
+    if alphas and direction is None:
+        raise click.UsageError("--alpha needs --direction and --subject")
     with warnings_to_stderr():
         gen, cond = _load(generator)
-        rows = [p for p in prompts for _ in range(per_prompt)]
-        images = torch.cat([gen.sample(cond([p] * per_prompt), steps=steps, seed=seed + i, guidance=guidance)
-                            for i, p in enumerate(prompts)]) if rows else None
+        rows = [(p, None) for p in prompts]
+        if direction is not None:
+            from ..text_edit.attribute_control_learned import encode_with_direction, load_direction
+
+            try:
+                delta = load_direction(direction).delta
+            except (FileNotFoundError, ValueError) as e:
+                raise click.BadParameter(str(e), param_hint="--direction") from None
+            rows = [(p, a) for p in prompts for a in (alphas or (0.0, 1.0, 2.0))]
+        images = []
+        for p, a in rows:
+            c = cond([p] * per_prompt) if a is None else encode_with_direction(cond, [p] * per_prompt, subject,
+                                                                                delta, a)
+            images.append(gen.sample(c, steps=steps, seed=seed + prompts.index(p), guidance=guidance))
+        images = torch.cat(images)
         path = save_grid(images, out, columns=per_prompt)
         scores = {}
         if use_judge:
             judge = load_judge(generator)
-            for i, p in enumerate(prompts):
-                pairs = _pairs_of(p, parse_caption)
+            for i, (p, a) in enumerate(rows):
+                pairs = _pairs_of(p)
                 if pairs is not None:
-                    scores[p] = judge.score(images[i * per_prompt:(i + 1) * per_prompt], [pairs] * per_prompt)
+                    label = p if a is None else f"{p} @ alpha {a:g}"
+                    scores[label] = judge.score(images[i * per_prompt:(i + 1) * per_prompt], [pairs] * per_prompt)
     data = {"grid": str(path), "prompts": list(prompts), "per_prompt": per_prompt, "judged": scores}
+    if direction is not None:
+        data.update(direction=direction, subject=subject, alphas=[a for _, a in rows[:len(rows) // len(prompts)]])
     emit(data, as_json, lambda d: click.echo(f"grid -> {d['grid']}" + "".join(
         f"\n  {p!r}: binding {s['binding']:.2f}, colours {s['colours']:.2f}, shapes {s['shapes']:.2f}"
         for p, s in d["judged"].items())))
 
 
-def _pairs_of(prompt, parse_caption):
+def _pairs_of(prompt):
     """The (colour, shape) pairs of a generator-grammar prompt, or None when the judge cannot score it."""
     from ..generation import GEN_COLOURS, GEN_SHAPES
 
