@@ -362,3 +362,28 @@ def test_cli_sample_with_a_learned_direction(tmp_path):
     assert d["judged"]["a blue circle and a green square @ alpha 0"] == plain["judged"]["a blue circle and a green square"]
     r = run(main, args + ["-o", str(tmp_path / "x.png"), "--direction", "red-blue"])
     assert r.exit_code != 0 and "--subject" in r.output
+
+
+def test_judge_generator_keywords_reach_the_sampler():
+    from cliplab.generation import judge_generator
+
+    seen = []
+
+    class Spy:
+        def sample(self, cond, steps=25, seed=0, **kw):
+            seen.append((len(cond), steps, seed, kw.get("guidance")))
+            return torch.zeros(len(cond), 3, 32, 32)
+
+    class Judge:
+        def score(self, images, specs):
+            return {"binding": 0.0, "colours": 0.0, "shapes": 0.0}
+
+    def conditioner(texts):
+        return _cond(len(texts), 2, 16)
+
+    out = judge_generator(Spy(), conditioner, Judge(), per_count=5, counts=(1, 2), steps=3, seed=7, guidance=2.0,
+                          batch_size=2)
+    assert set(out) == {"1", "2"}
+    assert seen[:3] == [(2, 3, 7, 2.0), (2, 3, 9, 2.0), (1, 3, 11, 2.0)]  # batches of 2, seed advances by offset
+    judge_generator(Spy(), conditioner, Judge(), per_count=1, counts=(1,))
+    assert seen[-1] == (1, 25, 0, None)  # no guidance keyword: the generator's own

@@ -8,7 +8,7 @@ no text tower to sample from precomputed conditioning). Saved as ``generator.jso
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,6 +148,3 @@ class DiffusionGenerator(torch.nn.Module):
             p.requires_grad_(False)
         return self
 
-
-def prompts_list(prompts: str | Sequence[str]) -> list[str]:
-    return [prompts] if isinstance(prompts, str) else list(prompts)
