@@ -116,9 +116,7 @@ def clip_batch_output(model, pixels: torch.Tensor, texts: list[str], step: int =
 def scene_generator():
     """The shipped ``scenes-32`` generator (frozen), its judge and a ``final``-space conditioner on shapes-tiny:
     ``(generator, judge, conditioner)``."""
-    import cliplab
     from cliplab.generation import TextConditioner, load_generator, load_judge
 
     gen = load_generator("scenes-32").frozen()
-    text_model = cliplab.load(gen.info.get("text_model", "shapes-tiny")).float().eval()
-    return gen, load_judge("scenes-32"), TextConditioner(text_model, space=gen.info.get("space", "final"))
+    return gen, load_judge("scenes-32"), TextConditioner.for_generator(gen)

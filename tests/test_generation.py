@@ -387,3 +387,13 @@ def test_judge_generator_keywords_reach_the_sampler():
     assert seen[:3] == [(2, 3, 7, 2.0), (2, 3, 9, 2.0), (1, 3, 11, 2.0)]  # batches of 2, seed advances by offset
     judge_generator(Spy(), conditioner, Judge(), per_count=1, counts=(1,))
     assert seen[-1] == (1, 25, 0, None)  # no guidance keyword: the generator's own
+
+
+def test_conditioner_for_a_generator_reads_what_it_was_trained_on(scene_generator):
+    from cliplab.generation import TextConditioner
+
+    gen, _, cond = scene_generator
+    assert (cond.space, cond.model.config.name) == (gen.info["space"], gen.info["text_model"])
+    other = TextConditioner.for_generator(type("G", (), {"info": {"text_model": "shapes-tiny",
+                                                                  "space": "penultimate"}})())
+    assert other.space == "penultimate" and other.dim == other.model.config.text.width

@@ -14,13 +14,12 @@ def _generator_option():
                         help="A shipped generator name or a directory saved by `cliplab generate train`.")
 
 
-def _load(name):
+def load_generator_and_conditioner(name):
+    """A shipped or saved generator (frozen) and the conditioner it was trained with: shared by the t2i commands."""
     from ..generation import TextConditioner, load_generator
-    from ..pipeline.modelref import resolve_model
 
-    gen = load_generator(name)
-    text_model, _ = resolve_model(gen.info.get("text_model", "shapes-tiny"))
-    return gen, TextConditioner(text_model.float().eval(), space=gen.info.get("space", "final"))
+    gen = load_generator(name).frozen()
+    return gen, TextConditioner.for_generator(gen)
 
 
 @main.group("generate")
@@ -65,7 +64,7 @@ def sample_cmd(prompts, generator, out, per_prompt, steps, guidance, seed, direc
     if alphas and direction is None:
         raise click.UsageError("--alpha needs --direction and --subject")
     with warnings_to_stderr():
-        gen, cond = _load(generator)
+        gen, cond = load_generator_and_conditioner(generator)
         rows = [(p, None) for p in prompts]
         if direction is not None:
             from ..text_edit.attribute_control_learned import encode_with_direction, load_direction
@@ -130,7 +129,7 @@ def judge_cmd(generator, per_count, steps, guidance, seed, as_json):
     from ..generation import judge_generator, load_judge
 
     with warnings_to_stderr():
-        gen, cond = _load(generator)
+        gen, cond = load_generator_and_conditioner(generator)
         data = judge_generator(gen, cond, load_judge(generator), per_count=per_count, steps=steps, seed=seed,
                                guidance=guidance)
     emit(data, as_json, lambda d: click.echo("\n".join(

@@ -7,6 +7,7 @@ import click
 
 from .app import main
 from .common import emit, json_option, progress_option, warnings_to_stderr
+from .generate import load_generator_and_conditioner
 
 
 def generator_option():
@@ -199,15 +200,6 @@ def ella_judge_cmd(connector, generator, embedder, count, n, steps, seed, as_jso
 
 
 # ------------------------------------------------------------------------------------------------------------ WiCLP
-def _shipped_generator_and_conditioner(generator):
-    from ..generation import TextConditioner, load_generator
-    from ..pipeline.modelref import resolve_model
-
-    gen = load_generator(generator).frozen()
-    text_model, _ = resolve_model(gen.info.get("text_model", "shapes-tiny"))
-    return gen, TextConditioner(text_model.float().eval(), space=gen.info.get("space", "final"))
-
-
 @t2i_group.group("wiclp")
 def wiclp_group():
     """WiCLP: a token-state projection trained with the frozen generator's loss, Switch-Off sampling
@@ -239,7 +231,7 @@ def wiclp_train_cmd(out_dir, kind, generator, steps, lr, batch_size, n_images, t
     from ..t2i import wiclp
 
     with warnings_to_stderr():
-        gen, cond = _shipped_generator_and_conditioner(generator)
+        gen, cond = load_generator_and_conditioner(generator)
         trained = wiclp.train_projection(gen, cond, progress=progress, kind=kind, steps=steps, lr=lr,
                                          batch_size=batch_size, n_images=n_images, seed=seed)
         path = trained.save(out_dir, threshold=threshold)
@@ -271,7 +263,7 @@ def wiclp_judge_cmd(projection_dir, generator, threshold, per_count, steps, seed
     from ..t2i import wiclp
 
     with warnings_to_stderr():
-        gen, cond = _shipped_generator_and_conditioner(generator)
+        gen, cond = load_generator_and_conditioner(generator)
         projection, meta = wiclp.load_projection(projection_dir)
         thr = meta.get("threshold", -1) if threshold is None else threshold
         judge = load_judge(generator)

@@ -41,6 +41,15 @@ class TextConditioner:
         mask = torch.arange(seq.shape[1], device=seq.device)[None] < lengths[:, None]
         return Conditioning(seq, mask)
 
+    @classmethod
+    def for_generator(cls, generator) -> "TextConditioner":
+        """The conditioner a saved generator was trained with: the text model and space recorded in its ``info``
+        (``text_model``, default shapes-tiny; ``space``, default final), loaded in fp32 eval mode."""
+        from ..models import load
+
+        info = getattr(generator, "info", {}) or {}
+        return cls(load(info.get("text_model", "shapes-tiny")).float().eval(), space=info.get("space", "final"))
+
     def null(self, n: int = 1) -> Conditioning:
         """The empty prompt's conditioning (classifier-free guidance's unconditional branch), ``n`` rows."""
         return self([""] * n)
