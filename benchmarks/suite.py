@@ -46,7 +46,23 @@ from cliplab.models.layouts.hf import config_to_hf
 from common import DATA, best_rate, flickr_pairs, flickr_photos, interleaved, load_captions  # shared inputs and timer (same directory)
 
 TEXT_BATCH = 256
-PATHS = ("transformers fp32", "transformers bf16 autocast", "cliplab exact", "cliplab fast")
+#: every path the suite knows; ``--paths`` picks (default: those installed, bf16 ones only on a native-bf16 CPU)
+PATHS = ("transformers fp32", "transformers bf16 autocast", "cliplab exact", "cliplab fast", "cliplab compiled",
+         "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino bf16")
+#: the paths run by another runtime on cliplab's ONNX export (``cliplab.export.load_backend``)
+BACKEND_PATHS = {label: tuple(label.split()) for label in PATHS[5:]}
+LOW_PRECISION = {"transformers bf16 autocast", "cliplab fast", "openvino bf16"}
+
+
+def default_paths() -> list[str]:
+    """Every path whose package is installed; bf16 paths only where the CPU has native bf16 (elsewhere they run
+    about 8x slower than fp32, or, for OpenVINO, silently in f32)."""
+    from cliplab.export.backends import available_backends
+    from cliplab.models.hardware import native_bf16
+
+    offered = available_backends()
+    return [p for p in PATHS if (p not in BACKEND_PATHS or BACKEND_PATHS[p][1] in offered.get(BACKEND_PATHS[p][0], ()))
+            and (p not in LOW_PRECISION or native_bf16() is not False)]
 
 
 def matmul_peaks(repeats: int = 5) -> dict[str, float]:
@@ -67,18 +83,30 @@ def matmul_peaks(repeats: int = 5) -> dict[str, float]:
 # models
 
 
-def make_models(arch: str, seed: int = 0):
-    """transformers CLIPModel with its own random init, and cliplab exact + fast loaded from its saved weights."""
+def make_models(arch: str, paths: list[str], export_root: Path, seed: int = 0):
+    """transformers CLIPModel with its own random init, and every cliplab path loaded from its saved weights (the
+    backends through one ONNX export of them in ``export_root``)."""
     import transformers
+
+    from cliplab.export.backends import ensure_export, load_backend
 
     torch.manual_seed(seed)
     cfg = cliplab.get_config(arch)
     ref = transformers.CLIPModel(transformers.CLIPConfig.from_dict(config_to_hf(cfg))).eval()
+    models = {}
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
-        exact = cliplab.load(d)
-        fast = cliplab.load(d, precision="bf16")
-    return ref, exact, fast
+        models["cliplab exact"] = exact = cliplab.load(d)
+        if "cliplab fast" in paths:
+            models["cliplab fast"] = cliplab.load(d, precision="bf16")
+        if "cliplab compiled" in paths:
+            models["cliplab compiled"] = cliplab.load(d, compile=True)
+    backends = [p for p in paths if p in BACKEND_PATHS]
+    if backends:
+        export_dir = ensure_export(exact, export_root / arch, int8="onnxruntime int8" in backends)
+        for label in backends:
+            models[label] = load_backend(export_dir, *BACKEND_PATHS[label], threads=torch.get_num_threads())
+    return ref, models
 
 
 def hf_text_batches(model: cliplab.CLIP, captions: list[str], pad_to: int | None):
@@ -93,20 +121,30 @@ def hf_text_batches(model: cliplab.CLIP, captions: list[str], pad_to: int | None
     return out
 
 
-def path_functions(label: str, ref, exact, fast, captions: list[str], text_batches):
+def path_functions(label: str, ref, models: dict, captions: list[str], text_batches):
     """``(encode all texts, encode a pixel batch, context manager)`` of one path."""
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     if label.startswith("transformers"):
         ctx = autocast if "bf16" in label else nullcontext
         return (lambda: [ref.get_text_features(input_ids=i, attention_mask=m) for i, m in text_batches],
                 lambda px: ref.get_image_features(pixel_values=px), ctx)
-    model = fast if label == "cliplab fast" else exact
+    model = models[label]
     return (lambda: model.encode_texts(captions, batch_size=TEXT_BATCH), lambda px: model.encode_image(px),
             nullcontext)
 
 
+def features(out) -> torch.Tensor:
+    """A ``get_*_features`` result as a tensor (transformers 5 wraps it: ``pooler_output`` holds the projection)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def min_cos(a, b) -> float:
+    return float(F.cosine_similarity(features(a).float(), features(b).float(), dim=-1).min())
+
+
 def measure_arch(arch: str, args, peaks: dict[str, float]) -> list[dict]:
-    ref, exact, fast = make_models(arch)
+    ref, models = make_models(arch, args.paths, args.export_root)
+    exact = models["cliplab exact"]
     cfg = exact.config
     captions = load_captions(args.texts)
     lengths = exact.tokenize(captions).lengths
@@ -117,12 +155,12 @@ def measure_arch(arch: str, args, peaks: dict[str, float]) -> list[dict]:
     one = pixels[:1]
     query = hf_text_batches(exact, captions[:1], None)[0]
     texts, images, ctxs, text_query = {}, {}, {}, {}
-    for label in PATHS:
-        texts[label], images[label], ctxs[label] = path_functions(label, ref, exact, fast, captions, longest)
+    for label in args.paths:
+        texts[label], images[label], ctxs[label] = path_functions(label, ref, models, captions, longest)
         if label.startswith("transformers"):
             text_query[label] = lambda: ref.get_text_features(input_ids=query[0], attention_mask=query[1])
         else:
-            model = fast if label == "cliplab fast" else exact
+            model = models[label]
             text_query[label] = lambda model=model: model.encode_text(model.tokenize(captions[:1]))
     print(f"  {arch}: texts", file=sys.stderr, flush=True)
     tps = interleaved(texts, len(captions), args.repeats, ctxs)
@@ -131,13 +169,25 @@ def measure_arch(arch: str, args, peaks: dict[str, float]) -> list[dict]:
     ips1 = interleaved({k: (lambda f=f: f(one)) for k, f in images.items()}, 1, 3 * args.repeats, ctxs)
     lat_t = {k: 1000 / v for k, v in interleaved(text_query, 1, 10, ctxs).items()}
     lat_i = {k: 1000 / v for k, v in ips1.items()}
+    with torch.inference_mode():  # each path's features against cliplab exact on the timed inputs
+        exact_img, exact_txt = exact.encode_image(pixels), exact.encode_texts(captions)
+        fid = {}
+        for label in args.paths:
+            with ctxs[label]():
+                fid[label] = (min_cos(images[label](pixels), exact_img), min_cos(text_features(
+                    label, ref, models, captions, longest), exact_txt))
     rows = []
-    for label in PATHS:
-        peak = peaks["bf16" if ("bf16" in label or "fast" in label) else "fp32"]
+    for label in args.paths:
+        peak = peaks["bf16" if label in LOW_PRECISION else "fp32"]
         row = {"arch": arch, "path": label, "texts_per_s": tps[label], "images_per_s_64": ips[label],
                "images_per_s_1": ips1[label], "text_latency_ms": lat_t[label], "image_latency_ms": lat_i[label],
                "image_mfu": ips[label] * image_flops(cfg) / 1e9 / peak,
-               "text_mfu": tps[label] * useful_text_flops / len(captions) / 1e9 / peak}
+               "text_mfu": tps[label] * useful_text_flops / len(captions) / 1e9 / peak,
+               "image_min_cos": fid[label][0], "text_min_cos": fid[label][1]}
+        if "int8" in label:  # int8 runs neither peak: no utilisation figure
+            row["image_mfu"] = row["text_mfu"] = None
+        if label == "cliplab compiled":
+            row["compile_s"] = models[label].compile_report()
         if label.startswith("transformers"):
             pad77 = hf_text_batches(exact, captions[: args.texts_77], 77)
             with torch.inference_mode(), ctxs[label]():
@@ -145,7 +195,7 @@ def measure_arch(arch: str, args, peaks: dict[str, float]) -> list[dict]:
                     lambda: [ref.get_text_features(input_ids=i, attention_mask=m) for i, m in pad77],
                     args.texts_77, 1)
         if args.memory:
-            row["peak_memory_mb"] = peak_memory(arch, label, args.image_batch)
+            row["peak_memory_mb"] = peak_memory(arch, label, args.image_batch, args.export_root / arch)
         rows.append(row)
         print(f"  {arch} / {label}: {tps[label]:.0f} texts/s, {ips[label]:.1f} images/s", file=sys.stderr,
               flush=True)
@@ -153,12 +203,19 @@ def measure_arch(arch: str, args, peaks: dict[str, float]) -> list[dict]:
     return rows
 
 
+def text_features(label: str, ref, models: dict, captions: list[str], text_batches) -> torch.Tensor:
+    """Every caption's features by one path, in caption order."""
+    if not label.startswith("transformers"):
+        return models[label].encode_texts(captions, batch_size=TEXT_BATCH)
+    return torch.cat([features(ref.get_text_features(input_ids=i, attention_mask=m)) for i, m in text_batches])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # peak memory (a fresh process per path, so one path's allocations cannot hide another's)
 
 
-def peak_memory(arch: str, label: str, batch: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--probe-memory", arch, label, str(batch)],
+def peak_memory(arch: str, label: str, batch: int, export_dir: Path) -> float:
+    out = subprocess.run([sys.executable, __file__, "--probe-memory", arch, label, str(batch), str(export_dir)],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -173,8 +230,9 @@ def high_water_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def probe_memory(arch: str, label: str, batch: int) -> None:
-    """Peak RSS growth (MB) from building the model through one image batch and one text batch of 256."""
+def probe_memory(arch: str, label: str, batch: int, export_dir: str) -> None:
+    """Peak RSS growth (MB) from building the model through one image batch and one text batch of 256 (a backend:
+    from opening the export ``export_dir`` the suite wrote)."""
     import transformers
 
     base = high_water_mb()
@@ -190,7 +248,13 @@ def probe_memory(arch: str, label: str, batch: int) -> None:
                 ref.get_image_features(pixel_values=torch.randn(batch, 3, s, s))
                 ref.get_text_features(input_ids=ids.ids[:, : int(ids.lengths.max())])
         else:
-            model = cliplab.create_model(arch).eval().set_precision("bf16" if "fast" in label else "fp32")
+            if label in BACKEND_PATHS:
+                from cliplab.export.backends import load_backend
+
+                model = load_backend(export_dir, *BACKEND_PATHS[label])
+            else:
+                model = cliplab.create_model(arch).eval().set_precision("bf16" if "fast" in label else "fp32")
+                model.set_compiled(label == "cliplab compiled")
             model.encode_image(torch.randn(batch, 3, s, s))
             model.encode_texts(captions)
     print(high_water_mb() - base)
@@ -201,7 +265,9 @@ def probe_memory(arch: str, label: str, batch: int) -> None:
 
 
 def fidelity(arch: str, args) -> dict:
-    _, exact, fast = make_models(arch)
+    with tempfile.TemporaryDirectory() as root:
+        _, models = make_models(arch, ["cliplab exact", "cliplab fast"], Path(root))
+    exact, fast = models["cliplab exact"], models["cliplab fast"]
     captions = load_captions(args.texts)
     out = {}
     with torch.inference_mode():
@@ -308,26 +374,39 @@ def report(meta: dict, peaks: dict, results: dict[str, list[dict]], fid: dict, d
              f"Measured matmul peaks: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
              f"({peaks['bf16'] / peaks['fp32']:.1f}x).", ""]
     for arch, rows in results.items():
-        hf32, hf16 = rows[0], rows[1]
+        by = {r["path"]: r for r in rows}
+        hf32 = rows[0]
+        ov = by.get("openvino bf16") or by.get("openvino fp32")
+        pad77 = ", ".join(f"{r['texts_per_s_pad77']:.0f} {r['path'].split(' ', 1)[1]}" for r in rows
+                          if "texts_per_s_pad77" in r)
+        vs = f"vs {ov['path']}" if ov else "vs OpenVINO"
         lines += [f"## {arch}", "",
                   f"{meta['texts']} captions (mean {rows[0]['mean_tokens']:.1f} tokens with SOT/EOT); transformers "
-                  f"padded to 77 tokens: {hf32['texts_per_s_pad77']:.0f} texts/s fp32, "
-                  f"{hf16['texts_per_s_pad77']:.0f} bf16 ({meta['texts_77']} captions).", "",
-                  "| path | texts/s | vs tf fp32 | vs tf bf16 | images/s (64) | vs tf fp32 | vs tf bf16 | images/s (1) "
-                  "| text query ms | image ms | image MFU | text MFU | peak MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"padded to 77 tokens: {pad77} texts/s ({meta['texts_77']} captions).", "",
+                  f"| path | texts/s | vs tf fp32 | {vs} | images/s (64) | vs tf fp32 | {vs} | images/s (1) | {vs} "
+                  "| text query ms | image ms | min cos img | min cos text | image MFU | peak MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             mem = f"{r['peak_memory_mb']:.0f}" if "peak_memory_mb" in r else "-"
+            mfu = f"{100 * r['image_mfu']:.0f}%" if r["image_mfu"] is not None else "-"
+            vs_ov = (lambda key: ratio(r[key], ov[key]) if ov else "-")
             lines.append(
                 f"| {r['path']} | {r['texts_per_s']:.0f} | {ratio(r['texts_per_s'], hf32['texts_per_s'])} | "
-                f"{ratio(r['texts_per_s'], hf16['texts_per_s'])} | {r['images_per_s_64']:.1f} | "
-                f"{ratio(r['images_per_s_64'], hf32['images_per_s_64'])} | "
-                f"{ratio(r['images_per_s_64'], hf16['images_per_s_64'])} | {r['images_per_s_1']:.1f} | "
-                f"{r['text_latency_ms']:.1f} | {r['image_latency_ms']:.0f} | {100 * r['image_mfu']:.0f}% | "
-                f"{100 * r['text_mfu']:.0f}% | {mem} |")
+                f"{vs_ov('texts_per_s')} | {r['images_per_s_64']:.1f} | "
+                f"{ratio(r['images_per_s_64'], hf32['images_per_s_64'])} | {vs_ov('images_per_s_64')} | "
+                f"{r['images_per_s_1']:.1f} | {vs_ov('images_per_s_1')} | "
+                f"{r['text_latency_ms']:.1f} | {r['image_latency_ms']:.0f} | {r['image_min_cos']:.6f} | "
+                f"{r['text_min_cos']:.6f} | {mfu} | {mem} |")
+        compiled = by.get("cliplab compiled")
+        if compiled:
+            lines += ["", "cliplab compiled: first call of each tower (compilation included) took " + ", ".join(
+                f"{tower} {sec:.0f} s" for tower, sec in compiled["compile_s"].items() if sec is not None)
+                + " in this process (inductor's on-disk cache may have shortened it)."]
         lines.append("")
     lines += ["MFU: matmul FLOPs of the work done (padding not counted) per second over the measured peak of the "
-              "path's precision (fp32 paths: fp32 peak; bf16 paths: bf16 peak).", ""]
+              "path's precision (fp32 paths: fp32 peak; bf16 paths: bf16 peak; none for int8). Min cos: each path's "
+              f"features against cliplab exact on the timed inputs (random pixels, the captions). Paths: "
+              f"{', '.join(meta['paths'])}.", ""]
     if fid:
         lines += [f"## Fast mode fidelity ({meta['fidelity_arch']}, random weights, real inputs)", "",
                   f"- captions ({fid['captions']}): cosine to exact min {fid['text_cos_min']:.5f}, "
@@ -374,11 +453,13 @@ def main() -> None:
                          "e.g. ViT-B-16-SigLIP,RN50-quickgelu")
     ap.add_argument("--quick", action="store_true", help="ViT-B-32 only, fewer inputs (a few minutes)")
     ap.add_argument("--out", help="also write the Markdown report (and a .json of the raw figures) here")
-    ap.add_argument("--probe-memory", nargs=3, metavar=("ARCH", "PATH", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--paths", help="comma-separated paths to run (default: every installed one; bf16 paths only "
+                                    "on a CPU with native bf16): " + ", ".join(PATHS))
+    ap.add_argument("--probe-memory", nargs=4, metavar=("ARCH", "PATH", "BATCH", "EXPORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe_memory:
-        arch, label, batch = args.probe_memory
-        probe_memory(arch, label, int(batch))
+        arch, label, batch, export_dir = args.probe_memory
+        probe_memory(arch, label, int(batch), export_dir)
         return
     if args.quick:
         args.archs, args.texts, args.texts_77, args.photos, args.decode_photos, args.repeats = \
@@ -395,10 +476,18 @@ def main() -> None:
         meta["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except (OSError, StopIteration):
         pass
+    args.paths = args.paths.split(",") if args.paths else default_paths()
+    unknown = set(args.paths) - set(PATHS)
+    if unknown or args.paths[:1] != ["transformers fp32"] or "cliplab exact" not in args.paths:
+        ap.error(f"--paths: start with 'transformers fp32', include 'cliplab exact', choose from {list(PATHS)}"
+                 + (f" (unknown: {sorted(unknown)})" if unknown else ""))
+    meta["paths"] = args.paths
     print("measuring matmul peaks", file=sys.stderr, flush=True)
     peaks = matmul_peaks()
     archs = args.archs.split(",")
-    results = {arch: measure_arch(arch, args, peaks) for arch in archs}
+    with tempfile.TemporaryDirectory() as export_root:
+        args.export_root = Path(export_root)
+        results = {arch: measure_arch(arch, args, peaks) for arch in archs}
     meta["fidelity_arch"] = archs[0]
     print("fast-mode fidelity", file=sys.stderr, flush=True)
     fid = fidelity(archs[0], args)

@@ -121,10 +121,12 @@ def set_option(help: str = "An option of the run (repeatable), e.g. --set limit=
 
 def precision_option(help: str = "Model compute precision: fp32 (exact) or bf16 (fast where the CPU has native "
                                  "bf16).", int8: bool = False):
-    """``--precision``; ``int8=True`` (commands with ``--backend``) also offers int8, which only ONNX Runtime runs."""
+    """``--precision``; ``int8=True`` (commands with ``--backend``) also offers int8 (ONNX Runtime, OpenVINO)."""
     choices = ["fp32", "bf16", "int8"] if int8 else ["fp32", "bf16"]
     if int8:
-        help = help.rstrip(".") + "; int8: --backend onnxruntime only (dynamic int8, fidelity in docs/backends.md)."
+        help = help.rstrip(".") + ("; int8: --backend onnxruntime (dynamic int8) or openvino (NNCF int8 images, "
+                                   "calibrated by `cliplab embed` on its first 300 images); fidelity in "
+                                   "docs/backends.md.")
     return click.option("--precision", type=click.Choice(choices), default="fp32", show_default=True, help=help)
 
 
@@ -135,6 +137,13 @@ def backend_option():
                         help="Inference backend: torch (every feature), or onnxruntime / openvino on the model's ONNX "
                              "export (made on first use and cached by weight fingerprint; pip install onnxruntime "
                              "/ openvino).")
+
+
+def compile_option():
+    """``--compile``: the torch model's plain encode paths through ``torch.compile`` (docs/fast_path.md)."""
+    return click.option("--compile", "compile_model", is_flag=True,
+                        help="Run the torch backend through torch.compile: a few minutes of compiling on first use, "
+                             "then faster on CPU at the same features (docs/fast_path.md).")
 
 
 def with_backend(net, backend: str, precision: str):

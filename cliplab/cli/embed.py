@@ -8,7 +8,7 @@ import click
 
 from .app import main
 from .common import (  # noqa: F401  (MODEL_HELP re-exported for old imports)
-    MODEL_HELP, backend_option, emit, fail, json_option, model_option, on_interrupt, out_option, precision_option, progress_option,
+    MODEL_HELP, backend_option, compile_option, emit, fail, json_option, model_option, on_interrupt, out_option, precision_option, progress_option,
     warnings_to_stderr,
 )
 
@@ -19,6 +19,7 @@ from .common import (  # noqa: F401  (MODEL_HELP re-exported for old imports)
 @model_option()
 @backend_option()
 @precision_option(int8=True)
+@compile_option()
 @click.option("--synthetic", type=int, default=None, metavar="N",
               help="Embed N generated synthetic scenes (same as SOURCE synthetic:N).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -52,7 +53,7 @@ from .common import (  # noqa: F401  (MODEL_HELP re-exported for old imports)
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any input was rejected.")
 @progress_option()
 @json_option()
-def embed_cmd(source, out_dir, model, backend, precision, synthetic, engine, batch_size, text_batch_size, shard_size, workers,
+def embed_cmd(source, out_dir, model, backend, precision, compile_model, synthetic, engine, batch_size, text_batch_size, shard_size, workers,
               dtype, no_normalize, no_truncate, what, device, path_column, caption_column, id_column, image_root,
               encoding, all_files, overwrite, strict, progress, as_json):
     """Embed SOURCE into sharded Parquet files in --out.
@@ -87,6 +88,8 @@ def embed_cmd(source, out_dir, model, backend, precision, synthetic, engine, bat
                       "image_root": image_root, "all_files": all_files}
     if encoding != "utf-8":
         source_options["encoding"] = encoding
+    if compile_model and backend == "torch" and engine == "local":
+        click.echo("compiling the model with torch.compile on its first batches (a few minutes)", err=True)
     try:
         with warnings_to_stderr(), on_interrupt(f"finished shards are kept in {out_dir}; run the same command again "
                                                 "to resume"):
@@ -94,7 +97,7 @@ def embed_cmd(source, out_dir, model, backend, precision, synthetic, engine, bat
                            engine=engine, batch_size=batch_size, text_batch_size=text_batch_size,
                            shard_size=shard_size, workers=workers, dtype=dtype, normalize=not no_normalize,
                            truncate=not no_truncate, what=what, device=device, progress=progress,
-                           precision=precision, backend=backend)
+                           precision=precision, backend=backend, compile=compile_model)
     except (JobLockedError, EngineUnavailable, MissingDependencyError) as e:
         fail(str(e), 1)
     m = result.manifest

@@ -15,12 +15,13 @@ backend       precisions                what runs
 torch         fp32, bf16                :class:`cliplab.CLIP` itself (bf16: the fast mode, ``set_precision``)
 onnxruntime   fp32, int8                :class:`~cliplab.export.OnnxCLIP` on the ONNX export (int8: dynamic int8
                                         graphs, ``quantize_onnx``)
-openvino      fp32, bf16                :class:`~cliplab.export.openvino_runtime.OpenVINOCLIP` on the same export
+openvino      fp32, bf16, int8          :class:`~cliplab.export.openvino_runtime.OpenVINOCLIP` on the same export
+                                        (int8: NNCF static int8 image graph calibrated on your images,
+                                        :mod:`.openvino_int8`; texts f32)
 ============  ========================  =====================================================================
 
-Other pairs raise ``ValueError``: ONNX Runtime's CPU provider has no bf16 path for these graphs, the PyTorch model
-has no int8 path, and OpenVINO runs the export's dynamic int8 graphs slower than its own f32 (see
-:mod:`.openvino_runtime`). The ONNX backends need an export: ``load_backend`` writes it on first use into ``export_dir``, or, when
+Other pairs raise ``ValueError``: ONNX Runtime's CPU provider has no bf16 path for these graphs, and the PyTorch
+model has no int8 path. The ONNX backends need an export: ``load_backend`` writes it on first use into ``export_dir``, or, when
 none is given, into ``<cache_root>/exports/<fingerprint>`` where the fingerprint hashes the config and every weight
 (:func:`cliplab.pipeline.modelref.fingerprint`), so changed weights never reuse a stale export. The manifest records
 the fingerprint; an ``export_dir`` holding another model's export is refused. An export directory passed as the model
@@ -45,15 +46,14 @@ from .manifest import MANIFEST_FILE, read_manifest
 BACKENDS: dict[str, tuple[str, ...]] = {
     "torch": ("fp32", "bf16"),
     "onnxruntime": ("fp32", "int8"),
-    "openvino": ("fp32", "bf16"),
+    "openvino": ("fp32", "bf16", "int8"),
 }
 #: backend -> (import name, install line)
 PACKAGES = {"onnxruntime": ("onnxruntime", "pip install onnxruntime"),
             "openvino": ("openvino", "pip install openvino")}
 #: what to use instead, for each refused (backend, precision) pair
-_INSTEAD = {("torch", "int8"): "backend='onnxruntime'",
-            ("onnxruntime", "bf16"): "backend='openvino' or 'torch'",
-            ("openvino", "int8"): "backend='onnxruntime' (OpenVINO runs those dynamic int8 graphs slower than f32)"}
+_INSTEAD = {("torch", "int8"): "backend='onnxruntime' or 'openvino'",
+            ("onnxruntime", "bf16"): "backend='openvino' or 'torch'"}
 
 
 def check_backend(backend: str, precision: str) -> None:
@@ -105,7 +105,8 @@ def is_export_dir(path) -> bool:
 
 
 def load_backend(name_or_dir, backend: str = "torch", precision: str = "fp32", export_dir: str | Path | None = None,
-                 *, threads: int | None = None, cache_root: str | Path | None = None, **options: Any):
+                 *, threads: int | None = None, cache_root: str | Path | None = None, calibration=None,
+                 **options: Any):
     """A model with the plain inference API of :class:`cliplab.CLIP`, run by ``backend`` at ``precision``.
 
     ``name_or_dir``: anything :func:`cliplab.pipeline.resolve_model` takes (a pretrained name, a checkpoint path, a
@@ -113,8 +114,12 @@ def load_backend(name_or_dir, backend: str = "torch", precision: str = "fp32", e
     ``export_dir``: where the ONNX export lives or is written (default: the fingerprint-keyed cache under
     ``cache_root``, see :func:`default_cache_root`). ``threads``: the runtime's intra-op threads (ONNX backends;
     for torch use ``torch.set_num_threads``). ``options`` go to the runtime's ``load``: ``providers`` for ONNX
-    Runtime; ``performance_hint``, ``queue_batch``, ``cache_dir``, ``config`` for OpenVINO.
+    Runtime; ``performance_hint``, ``queue_batch``, ``cache_dir``, ``config`` for OpenVINO. ``calibration``
+    (OpenVINO int8): images (paths, PIL images or pixels ``[N, 3, S, S]``) to calibrate the int8 image graph on when
+    the export has none yet, or has one calibrated on other images (:func:`.openvino_int8.quantize_openvino`).
     """
+    if calibration is not None and (backend, precision) != ("openvino", "int8"):
+        raise ValueError("calibration= is for backend='openvino', precision='int8'")
     check_backend(backend, precision)
     require_backend(backend)  # the install hint comes before any loading or exporting
     if backend == "torch":
@@ -122,7 +127,12 @@ def load_backend(name_or_dir, backend: str = "torch", precision: str = "fp32", e
             raise ValueError("backend='torch' takes no export_dir, threads or runtime options (use "
                              "torch.set_num_threads); they are for backend='onnxruntime' / 'openvino'")
         return torch_model(name_or_dir, precision)
-    directory = ensure_export(name_or_dir, export_dir, int8=precision == "int8", cache_root=cache_root)
+    directory = ensure_export(name_or_dir, export_dir, int8=backend == "onnxruntime" and precision == "int8",
+                              cache_root=cache_root)
+    if calibration is not None:
+        from .openvino_int8 import ensure_openvino_int8
+
+        ensure_openvino_int8(directory, calibration)
     if backend == "onnxruntime":
         from .runtime import OnnxCLIP
 

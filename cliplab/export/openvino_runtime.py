@@ -11,14 +11,17 @@ OpenVINO (``pip install openvino``) compiles the exported ``image.onnx`` / ``tex
   multiplies bf16 natively (AVX512-BF16 / AMX); elsewhere it silently keeps f32. :meth:`OpenVINOCLIP.inference_precision`
   reads back what the compiled model really uses.
 
-There is no int8 here: OpenVINO's ONNX reader does take the export's dynamic int8 graphs (ONNX Runtime's
-``DynamicQuantizeLinear`` + ``MatMulInteger``, from :func:`cliplab.export.quantize_onnx`), but runs them slower than
-its own f32 graphs (shapes-tiny, one thread, measured under load: 0.74x the f32 images/s at batch 32, 0.47x the
-texts/s), while ONNX Runtime runs the same graphs faster than f32. OpenVINO's own int8 is NNCF post-training
-quantisation (``nncf`` is not a dependency; issue 27, item 3). Use ``backend="onnxruntime"`` for int8.
+``precision="int8"`` runs OpenVINO's own int8 graphs, written by NNCF post-training quantisation
+(:mod:`cliplab.export.openvino_int8`, calibrated on your images); a tower without one (by default the text tower)
+runs f32. OpenVINO is not given the export's dynamic int8 graphs (ONNX Runtime's ``DynamicQuantizeLinear`` +
+``MatMulInteger``, from :func:`cliplab.export.quantize_onnx`): it runs them slower than its own f32 graphs
+(shapes-tiny, one thread, measured under load: 0.74x the f32 images/s at batch 32, 0.47x the texts/s).
 
-Compiled models are cached in ``<export>/openvino_cache`` (OpenVINO's ``CACHE_DIR``): the next process that opens
-the same export with the same settings loads the blob instead of compiling (:meth:`OpenVINOCLIP.loaded_from_cache`).
+Compiled models are cached in ``<export>/openvino_cache/<precision>`` (OpenVINO's ``CACHE_DIR``): the next process
+that opens the same export with the same settings loads the blob instead of compiling
+(:meth:`OpenVINOCLIP.loaded_from_cache`). One folder per precision, because OpenVINO 2026.4 on an AVX-512 CPU without
+native bf16 loaded a bf16 compile from a folder that held the f32 one and returned NaN features (found by
+tests/test_backends.py; a bf16 compile in its own folder, fresh or cached, is correct).
 Everything else (manifest checks, tokenizer, preprocessing, length-ordered text batching, the cut of text padding to
 the longest EOT, input validation) is :class:`~cliplab.export.OnnxCLIP`'s, inherited unchanged: the two runtimes
 see the same inputs.
@@ -44,7 +47,7 @@ from .runtime import OnnxCLIP
 OPENVINO_HINT = "pip install openvino"
 CACHE_SUBDIR = "openvino_cache"
 #: cliplab precision -> OpenVINO INFERENCE_PRECISION_HINT
-INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the NNCF graphs; the rest in f32
 PERFORMANCE_HINTS = ("throughput", "latency")
 DEFAULT_HINTS = {"image": "throughput", "text": "latency"}
 
@@ -124,12 +127,13 @@ class OpenVINOCLIP(OnnxCLIP):
     """An exported CLIP run by OpenVINO on the CPU: the plain API of :class:`cliplab.CLIP` (``encode_image``,
     ``encode_images``, ``encode_text``, ``encode_texts``, ``tokenize``, ``preprocess``), CPU float32 tensors out.
 
-    ``precision``: ``"fp32"`` or ``"bf16"`` (OpenVINO's bf16 inference precision; f32 on CPUs without native
-    bf16). ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (default
+    ``precision``: ``"fp32"``, ``"bf16"`` (OpenVINO's bf16 inference precision; f32 on CPUs without native
+    bf16) or ``"int8"`` (the export's NNCF int8 graphs, :mod:`cliplab.export.openvino_int8`; towers without one run
+    f32). ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (default
     ``torch.get_num_threads()``). ``performance_hint``: ``"throughput"`` or ``"latency"`` for both towers (default:
     throughput for images, latency for texts). ``queue_batch``: rows per async request for image batches (``None``:
     one synchronous request per batch). ``cache_dir``: where compiled models are cached (default
-    ``<directory>/openvino_cache``; ``False`` disables the cache). ``config``: extra OpenVINO properties, applied last.
+    ``<directory>/openvino_cache/<precision>``; ``False`` disables the cache). ``config``: extra OpenVINO properties, applied last.
     Each tower is compiled on first use.
     """
 
@@ -143,13 +147,22 @@ class OpenVINOCLIP(OnnxCLIP):
         if queue_batch is not None and queue_batch < 1:
             raise ValueError(f"queue_batch must be >= 1 or None, got {queue_batch}")
         super().__init__(directory, quantized=False, threads=threads)
+        if precision == "int8" and not (self.manifest.get("openvino_int8") or {}).get("towers"):
+            from .openvino_int8 import NNCF_HINT
+
+            raise FileNotFoundError(f"{self.directory}: no OpenVINO int8 graphs yet; they are calibrated on your "
+                                    "images: `cliplab embed IMAGES -o OUT --backend openvino --precision int8` makes "
+                                    "them (as do load_backend(..., calibration=images) and cliplab.export."
+                                    f"openvino_int8.quantize_openvino; {NNCF_HINT}); ONNX Runtime's dynamic int8 "
+                                    "needs no calibration: backend onnxruntime")
         self.precision = precision
         self.performance_hint = performance_hint
         self.queue_batch = queue_batch
         if cache_dir is False:
             self.cache_dir = None
         else:
-            self.cache_dir = Path(cache_dir) if cache_dir not in (None, True) else self.directory / CACHE_SUBDIR
+            self.cache_dir = Path(cache_dir) if cache_dir not in (None, True) else \
+                self.directory / CACHE_SUBDIR / precision
         self.extra_config = dict(config or {})
 
     @classmethod
@@ -186,6 +199,10 @@ class OpenVINOCLIP(OnnxCLIP):
 
     def _compile(self, tower: str, path: Path) -> CompiledTower:
         ov = require_openvino()
+        if self.precision == "int8":
+            from .openvino_int8 import int8_file
+
+            path = int8_file(self.directory, tower) or path
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         compiled = ov.Core().compile_model(str(path), "CPU", self.compile_config(tower))

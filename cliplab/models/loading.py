@@ -207,15 +207,16 @@ def _load_hf_dir(d: Path, arch=None) -> CLIP:
 
 
 def load(source: str | Path, arch=None, precision: str = "fp32", device: str | torch.device = "cpu",
-         layout: str | None = None, pretrained: str | Path | None = None) -> CLIP:
+         layout: str | None = None, pretrained: str | Path | None = None, compile: bool = False) -> CLIP:
     """Load a CLIP model from a pretrained name, a directory, a weights file or a Hugging Face hub id already in the
     local cache (see the module docstring).
 
     ``arch`` overrides the architecture; ``layout`` forces a layout instead of detecting it; ``precision`` is
     ``"fp32"`` (default, exact) or the fast mode ``"bf16"`` (``"fp16"``): weights and compute in that type, features
     returned in fp32 (:meth:`CLIP.set_precision`). OpenCLIP's spelling works too: ``load("ViT-B-32",
-    pretrained="open_clip_model.safetensors")`` is ``load(file, arch="ViT-B-32")``. The model is returned in eval
-    mode.
+    pretrained="open_clip_model.safetensors")`` is ``load(file, arch="ViT-B-32")``. ``compile=True`` runs the plain
+    encode paths through ``torch.compile`` (:meth:`CLIP.set_compiled`: faster after minutes of compiling on first
+    use). The model is returned in eval mode.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -228,7 +229,7 @@ def load(source: str | Path, arch=None, precision: str = "fp32", device: str | t
                                     "laion2b_s34b_b79k) are not downloaded here; pass the weights file that "
                                     "open_clip saved (its cache is ~/.cache/huggingface/hub or ~/.cache/clip)")
     model = _load_any(source, arch, layout)
-    return model.to(device=device).set_precision(precision).eval()
+    return model.to(device=device).set_precision(precision).eval().set_compiled(compile)
 
 
 def _load_any(source, arch, layout) -> CLIP:

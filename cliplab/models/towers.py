@@ -242,12 +242,15 @@ class TextTower(nn.Module):
         # longest real sequence (an exact saving; padding to 77 wastes most of the compute on short captions).
         return ids[:, : int(eot.max()) + 1], eot
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, padded=None) -> torch.Tensor:
+        """``padded``: what runs each cut batch, :meth:`forward_padded` unless given (a compiled copy of it: the cut
+        depends on the data, so it stays outside the compiled graph)."""
+        padded = padded or self.forward_padded
         ids, eot = self._cut(ids)
         step = slice_rows(ids.shape[0], ids.shape[1])
         if ids.shape[0] > step:  # each slice is cut again, to its own longest text
-            return torch.cat([self.forward_padded(*self._cut(chunk)) for chunk in ids.split(step)])
-        return self.forward_padded(ids, eot)
+            return torch.cat([padded(*self._cut(chunk)) for chunk in ids.split(step)])
+        return padded(ids, eot)
 
     def forward_padded(self, ids: torch.Tensor, eot: torch.Tensor | None = None) -> torch.Tensor:
         """The forward pass on ``ids`` as given, without cutting the padding (the shape stays static, as ONNX export

@@ -72,7 +72,9 @@ class EmbedOptions:
     ``fp32`` (exact) or ``bf16`` (the model's fast mode; recorded in the job, so a rerun cannot mix the two).
     ``backend``: ``torch`` (default), or ``onnxruntime`` / ``openvino`` on the model's ONNX export (exported on first
     use, cached by weight fingerprint; precisions as :func:`cliplab.export.load_backend` offers them; local engine,
-    CPU only; recorded in the job like ``precision``)."""
+    CPU only; recorded in the job like ``precision``). ``compile``: run the torch model through ``torch.compile``
+    (:meth:`cliplab.CLIP.set_compiled`: minutes of compiling first, then faster; the same features to float rounding,
+    so not part of the job's identity; local engine, torch backend)."""
 
     batch_size: int = 64
     text_batch_size: int = 256
@@ -87,6 +89,7 @@ class EmbedOptions:
     progress: bool | None = None
     precision: str = "fp32"
     backend: str = "torch"
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "text_batch_size", "shard_size"):
@@ -113,6 +116,9 @@ class EmbedOptions:
             if self.engine != "local" or self.device != "cpu":
                 raise ValueError(f"backend={self.backend!r} runs on the local engine on the CPU: use "
                                  "--engine local --device cpu, or backend='torch'")
+        if self.compile and (self.backend != "torch" or self.engine != "local"):
+            raise ValueError("compile runs the torch backend on the local engine (ONNX backends and Ray workers "
+                             "use their own graphs)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -221,13 +227,22 @@ class EmbedJob:
         if self.options.backend != "torch":  # the fingerprint stays that of the fp32 weights it was exported from
             from ..export.backends import load_backend
 
-            self.model = load_backend(self.model, self.options.backend, self.options.precision)
+            calibration = self._calibration_images() if (self.options.backend, self.options.precision) == \
+                ("openvino", "int8") else None
+            self.model = load_backend(self.model, self.options.backend, self.options.precision,
+                                      calibration=calibration)
         elif self.options.precision != "fp32":  # the fingerprint stays that of the fp32 weights
             if self.model_info["kind"] == "object":  # the caller's model is theirs: cast a copy
                 import copy
 
                 self.model = copy.deepcopy(self.model)
             self.model.set_precision(self.options.precision)
+        if self.options.compile and not self.model.compiled:
+            if self.model_info["kind"] == "object" and self.options.precision == "fp32":  # the caller's model: a copy
+                import copy
+
+                self.model = copy.deepcopy(self.model)
+            self.model.set_compiled(True)
         self.store = ShardStore(self.out)
         self._done: dict[int, dict[str, Any]] = {}
         self._lock_fd: int | None = None
@@ -237,6 +252,26 @@ class EmbedJob:
         self.changes: dict[str, Any] = {"added": 0, "changed": 0, "removed": 0, "changed_ids": [], "removed_ids": []}
         self._t0 = 0.0
         self._written = 0
+
+    def _calibration_images(self, limit: int = 300) -> list:
+        """The source's first ``limit`` readable images: what OpenVINO int8 calibrates on (images like the ones to
+        embed; an unreadable one is skipped here and rejected with its reason by the job)."""
+        from ..models.preprocess import ImageLoadError
+
+        out = []
+        for item in self.source.iter_items():
+            if item.error or not item.has_image:
+                continue
+            try:
+                out.append(self.source.open_image(item))
+            except (ImageLoadError, OSError):
+                continue
+            if len(out) >= limit:
+                break
+        if not out:
+            raise ValueError("backend='openvino' with precision='int8' calibrates on the source's images and found "
+                             "none: use precision='fp32' for a text-only job")
+        return out
 
     # --- identity, lock, plan -----------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:

@@ -1,0 +1,72 @@
+"""Opt-in ``torch.compile`` of a tower's plain forward (:meth:`cliplab.CLIP.set_compiled`).
+
+Inductor turns the eager graph into generated C++ kernels that fuse what eager PyTorch runs as separate passes over
+memory (bias + activation, residual adds, LayerNorms, the head split and merge) and, with ``freeze``, pre-packs the
+weights into oneDNN's blocked layout. Measured on ViT-B/32 fp32 (2 AVX-512 cores, quiet machine): images 1.40x eager
+at batch 64 and 2.2x at batch 1, texts 1.26x, cosine to eager 1.000000; compiling costs about 100 s for the image
+tower and 40 s for the text tower on the first call (inductor's on-disk cache shortens a later process's). Figures
+and what did not help: docs/fast_path.md.
+
+Only the plain path is compiled, and only without gradients: the token-level API (``output=``, hooks, ``keep``,
+``inputs_embeds``) and training run eagerly, unchanged. ``freeze`` folds the weights into the compiled code as
+constants, so a compiled tower would silently keep old weights after an in-place update (an optimiser step,
+``load_state_dict``); each call compares the weights' storage and version counters with those it was compiled
+against and recompiles, with a warning, when they differ.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+
+import torch
+from torch import nn
+
+
+def weights_stamp(module: nn.Module) -> tuple:
+    """Where each parameter and buffer lives and how often it was written in place: changes whenever the weights do
+    (an optimiser step, ``load_state_dict``, ``.to(dtype)``), costs microseconds."""
+    stamp = []
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor has no version counter; it cannot be updated in place either
+            version = -1
+        stamp.append((t.data_ptr(), t.dtype, version))
+    return tuple(stamp)
+
+
+class InductorTower:
+    """``module``'s ``method`` (its forward by default) through ``torch.compile`` (inductor), recompiled when the
+    weights change under it.
+
+    ``warmup_s``: the seconds the first call took (compilation included), ``None`` until then; ``recompiles``: how
+    often changed weights forced a new compilation."""
+
+    def __init__(self, module: nn.Module, method: str = "forward", *, freeze: bool = True, mode: str | None = None):
+        self.module, self.method, self.freeze, self.mode = module, method, freeze, mode
+        self.warmup_s: float | None = None
+        self.recompiles = 0
+        self._compile()
+
+    def _compile(self) -> None:
+        self.fn = torch.compile(getattr(self.module, self.method), mode=self.mode, options={"freezing": self.freeze})
+        self.stamp = weights_stamp(self.module)
+        self.warmup_s = None
+
+    def __call__(self, *args):
+        stamp = weights_stamp(self.module)
+        if stamp != self.stamp:
+            warnings.warn(f"{type(self.module).__name__}: the weights changed since it was compiled; recompiling "
+                          "(set_compiled(False) while training)", RuntimeWarning, stacklevel=3)
+            if self.freeze:  # compiled code holds the old weights as constants, found again by a fresh wrapper
+                torch._dynamo.reset()
+            self.recompiles += 1
+            self._compile()
+        if self.warmup_s is not None:
+            return self.fn(*args)
+        start = time.perf_counter()
+        out = self.fn(*args)
+        self.warmup_s = time.perf_counter() - start
+        return out
