@@ -106,8 +106,10 @@ def _write_csv(path: str, results: list[dict]) -> int:
 @click.option("--template", "template_list", multiple=True,
               help="A template such as 'a photo of a {}.' (repeatable; replaces --templates).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Learned prompts (a file from `cliplab train --preset coop` or mocoop): their classes and learned "
-                   "context replace --templates; --labels, if given, must name the same classes (and sets the order).")
+              help="Learned prompts (a file from `cliplab train --preset coop` or mocoop) or a NoLA classifier (from "
+                   "`cliplab train --preset nola`: visual prompts and a tuned head, on the model it was tuned from): "
+                   "their classes replace --templates; --labels, if given, must name the same classes (and sets the "
+                   "order).")
 @top_k_option(default=5, help="Classes shown per image.")
 @model_option()
 @backend_option()
@@ -133,6 +135,7 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
       cliplab classify a.png b.jpg --labels "red circle,blue square,green star" --templates synthetic
       cliplab classify photos/ --labels-file classes.txt -k 3 -o predictions.csv
       cliplab classify photos/ --prompts runs/coop/prompts.safetensors
+      cliplab classify shapes/ --prompts runs/nola/nola.safetensors     # a NoLA classifier
     """
     import numpy as np
     import torch
@@ -144,16 +147,22 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
 
     if prompts_file is not None and (template_list or templates != "generic"):
         raise click.UsageError("--prompts replaces --templates/--template: give one or the other")
-    learned = None
+    learned = nola_meta = None
     if prompts_file is not None:
         from ..zeroshot import load_prompts
+        from ..zeroshot.nola import is_nola_classifier_file, nola_classifier_metadata
 
-        try:
-            learned = load_prompts(prompts_file)
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--prompts") from None
+        if is_nola_classifier_file(prompts_file):
+            nola_meta = nola_classifier_metadata(prompts_file)
+        else:
+            try:
+                learned = load_prompts(prompts_file)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--prompts") from None
     if learned is not None and labels is None and labels_file is None:
         classes = list(learned.classnames)
+    elif nola_meta is not None and labels is None and labels_file is None:
+        classes = list(nola_meta["classnames"])
     else:
         classes = _read_labels(labels, labels_file)
     paths, folders, skipped = _expand(images, all_files)
@@ -166,10 +175,29 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
                    err=True)
     with warnings_to_stderr():
         net, _ = resolve_model(model)
-        if learned is not None and backend != "torch":
+        if (learned is not None or nola_meta is not None) and backend != "torch":
             raise click.UsageError("--prompts (learned prompt vectors) needs --backend torch")
+        if nola_meta is not None and precision != "fp32":
+            raise click.UsageError("a NoLA classifier (--prompts) runs in fp32: leave out --precision")
         net = with_backend(net, backend, precision)
-        if learned is not None:
+        nola = None
+        if nola_meta is not None:
+            from ..zeroshot.nola import NoLAClassifier
+
+            tuned_from = nola_meta["model"]
+            if tuned_from and tuned_from != net.config.name:
+                raise click.BadParameter(f"{prompts_file} was tuned from the model {tuned_from!r}, not "
+                                         f"{net.config.name!r}: pass -m with the model it was tuned from",
+                                         param_hint="--prompts")
+            if sorted(classes) != sorted(nola_meta["classnames"]):
+                raise click.BadParameter(f"{prompts_file} was tuned on the classes {nola_meta['classnames']}; "
+                                         f"--labels names {classes}", param_hint="--prompts")
+            try:
+                nola = NoLAClassifier.load(prompts_file, net)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--prompts") from None
+            clf = None
+        elif learned is not None:
             try:
                 clf = ZeroShotClassifier.from_learned_prompts(net, learned, classnames=classes)
             except ValueError as e:
@@ -191,7 +219,9 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
                         results.append({"image": p, "error": e.reason})
                 if pixels:
                     x = torch.from_numpy(np.stack(pixels))
-                    for row, top in zip(rows, clf.classify(x, topk=top_k)):
+                    tops = (nola.classify(x, topk=top_k, classnames=classes) if nola is not None
+                            else clf.classify(x, topk=top_k))
+                    for row, top in zip(rows, tops):
                         results[row]["top"] = [{"rank": j + 1, "label": lab, "prob": round(prob, 6)}
                                                for j, (lab, prob) in enumerate(top)]
                 bar.update(len(paths[start:start + batch_size]))
@@ -199,8 +229,9 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
     from ..export.backends import backend_info
 
     data = {"model": net.config.name, **backend_info(net), "labels": classes,
-            "templates": len(clf.prompts[0][0]) if clf.prompts else None,
-            "prompts": None if learned is None else {"file": str(prompts_file), "method": learned.method},
+            "templates": len(clf.prompts[0][0]) if clf is not None and clf.prompts else None,
+            "prompts": (None if prompts_file is None else
+                        {"file": str(prompts_file), "method": "nola" if nola is not None else learned.method}),
             "results": results, "failed": n_failed,
             "skipped": skipped, "csv": None}
     if out_file:
@@ -217,7 +248,8 @@ def classify_cmd(images, labels, labels_file, templates, template_list, prompts_
                 continue
             for t in r["top"]:
                 rows.append([r["image"] if t["rank"] == 1 else "", t["rank"], t["label"], f"{t['prob']:.4f}"])
-        how = (f"{d['prompts']['method']} learned prompts" if d["prompts"] else f"{d['templates']} templates")
+        how = ("a NoLA classifier" if d["prompts"] and d["prompts"]["method"] == "nola" else
+               f"{d['prompts']['method']} learned prompts" if d["prompts"] else f"{d['templates']} templates")
         render_table(shorten(f"zero-shot: {len(classes)} labels x {how} ({d['model']})", 100),
                      ["image", "#", "label", "prob"], rows)
         more = len(d["results"]) - len(shown)

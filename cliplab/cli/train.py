@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -85,8 +86,8 @@ def train_cmd(preset, config_path, out, steps, data_path, image_root, init_from,
                                   "--init-from": init_from})
         return
     if preset in NOLA_PRESETS:
-        _train_nola(preset, out, steps, settings, init_from, show, as_json,
-                    unsupported={"--data": data_path, "--image-root": image_root, "--resume": resume or None})
+        _train_nola(preset, out, steps, settings, init_from, show, as_json, data_path,
+                    unsupported={"--image-root": image_root, "--resume": resume or None})
         return
     if preset in prompt_presets():
         _train_prompts(preset, out, steps, settings, init_from, show, as_json,
@@ -188,21 +189,40 @@ def _train_grain(preset, out, steps, settings, show, as_json, unsupported) -> No
                    lambda d: click.echo(json.dumps(d, indent=1)))
 
 
-def _train_nola(preset, out, steps, settings, init_from, show, as_json, unsupported) -> None:
-    """NoLA tunes a copy of a model (--init-from, default shapes-tiny) on unlabelled synthetic images and writes a
-    NoLA classifier file. --set passes NoLAConfig fields and the task's (n_train=, n_test=, ssl_encoder=)."""
+def _train_nola(preset, out, steps, settings, init_from, show, as_json, data_path, unsupported) -> None:
+    """NoLA tunes a copy of a model (--init-from, default shapes-tiny) on unlabelled images and writes a NoLA
+    classifier file: the synthetic blurred-shape task, or --data FOLDER (your images, unlabelled) with --set
+    classes=a,b,c (and optionally descriptions=FILE.json, templates=..., ssl_encoder=FOLDER). --set passes
+    NoLAConfig fields and the task's (n_train=, n_test=, ssl_encoder=)."""
     from ..pipeline import resolve_model
     from ..zeroshot.nola import run_nola_preset
 
+    if data_path is not None and not os.path.isdir(data_path):
+        raise click.BadParameter(f"{data_path} is not a folder: NoLA reads a folder of unlabelled images",
+                                 param_hint="--data")
+
     def render(d):
+        if "data" in d:
+            click.echo(f"{preset}: {d['steps']} steps on {d['images']} unlabelled images in {d['data']} "
+                       f"({d['unreadable']} unreadable), {d['classes']} classes; alignment-module labels "
+                       f"{d['pseudo_label_counts']}; classifier: {d['classifier']}")
+            return
         click.echo(f"{preset}: {d['steps']} steps, test accuracy {100 * d['test_accuracy']:.1f}% (description "
                    f"zero-shot {100 * d['description_zero_shot_accuracy']:.1f}%) on {d['classes']} classes; "
                    f"classifier: {d['classifier']}")
 
+    def run(options):
+        if data_path is not None:
+            options = {**options, "data": data_path}
+        try:
+            return run_nola_preset(preset, resolve_model(init_from)[0], out, **options)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--data/--set") from None
+
     _method_preset(preset, steps, settings, show, as_json, unsupported,
-                   "it tunes on the synthetic blurred-shape task; see docs/methods/nola.md",
-                   {"model": init_from or "shapes-tiny", "out": out or f"runs/{preset}"},
-                   lambda options: run_nola_preset(preset, resolve_model(init_from)[0], out, **options), render)
+                   "it tunes on the synthetic blurred-shape task or a --data folder; see docs/methods/nola.md",
+                   {"model": init_from or "shapes-tiny", "out": out or f"runs/{preset}", "data": data_path}, run,
+                   render)
 
 
 def _train_runner(preset, out, steps, data_path, image_root, init_from, resume, settings, show, progress,
