@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from cliplab.cli import main
 from cliplab.index import Index
 from cliplab.index.faiss_ops import COARSE_EF_MIN
-from cliplab.index.sizing import (HNSW_COARSE_MIN_NLIST, MAX_PQ_M, MAX_TRAIN_POINTS, _pq_choices, estimate_bytes,
-                                   parse_bytes, plan_index)
+from cliplab.index.sizing import (HNSW_COARSE_MIN_NLIST, MAX_PQ_M, MAX_TRAIN_POINTS, TRAIN_PER_LIST, _pq_choices,
+                                   estimate_bytes, parse_bytes, plan_index)
 from cliplab.pipeline import embed
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
@@ -76,12 +76,18 @@ def test_the_coarse_quantiser_and_training_sample_rule():
     assert any("HNSW graph over the 4195 centroids" in r for r in above.reasons)
     assert above.est_bytes - estimate_bytes("ivf", 1_100_000, 512, nlist=4195) == 4195 * 32 * 2 * 4  # its links
     big = plan_index(10_000_000, 512, max_memory="8GB")
-    assert big.factory == "OPQ64_512,IVF12649_HNSW32,PQ64x8" and big.train_points == MAX_TRAIN_POINTS
-    assert any("trained on 1,000,000 sampled vectors" in r for r in big.reasons)
+    assert big.factory == "OPQ64_512,IVF12649_HNSW32,PQ64x8" and big.train_points == TRAIN_PER_LIST * 12649
+    assert any("trained on 809,536 sampled vectors (64 per list" in r for r in big.reasons)
+    assert plan_index(1_000_000, 512).train_points == 64 * 4000  # a quarter of the collection, not all of it
+    assert plan_index(1_000_000, 512, train_per_list=256).train_points == MAX_TRAIN_POINTS  # 1,024,000 capped
     assert plan_index(10_000_000, 512, coarse="flat").factory == "IVF12649,Flat"  # forced either way
     assert plan_index(20_000, 64, kind="ivf", coarse="hnsw").factory == "IVF512_HNSW32,Flat"  # 20,000 / 39 lists
-    assert plan_index(20_000, 64, kind="ivf").train_points == 20_000  # all of a small collection
+    small = plan_index(20_000, 64, kind="ivf")
+    assert small.train_points == 20_000 and not any("k-means" in r for r in small.reasons)  # all of it
     assert plan_index(10_000_000, 512, nlist=30_000).train_points == 39 * 30_000  # never under 39 per list
+    assert plan_index(10_000_000, 512, train_per_list=10).train_points == 39 * 12649
+    with pytest.raises(ValueError, match="train_per_list"):
+        plan_index(10_000_000, 512, train_per_list=0)
     assert plan_index(100, 8, kind="ivf", nlist=500).nlist == 100  # never more lists than vectors
     with pytest.raises(ValueError, match="coarse must be one of"):
         plan_index(10, 8, coarse="graph")
@@ -287,6 +293,44 @@ def test_a_streamed_build_equals_the_in_memory_one(captions_job, field, kind, ex
         assert isinstance(streamed._exact, np.memmap)
         loaded = Index.load(streamed.save(tmp_path / "s"))
         np.testing.assert_array_equal(np.asarray(loaded._exact), np.asarray(memory._exact))
+
+
+def test_ray_tasks_read_their_own_shards_and_build_the_same_lists(captions_job, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'cliplab[ray]')")
+    from cliplab.index import distributed
+    from cliplab.index.building import gather
+    from cliplab.index.ondisk import ondisk_lists
+    from cliplab.index.sources import read_chunk
+
+    sent = []
+    real = distributed.add_on_ray
+
+    def spy(index, chunks, **kw):  # what the driver sends the tasks
+        chunks = list(chunks)
+        sent.append((chunks, kw.get("column")))
+        return real(index, chunks, **kw)
+
+    monkeypatch.setattr(distributed, "add_on_ray", spy)
+    common = dict(field="text", kind="ivf", nlist=4, add_chunk=7, recall_target=0.5)
+    local = Index.build(captions_job, stream=False, **common)
+    with distributed.ray_session(2):  # one cluster for both Ray builds
+        on_ray = Index.build(captions_job, stream=True, engine="ray", **common)
+        on_ray_disk = Index.build(captions_job, stream=True, engine="ray", on_disk=True, **common)
+    chunks, column = sent[0]
+    assert column == "text_embedding" and len(chunks) == -(-80 // 7)
+    assert all(isinstance(path, str) and path.endswith(".parquet") and rows.dtype == np.int64
+               for chunk in chunks for path, rows in chunk)  # file names and row numbers, no vectors
+    assert any(len({path for path, _ in chunk}) == 2 for chunk in chunks)  # chunks that span two shards
+    expected = np.concatenate(list(gather(captions_job, field="text", stream=True).source.chunks(7)))
+    np.testing.assert_array_equal(np.concatenate([read_chunk(c, column) for c in chunks]), expected)
+    assert ondisk_lists(on_ray_disk.faiss_index) is not None and on_ray.info["engine"] == "ray"
+    for built in (on_ray, on_ray_disk):
+        assert built.faiss_index.ntotal == local.faiss_index.ntotal == 80
+        for (ids_a, codes_a), (ids_b, codes_b) in zip(inverted_lists(local.faiss_index),
+                                                      inverted_lists(built.faiss_index)):
+            np.testing.assert_array_equal(ids_a, ids_b)
+            np.testing.assert_array_equal(codes_a, codes_b)
+        assert built.metadata.equals(local.metadata)
 
 
 def test_build_from_a_memory_mapped_source_equals_the_array_build(data, tmp_path):

@@ -47,6 +47,10 @@ def _need_faiss():
 @click.option("--stream/--no-stream", default=None,
               help="Read the job's vectors shard by shard instead of all at once (the same index) [default: when "
                    "they exceed 2 GB].")
+@click.option("--on-disk/--in-memory", "on_disk", default=None,
+              help="IVF kinds: keep the inverted lists in index.ivfdata next to index.faiss (memory-mapped: a query "
+                   "pages in only the lists it probes; the build holds one block at a time) [default: on disk when "
+                   "the index's estimate exceeds --max-index-memory, or 4 GB without one].")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: encode an IVF index's vectors in parallel Ray tasks and merge their lists (the same index "
                    "as a local build).")
@@ -55,7 +59,7 @@ def _need_faiss():
               help="Index an unfinished job (an interrupted embed) as it is; the index records that it is partial.")
 @json_option("Print the build report as JSON.")
 def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, max_memory, max_query_ms, rerank,
-              coarse, stream, engine, workers, allow_partial, as_json):
+              coarse, stream, on_disk, engine, workers, allow_partial, as_json):
     """Build a vector index over the output of `cliplab embed` in EMBEDDINGS.
 
     Vectors are normalised and searched by inner product (cosine). For an approximate index, recall@10 against
@@ -68,6 +72,7 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
       cliplab index emb/ --field text -o emb/captions   # captions: image-to-text search
       cliplab index emb/ --allow-partial --json         # an interrupted embed, so far
       cliplab index emb/ --max-index-memory 4GB --rerank 4   # compressed codes, exact re-ranking
+      cliplab index emb/ --kind ivf --on-disk           # inverted lists in index.ivfdata, memory-mapped
     """
     _need_faiss()
     from ..index import Index, IncompleteJobError
@@ -76,12 +81,12 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
         ix = Index.build(embeddings, field=field, kind=kind, approx_threshold=approx_threshold,
                          recall_target=recall_target, allow_partial=allow_partial, max_memory=max_memory,
                          max_query_ms=max_query_ms, rerank=rerank, engine=engine, workers=workers,
-                         stream=stream, coarse=coarse)
+                         stream=stream, coarse=coarse, on_disk=on_disk)
     except IncompleteJobError as e:
         fail(f"{embeddings} is an unfinished embedding job: {e.done} of {e.total} items embedded; rerun the same "
              f"cliplab embed command (-o {embeddings}) to finish it (it resumes), or pass --allow-partial to index "
              f"the {e.done} done", 2)
-    except ValueError as e:  # a memory budget no index fits, a bad size
+    except ValueError as e:  # a memory budget no index fits, a bad size, on-disk lists for a non-IVF kind
         fail(str(e), 2)
     path = ix.save(out_dir or Path(embeddings) / "index")
     info = ix.info
@@ -179,8 +184,11 @@ def search_cmd(index, query, image, top_k, model, backend, precision, exclude_se
                    f"of its job; built with --allow-partial)", err=True)
     if image is not None and not exclude_self and hits and ix.is_self(hits[0], image):
         click.echo("note: hit 1 is the query image itself; --exclude-self leaves it out", err=True)
+    from ..index import resident_memory_mb
+
     data = {"index": str(ix.path), "query": query if image is None else {"image": image}, "k": top_k,
-            "exclude_self": exclude_self, "hits": [h.to_dict() for h in hits]}
+            "exclude_self": exclude_self, "hits": [h.to_dict() for h in hits],
+            "index_loaded_with": ix.info.get("loaded_with"), "rss_mb": resident_memory_mb()}
 
     def render(d):
         # a long query is cut at its end (the JSON keeps it whole); a long image path keeps its file name

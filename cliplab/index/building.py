@@ -18,6 +18,7 @@ import numpy as np
 
 from .faiss_ops import exact_top_k, load_faiss, median_query_ms, recall_at_k, set_breadth, top_k
 from .sources import ArraySource, ShardSource, first_of_each_file, normalize_rows
+from .sizing import train_points
 
 __all__ = ["Gathered", "IncompleteJobError", "gather", "train_and_add", "tune_breadth", "recall_queries",
            "STREAM_BYTES", "RECALL_QUERIES", "BREADTH_GRID"]
@@ -187,7 +188,7 @@ def train_and_add(plan, source, *, hnsw_m: int, seed: int,
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = seed
-    n_train = plan.train_points or min(n, 256 * plan.nlist)
+    n_train = plan.train_points or train_points(n, plan.nlist)
     params = {"nlist": plan.nlist, "coarse": plan.coarse or "flat", "train_points": n_train}
     if kind == "ivfpq":
         ivf.do_polysemous_training = False  # Hamming pre-filtering we never use; it dominates training time

@@ -6,11 +6,13 @@
   measured recall@10 against exact search reaches ``recall_target``; the measurement is stored and reported.
 * On disk: ``index.faiss``, ``metadata.arrow`` (Arrow IPC, uncompressed) and ``index.json``. :meth:`Index.load`
   memory-maps both files (``faiss.IO_FLAG_MMAP_IFC`` / ``IO_FLAG_MMAP`` where the index type supports it), so
-  opening a large index is cheap and pages are shared between processes.
+  opening a large index is cheap and pages are shared between processes. An IVF index may keep its inverted lists in
+  ``index.ivfdata`` (:mod:`cliplab.index.ondisk`), mapped read-only from the index's own folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,8 +30,9 @@ __all__ = ["Index", "Hit", "IncompleteJobError", "APPROX_THRESHOLD", "KINDS", "S
 from .building import (STREAM_BYTES, IncompleteJobError, breadth_grid, exact_truth, gather,  # noqa: F401 (re-export)
                        recall_queries, train_and_add, tune_breadth)
 from .faiss_ops import faiss_available, load_faiss as _faiss, set_breadth as _set_breadth, top_k as _top_k
-from .sizing import APPROX_THRESHOLD, PLAN_KINDS, parse_bytes, plan_index
-from .sources import ArraySource, normalize_rows
+from .ondisk import ONDISK_FILE, add_on_disk, quiet_c_stdout, read_flags, write_index as _write_index
+from .sizing import APPROX_THRESHOLD, PLAN_KINDS, TRAIN_PER_LIST, parse_bytes, plan_index
+from .sources import ArraySource, ShardSource, normalize_rows
 
 KINDS = PLAN_KINDS
 INDEX_FILE = "index.faiss"
@@ -113,7 +116,8 @@ class Index:
               dedupe: bool = True, allow_partial: bool = False, model=None, max_memory: int | str | None = None,
               max_query_ms: float | None = None, rerank: int = 0, pq_m: int | None = None,
               opq: bool | None = None, engine: str = "local", workers: int = 2,
-              add_chunk: int = _ADD_CHUNK, stream: bool | None = None, coarse: str = "auto") -> "Index":
+              add_chunk: int = _ADD_CHUNK, stream: bool | None = None, coarse: str = "auto",
+              on_disk: bool | None = None, train_per_list: int = TRAIN_PER_LIST) -> "Index":
         """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, an array
         ``[n, dim]`` or an :class:`~cliplab.index.sources.ArraySource` of normalised (e.g. memory-mapped) vectors
         (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
@@ -134,11 +138,12 @@ class Index:
         (``ivf``, ``ivfpq``) in parallel Ray tasks (``workers`` CPUs), ``add_chunk`` rows each, and merges their lists:
         the same index as the local build, which adds the same chunks in turn (:mod:`cliplab.index.distributed`).
         ``stream``: read a job directory's vectors shard by shard instead of all at once (:mod:`cliplab.index.sources`;
-        the same index); ``None`` streams jobs whose vectors exceed :data:`STREAM_BYTES`."""
-        import pyarrow as pa
+        the same index); ``None`` streams jobs whose vectors exceed :data:`STREAM_BYTES`.
 
-        from .distributed import DISTRIBUTED_KINDS, add_on_ray
-
+        ``on_disk``: keep an IVF index's inverted lists in ``index.ivfdata`` (faiss ``OnDiskInvertedLists``,
+        memory-mapped; :mod:`cliplab.index.ondisk`), built a block at a time so the build never holds them all;
+        ``None`` does so when the index's estimate exceeds ``max_memory`` (or 4 GB with no budget).
+        ``train_per_list``: k-means training points per list (see :func:`cliplab.index.sizing.train_points`)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if field not in ("auto", "image", "text"):
@@ -148,70 +153,73 @@ class Index:
         if engine not in ("local", "ray"):
             raise ValueError(f"engine must be local or ray, got {engine!r}")
         t0 = time.perf_counter()
+        # 1. gather: the vectors (in memory or shard by shard) and one metadata row each
         got = gather(data, field=field, metadata=metadata, dedupe=dedupe, allow_partial=allow_partial, stream=stream)
         source = got.source
-        n, dim = source.n, source.dim
-        plan = plan_index(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
-                          pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse)
-        kind = plan.kind
-
-        def add_all(index):  # the same chunks in the same order, locally or on Ray
-            if engine == "ray" and kind in DISTRIBUTED_KINDS:
-                return add_on_ray(index, source.chunks(add_chunk), workers=workers)
-            for chunk in source.chunks(add_chunk):
-                index.add(chunk)
-            return index
-
-        index, params = train_and_add(plan, source, hnsw_m=hnsw_m, seed=seed, add_all=add_all)
-        info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "metric": "cosine",
-                                "field": got.field, "n": n, "dim": dim, "approx_threshold": approx_threshold,
-                                "source": got.source_dir, "duplicates_skipped": got.duplicates, **got.partial,
-                                "params": params, "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)},
-                                "engine": engine if kind in DISTRIBUTED_KINDS else "local"}
-        vectors, scratch = None, None  # scratch: a temporary folder for a streamed build's re-ranking copy
-        if kind == "flat":
-            info.update(exact=True, recall_at_10=1.0, recall_note="exact search")
-        else:
-            if rerank:
-                if isinstance(source, ArraySource):
-                    vectors = source.array()
-                else:  # streamed: the copy goes to a temporary file until save() copies it next to the index
-                    scratch = tempfile.mkdtemp(prefix="cliplab-index-")
-                    vectors = source.array(scratch)
-            q, qsrc = recall_queries(source, queries, seed)
-            param, grid = breadth_grid(kind, params)
-            chosen, tuned = tune_breadth(index, param, grid, q, exact_truth(source, q, add_chunk), vectors=vectors,
-                                         rerank=rerank, recall_target=recall_target, max_query_ms=max_query_ms)
-            params[param] = chosen
-            if rerank:
-                params["rerank"] = int(rerank)
-            info.update(exact=False, recall_target=recall_target, recall_queries=len(q), recall_query_source=qsrc,
-                        **tuned)
+        # 2. plan: which index, its sizes, where its lists live, and why
+        plan = plan_index(source.n, source.dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold,
+                          nlist=nlist, pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse,
+                          train_per_list=train_per_list, on_disk=on_disk)
+        scratch = _Scratch()  # on-disk lists and a streamed build's re-ranking copy, until save() copies them
+        steps = {"gather": time.perf_counter() - t0}  # seconds per step, recorded
+        try:
+            # 3. construct: train on a sample, add the chunks (locally, on Ray, or into on-disk lists)
+            t = time.perf_counter()
+            adder = _adder(plan, source, engine, workers, add_chunk, scratch)
+            index, params = train_and_add(plan, source, hnsw_m=hnsw_m, seed=seed,
+                                          add_all=lambda ix: _timed(steps, "add", adder, ix))
+            steps["train"] = time.perf_counter() - t - steps["add"]
+            if plan.on_disk:
+                params["on_disk"] = True
+            info = cls._describe(got, plan, params, engine, approx_threshold, max_memory)
+            # 4. tune: the search breadth of an approximate index, against exact search
+            t = time.perf_counter()
+            vectors = _exact_copy(source, scratch) if rerank and plan.kind != "flat" else None
+            if plan.kind == "flat":
+                info.update(exact=True, recall_at_10=1.0, recall_note="exact search")
+            else:
+                info.update(_tune(index, plan.kind, params, source, queries, seed, add_chunk, vectors, rerank,
+                                  recall_target, max_query_ms))
+            steps["tune"] = time.perf_counter() - t
+        except BaseException:
+            scratch.remove()
+            raise
         info["build_seconds"] = round(time.perf_counter() - t0, 3)
+        info["build_steps_seconds"] = {k: round(v, 3) for k, v in steps.items()}
+        out = cls(index, _metadata_table(got), info, model=model)
+        out._exact = vectors
+        scratch.remove_with(out)  # the memory maps keep the files readable till then
+        return out
+
+    @staticmethod
+    def _describe(got, plan, params: dict[str, Any], engine: str, approx_threshold: int,
+                  max_memory) -> dict[str, Any]:
+        """``index.json``'s description of a build (before tuning)."""
+        from .distributed import DISTRIBUTED_KINDS
+
+        info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": plan.kind,
+                                "metric": "cosine", "field": got.field, "n": got.source.n, "dim": got.source.dim,
+                                "approx_threshold": approx_threshold, "source": got.source_dir,
+                                "duplicates_skipped": got.duplicates, **got.partial, "params": params,
+                                "plan": {**plan.to_dict(), "max_memory": parse_bytes(max_memory)},
+                                "engine": engine if plan.kind in DISTRIBUTED_KINDS else "local"}
         if got.manifest:
             info["model"] = {k: v for k, v in got.manifest.get("model", {}).items() if k != "config"}
             info["preprocess"] = got.manifest.get("preprocess")
             info["embedding_dtype"] = got.manifest.get("embedding", {}).get("dtype")
-        table = pa.table({"id": pa.array(got.ids, pa.string()), "index": pa.array(got.item_index, pa.int64()),
-                          "path": pa.array(got.paths, pa.string()), "caption": pa.array(got.captions, pa.string())})
-        out = cls(index, table, info, model=model)
-        out._exact = vectors
-        if scratch is not None:  # removed with the index object (the memory map keeps the file readable till then)
-            weakref.finalize(out, shutil.rmtree, scratch, True)
-        return out
+        return info
 
     # --- persistence ------------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``index.faiss``, ``metadata.arrow`` and ``index.json`` (each atomically) into ``directory``."""
+        """Write ``index.faiss``, ``metadata.arrow`` and ``index.json`` (each atomically) into ``directory``, with
+        ``index.ivfdata`` (on-disk lists) and ``vectors.npy`` (re-ranking) where the index has them. The folder is
+        self-contained: it may be moved or copied as a whole."""
         import pyarrow as pa
 
-        faiss = _faiss()
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         pid = os.getpid()
-        tmp = d / f".{INDEX_FILE}.tmp-{pid}"
-        faiss.write_index(self.faiss_index, str(tmp))
-        os.replace(tmp, d / INDEX_FILE)
+        _write_index(self.faiss_index, d, INDEX_FILE, f".{INDEX_FILE}.tmp-{pid}")  # with index.ivfdata if on disk
         tmp = d / f".{META_FILE}.tmp-{pid}"
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, self.metadata.schema) as w:
             w.write_table(self.metadata)
@@ -249,7 +257,8 @@ class Index:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, mmap: bool = True, model=None) -> "Index":
-        """Open a saved index; with ``mmap`` the vectors and metadata are memory-mapped, not read."""
+        """Open a saved index; with ``mmap`` the vectors and metadata are memory-mapped, not read. On-disk inverted
+        lists (``index.ivfdata``) are always mapped (read-only), from the index's own folder."""
         import pyarrow as pa
 
         faiss = _faiss()
@@ -258,18 +267,23 @@ class Index:
         if info.get("format") != FORMAT:
             raise ValueError(f"{d / INFO_FILE} is not a cliplab index description")
         index, mode = None, "read"
-        if mmap:
-            for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
-                flag = getattr(faiss, name, None)
-                if flag is None:
-                    continue
-                try:
-                    index, mode = faiss.read_index(str(d / INDEX_FILE), flag), name
-                    break
-                except Exception:  # this index type cannot be mapped: try the next way
-                    continue
-        if index is None:
-            index = faiss.read_index(str(d / INDEX_FILE))
+        on_disk = bool(info.get("params", {}).get("on_disk"))
+        extra = read_flags(on_disk)  # on-disk lists: found next to index.faiss, mapped read-only
+        with quiet_c_stdout() if on_disk else contextlib.nullcontext():  # faiss prints where it found the lists
+            if mmap and not on_disk:  # (faiss 1.15 crashes searching on-disk lists read with IO_FLAG_MMAP)
+                for name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
+                    flag = getattr(faiss, name, None)
+                    if flag is None:
+                        continue
+                    try:
+                        index, mode = faiss.read_index(str(d / INDEX_FILE), flag), name
+                        break
+                    except Exception:  # this index type cannot be mapped: try the next way
+                        continue
+            if index is None:
+                index = faiss.read_index(str(d / INDEX_FILE), extra)
+        if on_disk:
+            mode = f"{ONDISK_FILE} mapped"
         if mmap:
             table = pa.ipc.open_file(pa.memory_map(str(d / META_FILE), "r")).read_all()
         else:
@@ -425,6 +439,84 @@ class Index:
             return True
         return (self.info.get("field") != "text" and query_path is not None and hit.path is not None
                 and _resolved(hit.path) == _resolved(query_path))
+
+
+class _Scratch:
+    """A temporary folder made on first use (for files a build writes before :meth:`Index.save` copies them)."""
+
+    def __init__(self):
+        self.path: str | None = None
+
+    def __call__(self) -> str:
+        if self.path is None:
+            self.path = tempfile.mkdtemp(prefix="cliplab-index-")
+        return self.path
+
+    def remove(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, True)
+
+    def remove_with(self, owner) -> None:
+        if self.path is not None:
+            weakref.finalize(owner, shutil.rmtree, self.path, True)
+
+
+def _adder(plan, source, engine: str, workers: int, add_chunk: int, scratch: _Scratch):
+    """How the trained index gets its vectors: the same chunks in the same order, added locally, encoded on Ray, or
+    (on-disk lists) encoded into blocks merged on disk."""
+    from .distributed import DISTRIBUTED_KINDS, add_on_ray
+
+    ray = engine == "ray" and plan.kind in DISTRIBUTED_KINDS
+
+    def add_all(index):
+        if ray:  # shards are read by the tasks themselves; arrays travel from here
+            sharded = isinstance(source, ShardSource)
+            return add_on_ray(index, source.chunk_plan(add_chunk) if sharded else source.chunks(add_chunk),
+                              workers=workers, scratch=scratch() if plan.on_disk else None,
+                              column=source.column if sharded else None)
+        if plan.on_disk:
+            return add_on_disk(index, source.chunks(add_chunk), scratch())
+        for chunk in source.chunks(add_chunk):
+            index.add(chunk)
+        return index
+
+    return add_all
+
+
+def _timed(steps: dict[str, float], name: str, fn, *args):
+    t = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        steps[name] = time.perf_counter() - t
+
+
+def _exact_copy(source, scratch: _Scratch) -> np.ndarray:
+    """The exact vectors for re-ranking: the array itself, or a streamed source written to a scratch file."""
+    return source.array() if isinstance(source, ArraySource) else source.array(scratch())
+
+
+def _tune(index, kind: str, params: dict[str, Any], source, queries, seed: int, chunk: int, vectors, rerank: int,
+          recall_target: float, max_query_ms: float | None) -> dict[str, Any]:
+    """Tune an approximate index's search breadth to the recall target (``params`` gets the choice); the info to
+    record."""
+    q, qsrc = recall_queries(source, queries, seed)
+    param, grid = breadth_grid(kind, params)
+    chosen, tuned = tune_breadth(index, param, grid, q, exact_truth(source, q, chunk), vectors=vectors,
+                                 rerank=rerank, recall_target=recall_target, max_query_ms=max_query_ms)
+    params[param] = chosen
+    if rerank:
+        params["rerank"] = int(rerank)
+    return {"exact": False, "recall_target": recall_target, "recall_queries": len(q), "recall_query_source": qsrc,
+            **tuned}
+
+
+def _metadata_table(got):
+    """One metadata row per vector: id, item index, path, caption."""
+    import pyarrow as pa
+
+    return pa.table({"id": pa.array(got.ids, pa.string()), "index": pa.array(got.item_index, pa.int64()),
+                     "path": pa.array(got.paths, pa.string()), "caption": pa.array(got.captions, pa.string())})
 
 
 def _resolved(path: str | os.PathLike) -> str:

@@ -13,9 +13,14 @@ The rule (``kind="auto"``), in the spirit of autofaiss, with every decision writ
 ``nlist`` is ``4 sqrt(n)`` (at least 39 training points per list). From :data:`HNSW_COARSE_MIN_NLIST` lists on, the
 coarse quantiser that assigns vectors and queries to lists is an HNSW graph over the centroids instead of a flat scan
 of them (autofaiss's ``IVF..._HNSW32``): at 10M vectors (12,649 lists) a flat assignment costs 13k dot products per
-vector added and per query, the graph a few hundred. The k-means training sample is 256 points per list, at most
-:data:`MAX_TRAIN_POINTS` (never under the 39 per list k-means needs). The estimates count the codes or vectors, the
+vector added and per query, the graph a few hundred. The k-means training sample is :data:`TRAIN_PER_LIST` points per list, at most
+:data:`MAX_TRAIN_POINTS` (never under the 39 per list faiss's k-means warns below): each k-means iteration costs
+sample x nlist x dim, so 256 per list at 1M vectors (4,000 lists) would be a million-point sample. The estimates count the codes or vectors, the
 8-byte ids of the inverted lists, the centroids and codebooks; file sizes come out within a few percent of them.
+
+An IVF index's inverted lists go on disk (``index.ivfdata``, memory-mapped: :mod:`cliplab.index.ondisk`) when asked
+(``on_disk=True``) or, by default, when its estimate exceeds the memory budget (possible for a forced kind) or, with
+no budget, :data:`ONDISK_ABOVE_BYTES`: neither the build nor a query server then holds them in memory.
 """
 
 from __future__ import annotations
@@ -50,13 +55,18 @@ HNSW_COARSE_MIN_NLIST = 4096
 COARSE_HNSW_M = 32
 #: the k-means training sample's cap (training costs sample x nlist x dim per iteration)
 MAX_TRAIN_POINTS = 1_000_000
+#: k-means training points per list: faiss advises 39 to 256 (it warns below 39 and subsamples above 256);
+#: autofaiss uses 100. 64 keeps a 1M-vector build's k-means at a quarter of a million points.
+TRAIN_PER_LIST = 64
+#: the fewest training points per list (faiss's k-means warns below this)
+MIN_TRAIN_PER_LIST = 39
 COARSE_KINDS = ("auto", "flat", "hnsw")
 
 
-def train_points(n: int, nlist: int) -> int:
-    """How many vectors train the IVF quantiser: 256 per list, capped at :data:`MAX_TRAIN_POINTS` but never under
-    the 39 per list k-means needs, and never more than ``n``."""
-    return min(n, max(39 * nlist, min(256 * nlist, MAX_TRAIN_POINTS)))
+def train_points(n: int, nlist: int, per_list: int = TRAIN_PER_LIST) -> int:
+    """How many vectors train the IVF quantiser: ``per_list`` per list, capped at :data:`MAX_TRAIN_POINTS` but never
+    under the 39 per list k-means needs, and never more than ``n``."""
+    return min(n, max(MIN_TRAIN_PER_LIST * nlist, min(per_list * nlist, MAX_TRAIN_POINTS)))
 
 
 @dataclass
@@ -70,6 +80,7 @@ class IndexPlan:
     hnsw_m: int | None = None
     coarse: str | None = None  # the IVF kinds' coarse quantiser: "flat" or "hnsw"
     train_points: int | None = None  # the IVF kinds' k-means training sample
+    on_disk: bool = False  # the IVF kinds' inverted lists in index.ivfdata (memory-mapped), not in memory
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,10 +121,45 @@ def _fmt(b: int) -> str:
 
 def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | None = None,
                approx_threshold: int = APPROX_THRESHOLD, nlist: int | None = None, pq_m: int | None = None,
-               opq: bool | None = None, hnsw_m: int = 32, coarse: str = "auto") -> IndexPlan:
+               opq: bool | None = None, hnsw_m: int = 32, coarse: str = "auto",
+               train_per_list: int = TRAIN_PER_LIST, on_disk: bool | None = None) -> IndexPlan:
     """The index for ``n`` x ``dim`` vectors: ``kind`` forces a family (its sizes still chosen here);
     ``max_memory`` (bytes or ``"4GB"``) bounds the index's estimated size; ``coarse`` the IVF kinds' coarse
-    quantiser (``auto``: an HNSW graph from :data:`HNSW_COARSE_MIN_NLIST` lists on)."""
+    quantiser (``auto``: an HNSW graph from :data:`HNSW_COARSE_MIN_NLIST` lists on); ``train_per_list`` the IVF
+    kinds' k-means sample per list (see :func:`train_points`). ``on_disk``: keep an IVF kind's inverted lists on
+    disk (:mod:`cliplab.index.ondisk`); ``None`` does so when the index's estimate exceeds the memory budget (a
+    forced kind) or, with no budget, :data:`ONDISK_ABOVE_BYTES`."""
+    plan = _plan_kind(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
+                      pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse, train_per_list=train_per_list)
+    if plan.kind in ("ivf", "ivfpq"):
+        _place_lists(plan, on_disk, parse_bytes(max_memory))
+    elif on_disk:
+        raise ValueError(f"on-disk inverted lists need an IVF index (ivf, ivfpq), not {plan.kind} "
+                         f"({plan.reasons[0]}); ask for kind ivf or ivfpq")
+    return plan
+
+
+#: with no memory budget, an IVF index estimated larger than this keeps its lists on disk (``on_disk=None``)
+ONDISK_ABOVE_BYTES = 4 * 2**30
+
+
+def _place_lists(plan: IndexPlan, on_disk: bool | None, budget: int | None) -> None:
+    """Whether ``plan``'s inverted lists go on disk, with the reason."""
+    if on_disk is None:
+        limit = budget if budget is not None else ONDISK_ABOVE_BYTES
+        on_disk = plan.est_bytes > limit
+        if on_disk:
+            what = f"the budget of {_fmt(budget)}" if budget is not None else f"{_fmt(limit)} (no budget given)"
+            plan.reasons.append(f"inverted lists on disk (index.ivfdata, memory-mapped): the index "
+                                f"({_fmt(plan.est_bytes)}) exceeds {what}; a query pages in only the lists it probes")
+    elif on_disk:
+        plan.reasons.append("inverted lists on disk (index.ivfdata, memory-mapped), as asked")
+    plan.on_disk = bool(on_disk)
+
+
+def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int, nlist: int | None,
+               pq_m: int | None, opq: bool | None, hnsw_m: int, coarse: str, train_per_list: int) -> IndexPlan:
+    """The index family and its sizes (see :func:`plan_index`)."""
     if kind not in PLAN_KINDS:
         raise ValueError(f"kind must be one of {PLAN_KINDS}, got {kind!r}")
     if coarse not in COARSE_KINDS:
@@ -127,16 +173,19 @@ def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | 
     limit = "no memory budget" if budget is None else f"the budget of {_fmt(budget)}"
     cq = coarse if coarse != "auto" else ("hnsw" if nl >= HNSW_COARSE_MIN_NLIST else "flat")
     ivf_name = f"IVF{nl}_HNSW{COARSE_HNSW_M}" if cq == "hnsw" else f"IVF{nl}"
-    n_train = train_points(n, nl)
+    if train_per_list < 1:
+        raise ValueError(f"train_per_list must be >= 1, got {train_per_list}")
+    n_train = train_points(n, nl, train_per_list)
 
     def coarse_reasons():
         if cq == "hnsw":
             why = "as asked" if coarse == "hnsw" else f"{nl} lists >= {HNSW_COARSE_MIN_NLIST}"
             reasons.append(f"coarse quantiser: an HNSW graph over the {nl} centroids ({why}): assigning a vector or "
                            f"a query visits a few hundred centroids instead of all {nl}")
-        if n_train < min(n, 256 * nl):
-            reasons.append(f"k-means trained on {n_train:,} sampled vectors ({n_train // nl} per list; capped at "
-                           f"{MAX_TRAIN_POINTS:,})")
+        if n_train < n:
+            reasons.append(f"k-means trained on {n_train:,} sampled vectors ({n_train // nl} per list: "
+                           f"{train_per_list} asked, at least {MIN_TRAIN_PER_LIST}, at most {MAX_TRAIN_POINTS:,} "
+                           f"in all; faiss advises 39-256 per list)")
 
     def flat():
         return IndexPlan("flat", "Flat", estimate_bytes("flat", n, dim), reasons=reasons)

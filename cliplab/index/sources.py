@@ -11,7 +11,11 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ArraySource", "ShardSource"]
+__all__ = ["ArraySource", "ShardSource", "ShardChunk", "read_chunk"]
+
+#: one chunk of a :class:`ShardSource` as (shard file, rows of that shard) pieces, in index order: what a Ray task
+#: needs to read the chunk's vectors itself
+ShardChunk = list[tuple[str, np.ndarray]]
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -112,9 +116,26 @@ class ShardSource:
         self._other_starts = np.cumsum([0] + [len(r) for r in self.other_keep])
 
     def _read(self, shard: int, column: str) -> np.ndarray:
-        import pyarrow.parquet as pq
+        return _read_column(self.files[shard], column)
 
-        return self._fixed(pq.read_table(self.files[shard], columns=[column]).column(column))[0]
+    def chunk_plan(self, size: int) -> list[ShardChunk]:
+        """The rows of :meth:`chunks` ``(size)``, chunk by chunk, as (shard file, rows) pieces: read with
+        :func:`read_chunk`, each gives the same vectors as the matching chunk."""
+        plan: list[ShardChunk] = []
+        current: ShardChunk = []
+        held = 0
+        for s, rows in enumerate(self.keep):
+            pos = 0
+            while pos < len(rows):
+                take = min(size - held, len(rows) - pos)
+                current.append((str(self.files[s]), rows[pos:pos + take]))
+                held, pos = held + take, pos + take
+                if held == size:
+                    plan.append(current)
+                    current, held = [], 0
+        if current:
+            plan.append(current)
+        return plan
 
     def chunks(self, size: int) -> Iterator[np.ndarray]:
         """Normalised vectors in index order, ``size`` rows at a time (chunks never span a shard boundary's
@@ -163,3 +184,18 @@ class ShardSource:
             start += len(chunk)
         out.flush()
         return out
+
+
+def _read_column(path, column: str) -> np.ndarray:
+    """One shard's vectors of ``column`` (zeros where a row has none)."""
+    import pyarrow.parquet as pq
+
+    from ..pipeline.shards import fixed_list_to_numpy
+
+    return fixed_list_to_numpy(pq.read_table(path, columns=[column]).column(column))[0]
+
+
+def read_chunk(chunk: ShardChunk, column: str) -> np.ndarray:
+    """A :meth:`ShardSource.chunk_plan` chunk's vectors, read from its shards and normalised (rows are normalised
+    one by one, so this equals the matching chunk of :meth:`ShardSource.chunks`)."""
+    return np.concatenate([normalize_rows(_read_column(path, column)[rows]) for path, rows in chunk])
