@@ -120,3 +120,14 @@ def scene_generator():
 
     gen = load_generator("scenes-32").frozen()
     return gen, load_judge("scenes-32"), TextConditioner.for_generator(gen)
+
+
+def clustered(n: int, dim: int, seed: int = 0, clusters: int = 64):
+    """A mixture of Gaussians on the sphere (what embeddings of a real collection look like to an index), float32
+    ``[n, dim]`` unit rows."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -18,14 +18,9 @@ from cliplab.index import Index, ondisk, sizing
 from cliplab.index.ondisk import ONDISK_FILE, ondisk_lists
 from cliplab.pipeline import embed
 
+from conftest import clustered
+
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
-
-
-def clustered(n: int, dim: int, seed: int = 0, clusters: int = 32) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def inverted_lists(index):
@@ -55,7 +50,7 @@ def rows(ix, q, k=10):
 
 @pytest.fixture(scope="module")
 def data():
-    return clustered(6000, 32), clustered(40, 32, seed=1)
+    return clustered(6000, 32, clusters=32), clustered(40, 32, seed=1, clusters=32)
 
 
 @pytest.mark.parametrize("kind,extra", [("ivf", {}), ("ivfpq", {"pq_m": 8, "opq": False}),

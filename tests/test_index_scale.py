@@ -16,15 +16,9 @@ from cliplab.index.sizing import (HNSW_COARSE_MIN_NLIST, MAX_PQ_M, MAX_TRAIN_POI
                                    estimate_bytes, parse_bytes, plan_index)
 from cliplab.pipeline import embed
 
+from conftest import clustered
+
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
-
-
-def clustered(n: int, dim: int, seed: int = 0, clusters: int = 64) -> np.ndarray:
-    """A mixture of Gaussians on the sphere (what embeddings of a real collection look like to an index)."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def brute_top(db, q, k):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 from types import ModuleType
 
 INSTALL_HINT = 'pip install "cliplab[onnx]"'
@@ -24,3 +26,16 @@ def require(name: str) -> ModuleType:
             f"ONNX export and the ONNX Runtime backend need the package {OPTIONAL.get(name, name)!r}, which is not "
             f"installed: {INSTALL_HINT}"
         ) from e
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str | None = None, level: int = logging.ERROR):
+    """Within the block, logger ``name`` (``None``: the root logger) passes only records at ``level`` and above: the
+    exporter, the quantisers and NNCF log routine advice at INFO/WARNING for every model."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import platform
 import warnings
 from collections.abc import Iterable, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from ..models import CLIP
-from .deps import require
+from .deps import quiet_logger, require
 from .graphs import (
     IMAGE_INPUT,
     IMAGE_OUTPUT,
@@ -131,7 +130,7 @@ def quantize_onnx(directory: str | Path, towers: Iterable[str] | str | None = No
         source, target = directory / tower_file(tower), directory / tower_file(tower, quantized=True)
         if not source.is_file():
             raise FileNotFoundError(f"{source} is missing; export the {tower} tower again")
-        with _quiet_quantizer():
+        with quiet_logger():  # quantize_dynamic's "consider pre-processing" advice, for every model
             quantization.quantize_dynamic(
                 source, target, weight_type=quantization.QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                 per_channel=per_channel, reduce_range=reduce_range,
@@ -191,28 +190,10 @@ def _eval_mode(model: torch.nn.Module):
 @contextlib.contextmanager
 def _quiet_exporter():
     """The dynamo exporter logs about unrelated missing packages (torchvision) and torch-internal deprecations."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _quiet_quantizer():
-    """``quantize_dynamic`` logs a generic "consider pre-processing" advice on the root logger for every model."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
+    with quiet_logger("torch.onnx"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         yield
-    finally:
-        root.setLevel(level)
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:

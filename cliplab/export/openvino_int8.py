@@ -18,10 +18,8 @@ digest, NNCF and OpenVINO versions), and :class:`~cliplab.export.openvino_runtim
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .deps import MissingDependencyError
+from .deps import MissingDependencyError, quiet_logger
 from .manifest import read_manifest, write_manifest
 
 NNCF_HINT = "pip install nncf"
@@ -94,7 +92,7 @@ def quantize_openvino(directory: str | Path, images=None, *, texts: Sequence[str
             raise ValueError(f"no {tower} calibration inputs left (all {tower}s were empty or unreadable)")
         model = core.read_model(str(export._file(tower)))
         model_type = nncf.ModelType.TRANSFORMER if not (tower == "image" and export.config.vision.is_resnet) else None
-        with _quiet_nncf():
+        with quiet_logger("nncf"):  # a statistics pass and a short dataset each log a WARNING
             quantized = nncf.quantize(model, nncf.Dataset(data), model_type=model_type, subset_size=subset_size)
         target = directory / f"{tower}{INT8_SUFFIX}"
         scratch = directory / f".{tower}.partial-{os.getpid()}{INT8_SUFFIX}"
@@ -160,18 +158,6 @@ def _record_fidelity(directory: str | Path, held_out: list[np.ndarray], samples:
         entry["held_out"] = {"images": len(x), "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
     write_manifest(directory, manifest)
     return record
-
-
-@contextlib.contextmanager
-def _quiet_nncf():
-    """NNCF logs every statistics pass and a short dataset at WARNING: keep its errors only."""
-    logger = logging.getLogger("nncf")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _image_samples(export, images, limit: int) -> list[np.ndarray]:
