@@ -8,6 +8,8 @@ import logging
 from types import ModuleType
 
 INSTALL_HINT = 'pip install "cliplab[onnx]"'
+#: OpenVINO's int8 graphs are written by NNCF (cliplab.export.openvino_int8)
+NNCF_HINT = "pip install nncf"
 
 #: import name -> distribution name, for the error message
 OPTIONAL = {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"}

@@ -79,3 +79,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise OnnxExportError(f"{path}: format version {manifest['format_version']} is newer than this cliplab "
                               f"reads ({MANIFEST_VERSION}); upgrade cliplab")
     return manifest
+
+
+def openvino_int8_file(directory: str | Path, tower: str) -> Path | None:
+    """The tower's OpenVINO int8 graph recorded in the manifest (``openvino_int8``, written by
+    :func:`cliplab.export.openvino_int8.quantize_openvino`), or ``None``."""
+    entry = (read_manifest(directory).get("openvino_int8") or {}).get("towers", {}).get(tower)
+    return Path(directory) / entry if entry else None

@@ -28,10 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .deps import MissingDependencyError, quiet_logger
-from .manifest import read_manifest, write_manifest
+from .deps import NNCF_HINT, MissingDependencyError, quiet_logger
+from .manifest import openvino_int8_file, read_manifest, write_manifest
 
-NNCF_HINT = "pip install nncf"
 #: a tower's OpenVINO int8 graph in the export directory (its weights in the ``.bin`` beside it)
 INT8_SUFFIX = ".ov-int8.xml"
 #: calibration samples NNCF uses at most (its default)
@@ -52,10 +51,7 @@ def require_nncf() -> ModuleType:
                                      f"not installed: {NNCF_HINT}") from e
 
 
-def int8_file(directory: str | Path, tower: str) -> Path | None:
-    """The tower's OpenVINO int8 graph recorded in the export's manifest, or ``None``."""
-    entry = (read_manifest(Path(directory)).get("openvino_int8") or {}).get("towers", {}).get(tower)
-    return Path(directory) / entry if entry else None
+int8_file = openvino_int8_file  # the manifest's record of a tower's int8 graph
 
 
 def calibration_digest(arrays: Sequence[np.ndarray]) -> str:

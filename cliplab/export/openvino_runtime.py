@@ -41,7 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .deps import MissingDependencyError
+from .deps import NNCF_HINT, MissingDependencyError
+from .manifest import openvino_int8_file
 from .runtime import OnnxCLIP
 
 OPENVINO_HINT = "pip install openvino"
@@ -148,8 +149,6 @@ class OpenVINOCLIP(OnnxCLIP):
             raise ValueError(f"queue_batch must be >= 1 or None, got {queue_batch}")
         super().__init__(directory, quantized=False, threads=threads)
         if precision == "int8" and not (self.manifest.get("openvino_int8") or {}).get("towers"):
-            from .openvino_int8 import NNCF_HINT
-
             raise FileNotFoundError(f"{self.directory}: no OpenVINO int8 graphs yet; they are calibrated on your "
                                     "images: `cliplab embed IMAGES -o OUT --backend openvino --precision int8` makes "
                                     "them (as do load_backend(..., calibration=images) and cliplab.export."
@@ -200,9 +199,7 @@ class OpenVINOCLIP(OnnxCLIP):
     def _compile(self, tower: str, path: Path) -> CompiledTower:
         ov = require_openvino()
         if self.precision == "int8":
-            from .openvino_int8 import int8_file
-
-            path = int8_file(self.directory, tower) or path
+            path = openvino_int8_file(self.directory, tower) or path
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         compiled = ov.Core().compile_model(str(path), "CPU", self.compile_config(tower))
