@@ -131,3 +131,19 @@ def clustered(n: int, dim: int, seed: int = 0, clusters: int = 64):
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def inverted_lists(index):
+    """Every list's ids and code bytes of a faiss IVF index, in list order (empty lists as empty arrays)."""
+    import faiss
+    import numpy as np
+
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    out = []
+    for lst in range(ivf.nlist):
+        size = inv.list_size(lst)
+        ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy() if size else np.zeros(0, np.int64)
+        codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size).copy() if size else np.zeros(0, np.uint8)
+        out.append((ids, codes))
+    return out

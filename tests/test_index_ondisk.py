@@ -18,22 +18,10 @@ from cliplab.index import Index, ondisk, sizing
 from cliplab.index.ondisk import ONDISK_FILE, ondisk_lists
 from cliplab.pipeline import embed
 
-from conftest import clustered
+from conftest import clustered, inverted_lists
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
 
-
-def inverted_lists(index):
-    """Every list's ids and code bytes, in list order."""
-    ivf = faiss.extract_index_ivf(index)
-    inv = ivf.invlists
-    out = []
-    for lst in range(ivf.nlist):
-        size = inv.list_size(lst)
-        ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy() if size else np.zeros(0, np.int64)
-        codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size).copy() if size else np.zeros(0, np.uint8)
-        out.append((ids, codes))
-    return out
 
 
 def assert_same_lists(a, b):

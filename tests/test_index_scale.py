@@ -16,7 +16,7 @@ from cliplab.index.sizing import (HNSW_COARSE_MIN_NLIST, MAX_PQ_M, MAX_TRAIN_POI
                                    estimate_bytes, parse_bytes, plan_index)
 from cliplab.pipeline import embed
 
-from conftest import clustered
+from conftest import clustered, inverted_lists
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
 
@@ -183,18 +183,6 @@ def test_cli_index_with_a_memory_budget_and_rerank(tmp_path):
     r = CliRunner().invoke(main, ["search", str(tmp_path / "emb"), "a red circle", "--json"])
     assert r.exit_code == 0, r.output
 
-
-def inverted_lists(index):
-    """Every list's ids and code bytes, in list order."""
-    ivf = faiss.extract_index_ivf(index)
-    inv = ivf.invlists
-    out = []
-    for lst in range(ivf.nlist):
-        size = inv.list_size(lst)
-        ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy()
-        codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * inv.code_size).copy()
-        out.append((ids, codes))
-    return out
 
 
 @pytest.mark.parametrize("kind,extra", [("ivfpq", {"pq_m": 8}), ("ivf", {}), ("ivf", {"coarse": "hnsw"})])
