@@ -15,6 +15,7 @@ figures are quoted for context (other hardware).
 
     python benchmarks/index_scale.py --n 1000000 --kinds flat,auto,ivfpq,ivf:ondisk --out benchmarks/results/index-scale-1M-DATE.md
     python benchmarks/index_scale.py --n 100000 --kinds ivf --train-per-list 256   # the training-sample control
+    python benchmarks/index_scale.py --n 1000000 --kinds ivf --kmeans one-level     # the two-level k-means control
 
 Needs disk for the vectors (n x 512 x 4 bytes) and, with ``--rerank``, as much again. The work folder (vectors and
 indexes) is deleted at the end unless ``--keep``.
@@ -111,7 +112,8 @@ def build_one(args) -> dict:
     anon = AnonPeak()
     t0 = time.perf_counter()
     ix = Index.build(source, kind=kind, max_memory=args.max_index_memory, queries=q, rerank=args.rerank,
-                     train_per_list=args.train_per_list, on_disk=True if where == "ondisk" else None)
+                     train_per_list=args.train_per_list, on_disk=True if where == "ondisk" else None,
+                     kmeans=args.kmeans)
     build_s = time.perf_counter() - t0
     peak_anon = anon.stop()
     path = ix.save(Path(args.out_dir) / args.kind.replace(":", "-"))
@@ -152,7 +154,8 @@ def uptime() -> str:
 def _child(mode: str, args, work: Path, kind: str, out_dir: Path) -> dict:
     cmd = [sys.executable, __file__, mode, "--kind", kind, "--vectors", str(work / "vectors.npy"),
            "--queries", str(work / "queries.npy"), "--out-dir", str(out_dir), "--max-index-memory",
-           args.max_index_memory, "--rerank", str(args.rerank), "--train-per-list", str(args.train_per_list)]
+           args.max_index_memory, "--rerank", str(args.rerank), "--train-per-list", str(args.train_per_list),
+           "--kmeans", args.kmeans]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         print(f"{kind} ({mode}): failed\n{r.stderr[-2000:]}", file=sys.stderr)
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-index-memory", default="4GB")
     ap.add_argument("--rerank", type=int, default=0)
     ap.add_argument("--train-per-list", type=int, default=TRAIN_PER_LIST)
+    ap.add_argument("--kmeans", default="auto", choices=["auto", "one-level", "two-level"],
+                    help="how IVF centroids are trained (auto: two levels from 2048 lists)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--workdir", default=None, help="where the vectors and indexes go [default: a temp dir]")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (vectors, indexes)")
@@ -218,7 +223,8 @@ def report(args, rows: list[dict], started: str, gen_s: float) -> None:
              f"averages 1/5/15 min before and after each kind are in the table: timings move with them). Clustered "
              f"unit vectors (1000 centres, written in {gen_s:.0f} s); 500 held-out queries for recall@10; latency "
              f"over 200 single queries (8 threads on {os.cpu_count()} cores oversubscribes). Budget for auto: "
-             f"{args.max_index_memory}; rerank {args.rerank}; k-means sample {args.train_per_list} per list. "
+             f"{args.max_index_memory}; rerank {args.rerank}; k-means sample {args.train_per_list} per list, k-means "
+             f"{args.kmeans}. "
              f"Peak anon: the build's own memory (sampled RssAnon); peak RSS also counts the memory-mapped input "
              f"pages it touched (both include the ~0.2 GB of the imported libraries). Served: a fresh process "
              f"opens the saved index (`Index.load`) and runs the 200 queries at 1 thread; its resident memory "

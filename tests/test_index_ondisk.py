@@ -42,7 +42,7 @@ def data():
 
 
 @pytest.mark.parametrize("kind,extra", [("ivf", {}), ("ivfpq", {"pq_m": 8, "opq": False}),
-                                        ("ivf", {"coarse": "hnsw"})])
+                                        ("ivf", {"coarse": "hnsw"}), ("ivfsq", {})])
 def test_on_disk_lists_equal_the_in_memory_build(data, kind, extra, monkeypatch, tmp_path):
     x, q = data
     # blocks of about 60 KB: the 6 chunks land in several blocks that are merged on disk

@@ -45,9 +45,13 @@ def test_the_sizing_rule():
     small = plan_index(50_000, 512)
     assert small.kind == "flat" and small.est_bytes == 50_000 * 512 * 4
     assert plan_index(1_000_000, 512).kind == "ivf"  # no budget: full vectors
-    p = plan_index(1_000_000, 512, max_memory="1GB")  # full vectors (1.9 GB) do not fit
+    sq = plan_index(1_000_000, 512, max_memory="1GB")  # full vectors (1.9 GB) do not fit, one byte per dimension does
+    assert sq.kind == "ivfsq" and sq.factory == "IVF4000,SQ8" and sq.on_disk is False
+    assert sq.est_bytes == 1_000_000 * (512 + 8) + 4000 * 512 * 4 + 2 * 512 * 4 and any("exceed" in r for r in sq.reasons)
+    p = plan_index(1_000_000, 512, max_memory="500MB")  # 8-bit codes (528 MB) do not fit either
     assert p.kind == "ivfpq" and p.pq_m == MAX_PQ_M and p.opq and p.factory == "OPQ64_512,IVF4000,PQ64x8"
-    assert p.est_bytes <= 2**30 and any("exceed" in r for r in p.reasons)
+    assert p.est_bytes <= 500 * 2**20 and any("8-bit scalar codes" in r for r in p.reasons)
+    assert plan_index(20_000, 64, kind="ivfsq").factory == "IVF512,SQ8"
     tight = plan_index(10_000_000, 512, max_memory="300MB")
     assert tight.kind == "ivfpq" and tight.est_bytes <= 300 * 2**20
     longer = [m for m in _pq_choices(512) if m > tight.pq_m]
@@ -69,7 +73,8 @@ def test_the_coarse_quantiser_and_training_sample_rule():
     assert above.coarse == "hnsw" and above.factory == "IVF4195_HNSW32,Flat"
     assert any("HNSW graph over the 4195 centroids" in r for r in above.reasons)
     assert above.est_bytes - estimate_bytes("ivf", 1_100_000, 512, nlist=4195) == 4195 * 32 * 2 * 4  # its links
-    big = plan_index(10_000_000, 512, max_memory="8GB")
+    assert plan_index(10_000_000, 512, max_memory="8GB").factory == "IVF12649_HNSW32,SQ8"  # 5.2 GB of 8-bit codes
+    big = plan_index(10_000_000, 512, max_memory="4GB")
     assert big.factory == "OPQ64_512,IVF12649_HNSW32,PQ64x8" and big.train_points == TRAIN_PER_LIST * 12649
     assert any("trained on 809,536 sampled vectors (64 per list" in r for r in big.reasons)
     assert plan_index(1_000_000, 512).train_points == 64 * 4000  # a quarter of the collection, not all of it
@@ -175,7 +180,8 @@ def test_cli_index_with_a_memory_budget_and_rerank(tmp_path):
                                   "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["kind"] == "ivfpq" and d["params"]["rerank"] == 3 and d["plan"]["max_memory"] == 90 * 1024
+    # 400 vectors: 8-bit codes (32 kB) are smaller than any product quantiser's codebooks (64 kB)
+    assert d["kind"] == "ivfsq" and d["params"]["rerank"] == 3 and d["plan"]["max_memory"] == 90 * 1024
     assert (tmp_path / "emb" / "index" / "vectors.npy").exists()
     assert d["engine"] == "local"
     r = CliRunner().invoke(main, ["index", str(tmp_path / "emb"), "--max-index-memory", "1kB"])
@@ -185,7 +191,8 @@ def test_cli_index_with_a_memory_budget_and_rerank(tmp_path):
 
 
 
-@pytest.mark.parametrize("kind,extra", [("ivfpq", {"pq_m": 8}), ("ivf", {}), ("ivf", {"coarse": "hnsw"})])
+@pytest.mark.parametrize("kind,extra", [("ivfpq", {"pq_m": 8}), ("ivf", {}), ("ivf", {"coarse": "hnsw"}),
+                                        ("ivfsq", {})])
 def test_a_ray_build_is_bit_identical_to_the_local_one(data, kind, extra):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'cliplab[ray]')")
     x = data[0][:6000]
@@ -199,6 +206,20 @@ def test_a_ray_build_is_bit_identical_to_the_local_one(data, kind, extra):
         np.testing.assert_array_equal(codes_a, codes_b)
     q = data[1][:20]
     assert [[h.row for h in hs] for hs in local.search(q, 10)] == [[h.row for h in hs] for hs in ray_built.search(q, 10)]
+
+
+def test_ivfsq_keeps_the_recall_of_ivf_flat_at_a_quarter_of_the_size(data, tmp_path):
+    x, q, truth = data
+    built = {kind: Index.build(x, kind=kind, nlist=64, queries=q, recall_target=0.95) for kind in ("ivf", "ivfsq")}
+    for ix in built.values():
+        faiss.extract_index_ivf(ix.faiss_index).nprobe = 8
+    got = {k: recall(np.array([[h.row for h in hs] for hs in ix.search(q, 10)]), truth) for k, ix in built.items()}
+    assert got["ivfsq"] >= got["ivf"] - 0.02, got  # 8 bits per dimension lose (almost) nothing at the same breadth
+    sizes = {k: (ix.save(tmp_path / k) / "index.faiss").stat().st_size for k, ix in built.items()}
+    assert sizes["ivfsq"] < 0.3 * sizes["ivf"], sizes  # 64 + 8 bytes per vector instead of 256 + 8
+    assert built["ivfsq"].info["plan"]["factory"] == "IVF64,SQ8"
+    vec, exact = built["ivfsq"].vector(7)  # decoded, so approximate, and said so
+    assert not exact and float(vec @ x[7]) > 0.999 and not np.array_equal(vec, x[7])
 
 
 def test_an_hnsw_coarse_quantiser_finds_the_lists_and_survives_save_and_load(data, tmp_path):

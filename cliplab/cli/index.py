@@ -23,7 +23,7 @@ def _need_faiss():
 @click.argument("embeddings", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where to save the index [default: EMBEDDINGS/index].")
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfpq", "hnsw"]), default="auto", show_default=True,
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw"]), default="auto", show_default=True,
               help="auto: exact flat index up to --approx-threshold vectors, IVF-Flat above, IVF-PQ (compressed "
                    "codes) when full vectors exceed --max-index-memory.")
 @click.option("--field", type=click.Choice(["auto", "image", "text"]), default="auto", show_default=True,
@@ -44,6 +44,9 @@ def _need_faiss():
 @click.option("--coarse", type=click.Choice(["auto", "flat", "hnsw"]), default="auto", show_default=True,
               help="IVF kinds: how vectors and queries find their lists: a flat scan of the centroids or an HNSW "
                    "graph over them (auto: the graph from 4096 lists, about 1M vectors).")
+@click.option("--kmeans", type=click.Choice(["auto", "one-level", "two-level"]), default="auto", show_default=True,
+              help="IVF kinds: how the list centroids are trained: faiss's k-means or k-means in two levels (sqrt "
+                   "groups, then split; far cheaper for many lists; auto: two levels from 2048 lists).")
 @click.option("--stream/--no-stream", default=None,
               help="Read the job's vectors shard by shard instead of all at once (the same index) [default: when "
                    "they exceed 2 GB].")
@@ -59,7 +62,7 @@ def _need_faiss():
               help="Index an unfinished job (an interrupted embed) as it is; the index records that it is partial.")
 @json_option("Print the build report as JSON.")
 def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target, max_memory, max_query_ms, rerank,
-              coarse, stream, on_disk, engine, workers, allow_partial, as_json):
+              coarse, kmeans, stream, on_disk, engine, workers, allow_partial, as_json):
     """Build a vector index over the output of `cliplab embed` in EMBEDDINGS.
 
     Vectors are normalised and searched by inner product (cosine). For an approximate index, recall@10 against
@@ -81,7 +84,7 @@ def index_cmd(embeddings, out_dir, kind, field, approx_threshold, recall_target,
         ix = Index.build(embeddings, field=field, kind=kind, approx_threshold=approx_threshold,
                          recall_target=recall_target, allow_partial=allow_partial, max_memory=max_memory,
                          max_query_ms=max_query_ms, rerank=rerank, engine=engine, workers=workers,
-                         stream=stream, coarse=coarse, on_disk=on_disk)
+                         stream=stream, coarse=coarse, kmeans=kmeans, on_disk=on_disk)
     except IncompleteJobError as e:
         fail(f"{embeddings} is an unfinished embedding job: {e.done} of {e.total} items embedded; rerun the same "
              f"cliplab embed command (-o {embeddings}) to finish it (it resumes), or pass --allow-partial to index "

@@ -104,6 +104,13 @@ class CompiledTower:
                 yield stream
             finally:
                 self._queue.wait_all()
+                # drop the queue's hold on the stream (queue -> callback -> stream -> tower -> queue): left as a
+                # cycle, the queue would be destroyed by the garbage collector at a random later moment
+                self._queue.set_callback(_no_callback)
+
+
+def _no_callback(request, userdata) -> None:
+    pass
 
 
 class _Stream:

@@ -17,8 +17,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .faiss_ops import exact_top_k, load_faiss, median_query_ms, recall_at_k, set_breadth, top_k
+from .kmeans import train_ivf
 from .sources import ArraySource, ShardSource, first_of_each_file, normalize_rows
-from .sizing import train_points
+from .sizing import IVF_KINDS, train_points
 
 __all__ = ["Gathered", "IncompleteJobError", "gather", "train_and_add", "tune_breadth", "recall_queries",
            "STREAM_BYTES", "RECALL_QUERIES", "BREADTH_GRID"]
@@ -182,19 +183,20 @@ def train_and_add(plan, source, *, hnsw_m: int, seed: int,
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = max(40, 2 * hnsw_m)
         return add_all(index), {"m": hnsw_m}
-    if kind not in ("ivf", "ivfpq"):
+    if kind not in IVF_KINDS:
         raise ValueError(f"unknown index kind {kind!r}")
-    # IVF-Flat or IVF-PQ (OPQ in front, an HNSW coarse quantiser): whatever the plan's factory string says
+    # IVF-Flat, IVF-SQ8 or IVF-PQ (OPQ in front, an HNSW coarse quantiser): whatever the plan's factory string says
     index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     ivf.cp.seed = seed
     n_train = plan.train_points or train_points(n, plan.nlist)
-    params = {"nlist": plan.nlist, "coarse": plan.coarse or "flat", "train_points": n_train}
+    params = {"nlist": plan.nlist, "coarse": plan.coarse or "flat", "train_points": n_train,
+              "kmeans": plan.kmeans or "one-level"}
     if kind == "ivfpq":
         ivf.do_polysemous_training = False  # Hamming pre-filtering we never use; it dominates training time
         n_train = max(n_train, min(n, 256 * 64))  # and 256 centroids per code for the codebooks
         params.update(train_points=n_train, pq_m=plan.pq_m, opq=plan.opq)
-    index.train(_training_sample(source, n_train, seed))
+    train_ivf(index, _training_sample(source, n_train, seed), two_level=plan.kmeans == "two-level", seed=seed)
     return add_all(index), params  # codes computed chunk by chunk
 
 

@@ -31,7 +31,7 @@ from .building import (STREAM_BYTES, IncompleteJobError, breadth_grid, exact_tru
                        recall_queries, train_and_add, tune_breadth)
 from .faiss_ops import faiss_available, load_faiss as _faiss, set_breadth as _set_breadth, top_k as _top_k
 from .ondisk import ONDISK_FILE, add_on_disk, quiet_c_stdout, read_flags, write_index as _write_index
-from .sizing import APPROX_THRESHOLD, PLAN_KINDS, TRAIN_PER_LIST, parse_bytes, plan_index
+from .sizing import APPROX_THRESHOLD, IVF_KINDS, PLAN_KINDS, TRAIN_PER_LIST, parse_bytes, plan_index
 from .sources import ArraySource, ShardSource, normalize_rows
 
 KINDS = PLAN_KINDS
@@ -117,7 +117,7 @@ class Index:
               max_query_ms: float | None = None, rerank: int = 0, pq_m: int | None = None,
               opq: bool | None = None, engine: str = "local", workers: int = 2,
               add_chunk: int = _ADD_CHUNK, stream: bool | None = None, coarse: str = "auto",
-              on_disk: bool | None = None, train_per_list: int = TRAIN_PER_LIST) -> "Index":
+              on_disk: bool | None = None, train_per_list: int = TRAIN_PER_LIST, kmeans: str = "auto") -> "Index":
         """Index ``data``: an embedding job directory, an :class:`~cliplab.pipeline.Embeddings`, an array
         ``[n, dim]`` or an :class:`~cliplab.index.sources.ArraySource` of normalised (e.g. memory-mapped) vectors
         (then ``metadata`` may give ``ids``/``paths``/``captions`` lists). ``field``: ``image``,
@@ -129,13 +129,13 @@ class Index:
         says so (with ``items_done`` and ``items_total``).
 
         Large collections (see :mod:`cliplab.index.sizing`): ``max_memory`` (bytes or ``"4GB"``) bounds the index's
-        size, so ``kind="auto"`` moves from IVF-Flat to IVF-PQ (``kind="ivfpq"`` forces it; ``pq_m`` and ``opq``
+        size, so ``kind="auto"`` moves from IVF-Flat to IVF-SQ8 to IVF-PQ (``kind="ivfsq"`` or ``"ivfpq"`` force them; ``pq_m`` and ``opq``
         override the code size and the rotation; ``coarse`` picks the IVF kinds' coarse quantiser, ``flat`` or an
         ``hnsw`` graph, by default a graph from 4,096 lists on); the choice and its reasons go to ``info["plan"]``.
         ``max_query_ms`` caps the tuned search breadth by the measured median query time. ``rerank=R`` keeps the
         exact vectors next to an approximate index (``vectors.npy``, memory-mapped when loaded) and rescores the
         top ``R * k`` candidates of every query with them. ``engine="ray"`` encodes the vectors of an IVF index
-        (``ivf``, ``ivfpq``) in parallel Ray tasks (``workers`` CPUs), ``add_chunk`` rows each, and merges their lists:
+        (``ivf``, ``ivfsq``, ``ivfpq``) in parallel Ray tasks (``workers`` CPUs), ``add_chunk`` rows each, and merges their lists:
         the same index as the local build, which adds the same chunks in turn (:mod:`cliplab.index.distributed`).
         ``stream``: read a job directory's vectors shard by shard instead of all at once (:mod:`cliplab.index.sources`;
         the same index); ``None`` streams jobs whose vectors exceed :data:`STREAM_BYTES`.
@@ -143,7 +143,9 @@ class Index:
         ``on_disk``: keep an IVF index's inverted lists in ``index.ivfdata`` (faiss ``OnDiskInvertedLists``,
         memory-mapped; :mod:`cliplab.index.ondisk`), built a block at a time so the build never holds them all;
         ``None`` does so when the index's estimate exceeds ``max_memory`` (or 4 GB with no budget).
-        ``train_per_list``: k-means training points per list (see :func:`cliplab.index.sizing.train_points`)."""
+        ``train_per_list``: k-means training points per list (see :func:`cliplab.index.sizing.train_points`);
+        ``kmeans``: ``one-level`` (faiss's k-means), ``two-level`` (:mod:`cliplab.index.kmeans`) or ``auto`` (two
+        levels from 2,048 lists on)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if field not in ("auto", "image", "text"):
@@ -159,7 +161,7 @@ class Index:
         # 2. plan: which index, its sizes, where its lists live, and why
         plan = plan_index(source.n, source.dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold,
                           nlist=nlist, pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse,
-                          train_per_list=train_per_list, on_disk=on_disk)
+                          train_per_list=train_per_list, on_disk=on_disk, kmeans=kmeans)
         scratch = _Scratch()  # on-disk lists and a streamed build's re-ranking copy, until save() copies them
         steps = {"gather": time.perf_counter() - t0}  # seconds per step, recorded
         try:
@@ -358,20 +360,20 @@ class Index:
     def vector(self, row: int) -> tuple[np.ndarray, bool]:
         """The stored (normalised) vector of ``row`` and whether it is exact: the re-ranking copy when the index
         keeps one, else what the index holds (exact for flat, IVF-Flat and HNSW; decoded, so approximate, for
-        IVF-PQ). Raises ``LookupError`` if the index cannot give it back (an IVF index without a direct map)."""
+        IVF-SQ8 and IVF-PQ). Raises ``LookupError`` if the index cannot give it back (an IVF index without a direct map)."""
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} is outside the index (0..{len(self) - 1})")
         if self._exact is not None:
             return np.asarray(self._exact[row], np.float32), True
         try:
-            if self.kind in ("ivf", "ivfpq") and not getattr(self, "_direct_map", False):
+            if self.kind in IVF_KINDS and not getattr(self, "_direct_map", False):
                 # id -> (list, offset) table, built once on first use (8 bytes per vector)
                 _faiss().extract_index_ivf(self.faiss_index).make_direct_map()
                 self._direct_map = True
             vec = self.faiss_index.reconstruct(int(row))
         except RuntimeError as e:
             raise LookupError(f"this {self.kind} index cannot give back its vectors ({e})".splitlines()[0]) from None
-        return np.asarray(vec, np.float32), self.kind != "ivfpq"
+        return np.asarray(vec, np.float32), self.kind not in ("ivfsq", "ivfpq")
 
     def _hits(self, pairs: Iterable[tuple[float, int]]) -> list[Hit]:
         """``(score, row)`` pairs, best first, as hits ranked from 1 (faiss's ``-1`` padding rows dropped)."""

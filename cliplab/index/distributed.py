@@ -16,9 +16,11 @@ from typing import Iterable
 
 import numpy as np
 
+from .sizing import IVF_KINDS
+
 __all__ = ["add_on_ray", "ray_session", "DISTRIBUTED_KINDS"]
 
-DISTRIBUTED_KINDS = ("ivf", "ivfpq")
+DISTRIBUTED_KINDS = IVF_KINDS
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ The rule (``kind="auto"``), in the spirit of autofaiss, with every decision writ
 1. Up to ``approx_threshold`` vectors, exact search (``IndexFlatIP``) if the raw vectors fit the budget: a flat scan
    of 100k x 512 takes a few ms and needs no tuning.
 2. Above it, IVF-Flat (full vectors in inverted lists) if they fit: the best recall per probe.
-3. Otherwise IVF-PQ: each vector is stored as ``m`` one-byte codes (``m`` divides ``dim``), the largest ``m`` that fits
+3. Otherwise IVF-SQ8 if it fits: each dimension stored as one byte (8-bit scalar quantiser, a quarter of the
+   floats), recall close to IVF-Flat's.
+4. Otherwise IVF-PQ: each vector is stored as ``m`` one-byte codes (``m`` divides ``dim``), the largest ``m`` that fits
    the budget (at most 64: longer codes slow every probe), with an OPQ rotation in front when each code covers 4 or more dimensions (where the rotation's
    balancing of variance across sub-spaces pays; at 2 dimensions per code it costs training time for little).
    If even 4-byte codes do not fit, the budget is refused with the smallest one that would work.
@@ -17,6 +19,7 @@ vector added and per query, the graph a few hundred. The k-means training sample
 :data:`MAX_TRAIN_POINTS` (never under the 39 per list faiss's k-means warns below): each k-means iteration costs
 sample x nlist x dim, so 256 per list at 1M vectors (4,000 lists) would be a million-point sample. The estimates count the codes or vectors, the
 8-byte ids of the inverted lists, the centroids and codebooks; file sizes come out within a few percent of them.
+From :data:`TWO_LEVEL_MIN_NLIST` lists on, the centroids come from k-means in two levels (:mod:`cliplab.index.kmeans`).
 
 An IVF index's inverted lists go on disk (``index.ivfdata``, memory-mapped: :mod:`cliplab.index.ondisk`) when asked
 (``on_disk=True``) or, by default, when its estimate exceeds the memory budget (possible for a forced kind) or, with
@@ -30,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 APPROX_THRESHOLD = 100_000
-PLAN_KINDS = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+PLAN_KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw")
+#: the kinds with inverted lists (trained k-means, nprobe, lists on disk, a Ray build)
+IVF_KINDS = ("ivf", "ivfsq", "ivfpq")
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30, "T": 2**40,
           "TB": 2**40}
 
@@ -61,6 +66,11 @@ TRAIN_PER_LIST = 64
 #: the fewest training points per list (faiss's k-means warns below this)
 MIN_TRAIN_PER_LIST = 39
 COARSE_KINDS = ("auto", "flat", "hnsw")
+#: lists from which the coarse centroids come from k-means in two levels (``kmeans="auto"``; about 262k vectors at
+#: the default nlist): one k-means costs sample x nlist x dim per iteration, growing with nlist squared
+#: (:mod:`cliplab.index.kmeans`)
+TWO_LEVEL_MIN_NLIST = 2048
+KMEANS_KINDS = ("auto", "one-level", "two-level")
 
 
 def train_points(n: int, nlist: int, per_list: int = TRAIN_PER_LIST) -> int:
@@ -80,6 +90,7 @@ class IndexPlan:
     hnsw_m: int | None = None
     coarse: str | None = None  # the IVF kinds' coarse quantiser: "flat" or "hnsw"
     train_points: int | None = None  # the IVF kinds' k-means training sample
+    kmeans: str | None = None  # the IVF kinds' k-means: "one-level" (faiss's) or "two-level"
     on_disk: bool = False  # the IVF kinds' inverted lists in index.ivfdata (memory-mapped), not in memory
     reasons: list[str] = field(default_factory=list)
 
@@ -94,6 +105,8 @@ def estimate_bytes(kind: str, n: int, dim: int, *, nlist: int = 1, pq_m: int = 0
         return n * dim * 4
     if kind == "ivf":
         return n * (dim * 4 + 8) + nlist * dim * 4 + graph
+    if kind == "ivfsq":  # one byte per dimension; the quantiser's per-dimension ranges
+        return n * (dim + 8) + nlist * dim * 4 + graph + 2 * dim * 4
     if kind == "ivfpq":
         return n * (pq_m + 8) + nlist * dim * 4 + graph + 256 * dim * 4 + (dim * dim * 4 if opq else 0)
     if kind == "hnsw":
@@ -122,20 +135,22 @@ def _fmt(b: int) -> str:
 def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | None = None,
                approx_threshold: int = APPROX_THRESHOLD, nlist: int | None = None, pq_m: int | None = None,
                opq: bool | None = None, hnsw_m: int = 32, coarse: str = "auto",
-               train_per_list: int = TRAIN_PER_LIST, on_disk: bool | None = None) -> IndexPlan:
+               train_per_list: int = TRAIN_PER_LIST, on_disk: bool | None = None, kmeans: str = "auto") -> IndexPlan:
     """The index for ``n`` x ``dim`` vectors: ``kind`` forces a family (its sizes still chosen here);
     ``max_memory`` (bytes or ``"4GB"``) bounds the index's estimated size; ``coarse`` the IVF kinds' coarse
     quantiser (``auto``: an HNSW graph from :data:`HNSW_COARSE_MIN_NLIST` lists on); ``train_per_list`` the IVF
-    kinds' k-means sample per list (see :func:`train_points`). ``on_disk``: keep an IVF kind's inverted lists on
+    kinds' k-means sample per list (see :func:`train_points`); ``kmeans`` how their centroids are found
+    (``auto``: in two levels from :data:`TWO_LEVEL_MIN_NLIST` lists on; :mod:`cliplab.index.kmeans`). ``on_disk``: keep an IVF kind's inverted lists on
     disk (:mod:`cliplab.index.ondisk`); ``None`` does so when the index's estimate exceeds the memory budget (a
     forced kind) or, with no budget, :data:`ONDISK_ABOVE_BYTES`."""
     plan = _plan_kind(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
-                      pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse, train_per_list=train_per_list)
-    if plan.kind in ("ivf", "ivfpq"):
+                      pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse, train_per_list=train_per_list,
+                      kmeans=kmeans)
+    if plan.kind in IVF_KINDS:
         _place_lists(plan, on_disk, parse_bytes(max_memory))
     elif on_disk:
-        raise ValueError(f"on-disk inverted lists need an IVF index (ivf, ivfpq), not {plan.kind} "
-                         f"({plan.reasons[0]}); ask for kind ivf or ivfpq")
+        raise ValueError(f"on-disk inverted lists need an IVF index (ivf, ivfsq, ivfpq), not {plan.kind} "
+                         f"({plan.reasons[0]}); ask for kind ivf, ivfsq or ivfpq")
     return plan
 
 
@@ -158,12 +173,15 @@ def _place_lists(plan: IndexPlan, on_disk: bool | None, budget: int | None) -> N
 
 
 def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int, nlist: int | None,
-               pq_m: int | None, opq: bool | None, hnsw_m: int, coarse: str, train_per_list: int) -> IndexPlan:
+               pq_m: int | None, opq: bool | None, hnsw_m: int, coarse: str, train_per_list: int,
+               kmeans: str = "auto") -> IndexPlan:
     """The index family and its sizes (see :func:`plan_index`)."""
     if kind not in PLAN_KINDS:
         raise ValueError(f"kind must be one of {PLAN_KINDS}, got {kind!r}")
     if coarse not in COARSE_KINDS:
         raise ValueError(f"coarse must be one of {COARSE_KINDS}, got {coarse!r}")
+    if kmeans not in KMEANS_KINDS:
+        raise ValueError(f"kmeans must be one of {KMEANS_KINDS}, got {kmeans!r}")
     if n < 1 or dim < 1:
         raise ValueError(f"need at least one vector of dimension >= 1, got n={n}, dim={dim}")
     budget = parse_bytes(max_memory)
@@ -176,6 +194,7 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
     if train_per_list < 1:
         raise ValueError(f"train_per_list must be >= 1, got {train_per_list}")
     n_train = train_points(n, nl, train_per_list)
+    km = kmeans if kmeans != "auto" else ("two-level" if nl >= TWO_LEVEL_MIN_NLIST else "one-level")
 
     def coarse_reasons():
         if cq == "hnsw":
@@ -186,6 +205,12 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
             reasons.append(f"k-means trained on {n_train:,} sampled vectors ({n_train // nl} per list: "
                            f"{train_per_list} asked, at least {MIN_TRAIN_PER_LIST}, at most {MAX_TRAIN_POINTS:,} "
                            f"in all; faiss advises 39-256 per list)")
+        if km == "two-level":
+            why = "as asked" if kmeans == "two-level" else f"{nl} lists >= {TWO_LEVEL_MIN_NLIST}"
+            groups = int(round(nl ** 0.5))
+            reasons.append(f"k-means in two levels ({why}): {groups} groups, then each split into its share of the "
+                           f"{nl} centroids; each point meets about {2 * groups} centroids per iteration instead of "
+                           f"{nl}")
 
     def flat():
         return IndexPlan("flat", "Flat", estimate_bytes("flat", n, dim), reasons=reasons)
@@ -193,7 +218,12 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
     def ivf():
         coarse_reasons()
         return IndexPlan("ivf", f"{ivf_name},Flat", estimate_bytes("ivf", n, dim, nlist=nl, coarse=cq), nlist=nl,
-                         coarse=cq, train_points=n_train, reasons=reasons)
+                         coarse=cq, train_points=n_train, kmeans=km, reasons=reasons)
+
+    def ivfsq():
+        coarse_reasons()
+        return IndexPlan("ivfsq", f"{ivf_name},SQ8", estimate_bytes("ivfsq", n, dim, nlist=nl, coarse=cq),
+                         nlist=nl, coarse=cq, train_points=n_train, kmeans=km, reasons=reasons)
 
     def hnsw():
         return IndexPlan("hnsw", f"HNSW{hnsw_m},Flat", estimate_bytes("hnsw", n, dim, hnsw_m=hnsw_m), hnsw_m=hnsw_m,
@@ -220,7 +250,7 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
                                    "their variance lowers the quantisation error")
                 coarse_reasons()
                 return IndexPlan("ivfpq", f"{prefix}{ivf_name},PQ{m}x8", est, nlist=nl, pq_m=m, opq=use_opq,
-                                 coarse=cq, train_points=n_train, reasons=reasons)
+                                 coarse=cq, train_points=n_train, kmeans=km, reasons=reasons)
         smallest = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=choices[-1], opq=False, coarse=cq)
         raise ValueError(f"{n:,} vectors of dimension {dim} need at least {_fmt(smallest)} even as {choices[-1]}-byte "
                          f"codes; raise the memory budget (now {_fmt(budget)})")
@@ -231,6 +261,9 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
     if kind == "ivf":
         reasons.append("IVF-Flat, as asked")
         return ivf()
+    if kind == "ivfsq":
+        reasons.append("IVF-SQ8 (one byte per dimension), as asked")
+        return ivfsq()
     if kind == "hnsw":
         reasons.append("HNSW, as asked")
         return hnsw()
@@ -249,5 +282,11 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
     if fits(ivf_bytes):
         reasons.append(f"IVF-Flat with {nl} lists: full vectors ({_fmt(ivf_bytes)}) fit {limit}")
         return ivf()
-    reasons.append(f"full vectors ({_fmt(ivf_bytes)}) exceed {limit}: compressed codes")
+    sq_bytes = estimate_bytes("ivfsq", n, dim, nlist=nl, coarse=cq)
+    if fits(sq_bytes):
+        reasons.append(f"full vectors ({_fmt(ivf_bytes)}) exceed {limit}; IVF-SQ8 with {nl} lists: one byte per "
+                       f"dimension ({_fmt(sq_bytes)}) fits, recall close to IVF-Flat's")
+        return ivfsq()
+    reasons.append(f"full vectors ({_fmt(ivf_bytes)}) and 8-bit scalar codes ({_fmt(sq_bytes)}) exceed {limit}: "
+                   f"product-quantiser codes")
     return ivfpq()

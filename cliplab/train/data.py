@@ -374,6 +374,8 @@ def make_loader(batches: TrainBatches, start_step: int, num_workers: int = 0, pr
     """Iterate the batches of steps ``start_step .. len(batches)-1`` in order."""
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
-        kwargs = {"prefetch_factor": prefetch, "persistent_workers": False}
+        # workers start from a fork server, not by forking this process: by then it runs the threads of OpenMP,
+        # OpenVINO or faiss, and a fork of a threaded process can crash or hang (Python 3.14's default on Linux)
+        kwargs = {"prefetch_factor": prefetch, "persistent_workers": False, "multiprocessing_context": "forkserver"}
     return torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start_step, len(batches)),
                                        num_workers=num_workers, collate_fn=_identity, **kwargs)
