@@ -151,6 +151,16 @@ def uptime() -> str:
         return "?"
 
 
+def _same_vectors(work: Path, n: int, dim: int) -> bool:
+    """Whether ``work`` holds the vectors and queries of an earlier run of the same size (written by the same
+    seeded generator)."""
+    try:
+        return (np.load(work / "vectors.npy", mmap_mode="r").shape == (n, dim)
+                and np.load(work / "queries.npy").shape == (500, dim))
+    except (OSError, ValueError):
+        return False
+
+
 def _child(mode: str, args, work: Path, kind: str, out_dir: Path) -> dict:
     cmd = [sys.executable, __file__, mode, "--kind", kind, "--vectors", str(work / "vectors.npy"),
            "--queries", str(work / "queries.npy"), "--out-dir", str(out_dir), "--max-index-memory",
@@ -178,6 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--workdir", default=None, help="where the vectors and indexes go [default: a temp dir]")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (vectors, indexes)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the vectors a --keep run left in --workdir (the same seed makes the same ones)")
     # child-process modes
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
@@ -196,10 +208,14 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.perf_counter()
-    q = make_vectors(work / "vectors.npy", args.n, args.dim)
-    np.save(work / "queries.npy", q)
-    gen_s = time.perf_counter() - t0
-    print(f"{args.n:,} x {args.dim} vectors written in {gen_s:.0f} s", file=sys.stderr)
+    if args.reuse and _same_vectors(work, args.n, args.dim):
+        gen_s = 0.0
+        print(f"{args.n:,} x {args.dim} vectors reused from {work}", file=sys.stderr)
+    else:
+        q = make_vectors(work / "vectors.npy", args.n, args.dim)
+        np.save(work / "queries.npy", q)
+        gen_s = time.perf_counter() - t0
+        print(f"{args.n:,} x {args.dim} vectors written in {gen_s:.0f} s", file=sys.stderr)
     rows = []
     try:
         for kind in args.kinds.split(","):

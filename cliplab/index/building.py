@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .faiss_ops import exact_top_k, load_faiss, median_query_ms, recall_at_k, set_breadth, top_k
+from .faiss_ops import COARSE_EF_ADD, exact_top_k, load_faiss, median_query_ms, recall_at_k, set_breadth, top_k
 from .kmeans import train_ivf
 from .sources import ArraySource, ShardSource, first_of_each_file, normalize_rows
 from .sizing import IVF_KINDS, train_points
@@ -28,6 +28,8 @@ __all__ = ["Gathered", "IncompleteJobError", "gather", "train_and_add", "tune_br
 STREAM_BYTES = 2 * 2**30
 #: how many queries measure recall and latency at build time
 RECALL_QUERIES = 500
+#: recall@10 gained over two doublings of the search breadth below which tuning stops (the codes cap recall)
+PLATEAU_GAIN = 0.002
 #: the search breadths tried, smallest first (IVF: ``nprobe``, capped at ``nlist``; HNSW: ``efSearch``)
 BREADTH_GRID = {"nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
                 "ef_search": (16, 32, 64, 128, 256, 512, 1024)}
@@ -197,6 +199,9 @@ def train_and_add(plan, source, *, hnsw_m: int, seed: int,
         n_train = max(n_train, min(n, 256 * 64))  # and 256 centroids per code for the codebooks
         params.update(train_points=n_train, pq_m=plan.pq_m, opq=plan.opq)
     train_ivf(index, _training_sample(source, n_train, seed), two_level=plan.kmeans == "two-level", seed=seed)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if hasattr(quantizer, "hnsw"):  # assign added vectors to their nearest list, not a nearby one
+        quantizer.hnsw.efSearch = COARSE_EF_ADD
     return add_all(index), params  # codes computed chunk by chunk
 
 
@@ -215,12 +220,15 @@ def recall_queries(source, queries, seed: int) -> tuple[np.ndarray, str]:
 
 def tune_breadth(index, param: str, grid: Sequence[int], q: np.ndarray, truth: np.ndarray, *, vectors, rerank: int,
                  recall_target: float, max_query_ms: float | None) -> tuple[int, dict[str, Any]]:
-    """The smallest breadth in ``grid`` whose recall@k of ``q`` against ``truth`` reaches ``recall_target`` (else the
-    largest); with ``max_query_ms``, lowered again until the median query time fits (the latency budget wins).
-    Leaves ``index`` set to it; returns it and the info to record (recall, the tuning curve, the latency)."""
+    """The smallest breadth in ``grid`` whose recall@k of ``q`` against ``truth`` reaches ``recall_target``; if none
+    does, the smallest at the best recall measured (the walk stops early once two doublings gain under
+    :data:`PLATEAU_GAIN`: compressed codes cap recall whatever the breadth). With ``max_query_ms``, lowered again
+    until the median query time fits (the latency budget wins). Leaves ``index`` set to it; returns it and the info
+    to record (recall, whether the target was reached, the tuning curve, the latency)."""
     k = truth.shape[1]
     curve: list[list] = []
     chosen = grid[-1]
+    plateau = False
     for value in grid:
         set_breadth(index, param, value)
         _, got = top_k(index, q, k, vectors, rerank)
@@ -229,16 +237,27 @@ def tune_breadth(index, param: str, grid: Sequence[int], q: np.ndarray, truth: n
         if r >= recall_target:
             chosen = value
             break
-    info: dict[str, Any] = {"recall_at_10": curve[-1][1]}
+        if len(curve) >= 3 and r - curve[-3][1] < PLATEAU_GAIN:
+            # two doublings of the breadth gained nothing: the codes cap recall, not the breadth. Walking on to a
+            # full scan would cost up to nlist / breadth times the query time for no recall.
+            plateau = True
+            break
+    info: dict[str, Any] = {}
+    if plateau or curve[-1][1] < recall_target:  # not reached: the smallest breadth at the best recall measured
+        best = max(r for _, r in curve)
+        chosen = next(v for v, r in curve if r >= best - PLATEAU_GAIN)
+        info.update(recall_target_reached=False, recall_plateau=plateau)
+    at = [v for v, _ in curve].index(chosen)
+    info["recall_at_10"] = curve[at][1]
     if max_query_ms is not None:
-        for i in range(len(curve) - 1, -1, -1):
+        for i in range(at, -1, -1):
             value = curve[i][0]
             set_breadth(index, param, value)
             ms = median_query_ms(index, q, k, vectors, rerank)
             if ms <= max_query_ms or i == 0:
                 chosen = value
                 info.update(recall_at_10=curve[i][1], query_ms_p50=round(ms, 3), max_query_ms=max_query_ms,
-                            latency_bound=i < len(curve) - 1 or ms > max_query_ms)
+                            latency_bound=i < at or ms > max_query_ms)
                 break
     set_breadth(index, param, chosen)
     info["tuning"] = {param: curve}
