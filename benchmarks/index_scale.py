@@ -234,10 +234,11 @@ def main(argv=None) -> int:
 
 
 def report(args, rows: list[dict], started: str, gen_s: float) -> None:
+    made = "reused from an earlier --keep run" if args.reuse and not gen_s else f"written in {gen_s:.0f} s"
     lines = [f"# Index at scale: {args.n:,} x {args.dim} ({started})", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, **shared** with other jobs while this ran (load "
              f"averages 1/5/15 min before and after each kind are in the table: timings move with them). Clustered "
-             f"unit vectors (1000 centres, written in {gen_s:.0f} s); 500 held-out queries for recall@10; latency "
+             f"unit vectors (1000 centres, {made}); 500 held-out queries for recall@10; latency "
              f"over 200 single queries (8 threads on {os.cpu_count()} cores oversubscribes). Budget for auto: "
              f"{args.max_index_memory}; rerank {args.rerank}; k-means sample {args.train_per_list} per list, k-means "
              f"{args.kmeans}. "

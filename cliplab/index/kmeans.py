@@ -19,7 +19,7 @@ import numpy as np
 
 from .faiss_ops import load_faiss
 
-__all__ = ["two_level_centroids", "train_ivf"]
+__all__ = ["two_level_groups", "two_level_centroids", "train_ivf"]
 
 
 def _kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, spherical: bool, max_points_per_centroid: int):
@@ -30,6 +30,11 @@ def _kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, spherical: bool, ma
     return km
 
 
+def two_level_groups(nlist: int) -> int:
+    """How many first-level groups the two-level k-means of ``nlist`` centroids makes: ``round(sqrt(nlist))``."""
+    return max(1, min(int(round(nlist ** 0.5)), nlist))
+
+
 def two_level_centroids(x: np.ndarray, nlist: int, *, seed: int = 0, niter: int = 10,
                         spherical: bool = True) -> np.ndarray:
     """``nlist`` centroids of ``x`` by k-means in two levels: ``round(sqrt(nlist))`` groups, then each group split
@@ -37,8 +42,8 @@ def two_level_centroids(x: np.ndarray, nlist: int, *, seed: int = 0, niter: int 
     n = len(x)
     if nlist > n:
         raise ValueError(f"{nlist} centroids need at least as many training points, got {n}")
-    groups = max(1, min(int(round(nlist ** 0.5)), nlist))
-    if groups == 1 or nlist <= 2:
+    groups = two_level_groups(nlist)
+    if groups == 1:
         return _kmeans(x, nlist, niter=niter, seed=seed, spherical=spherical, max_points_per_centroid=256).centroids
     # the first level sees a sample large enough for its few centroids (faiss caps it at 2000 per centroid)
     top = _kmeans(x, groups, niter=niter, seed=seed, spherical=spherical, max_points_per_centroid=2000)
@@ -47,7 +52,7 @@ def two_level_centroids(x: np.ndarray, nlist: int, *, seed: int = 0, niter: int 
     # shares proportional to group sizes that sum to exactly nlist (cumulative rounding), at most one per point
     bounds = np.cumsum(sizes) * nlist // n
     shares = np.minimum(np.diff(np.concatenate([[0], bounds])), sizes)
-    short = nlist - int(shares.sum())  # only when a share was capped by its group's size: give it to the largest
+    short = nlist - int(shares.sum())  # only when a share was capped by its group's size: to the most spare points
     for g in np.argsort(-(sizes - shares), kind="stable")[:short]:
         shares[g] += 1
     if int(shares.sum()) != nlist:  # cannot happen with nlist <= n; kept as an invariant check

@@ -32,6 +32,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .kmeans import two_level_groups
+
 APPROX_THRESHOLD = 100_000
 PLAN_KINDS = ("auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw")
 #: the kinds with inverted lists (trained k-means, nprobe, lists on disk, a Ray build)
@@ -140,9 +142,9 @@ def plan_index(n: int, dim: int, *, kind: str = "auto", max_memory: int | str | 
     ``max_memory`` (bytes or ``"4GB"``) bounds the index's estimated size; ``coarse`` the IVF kinds' coarse
     quantiser (``auto``: an HNSW graph from :data:`HNSW_COARSE_MIN_NLIST` lists on); ``train_per_list`` the IVF
     kinds' k-means sample per list (see :func:`train_points`); ``kmeans`` how their centroids are found
-    (``auto``: in two levels from :data:`TWO_LEVEL_MIN_NLIST` lists on; :mod:`cliplab.index.kmeans`). ``on_disk``: keep an IVF kind's inverted lists on
-    disk (:mod:`cliplab.index.ondisk`); ``None`` does so when the index's estimate exceeds the memory budget (a
-    forced kind) or, with no budget, :data:`ONDISK_ABOVE_BYTES`."""
+    (``auto``: in two levels from :data:`TWO_LEVEL_MIN_NLIST` lists on; :mod:`cliplab.index.kmeans`). ``on_disk``:
+    keep an IVF kind's inverted lists on disk (:mod:`cliplab.index.ondisk`); ``None`` does so when the index's
+    estimate exceeds the memory budget (a forced kind) or, with no budget, :data:`ONDISK_ABOVE_BYTES`."""
     plan = _plan_kind(n, dim, kind=kind, max_memory=max_memory, approx_threshold=approx_threshold, nlist=nlist,
                       pq_m=pq_m, opq=opq, hnsw_m=hnsw_m, coarse=coarse, train_per_list=train_per_list,
                       kmeans=kmeans)
@@ -196,7 +198,7 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
     n_train = train_points(n, nl, train_per_list)
     km = kmeans if kmeans != "auto" else ("two-level" if nl >= TWO_LEVEL_MIN_NLIST else "one-level")
 
-    def coarse_reasons():
+    def ivf_reasons():
         if cq == "hnsw":
             why = "as asked" if coarse == "hnsw" else f"{nl} lists >= {HNSW_COARSE_MIN_NLIST}"
             reasons.append(f"coarse quantiser: an HNSW graph over the {nl} centroids ({why}): assigning a vector or "
@@ -207,7 +209,7 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
                            f"in all; faiss advises 39-256 per list)")
         if km == "two-level":
             why = "as asked" if kmeans == "two-level" else f"{nl} lists >= {TWO_LEVEL_MIN_NLIST}"
-            groups = int(round(nl ** 0.5))
+            groups = two_level_groups(nl)
             reasons.append(f"k-means in two levels ({why}): {groups} groups, then each split into its share of the "
                            f"{nl} centroids; each point meets about {2 * groups} centroids per iteration instead of "
                            f"{nl}")
@@ -216,12 +218,12 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
         return IndexPlan("flat", "Flat", estimate_bytes("flat", n, dim), reasons=reasons)
 
     def ivf():
-        coarse_reasons()
+        ivf_reasons()
         return IndexPlan("ivf", f"{ivf_name},Flat", estimate_bytes("ivf", n, dim, nlist=nl, coarse=cq), nlist=nl,
                          coarse=cq, train_points=n_train, kmeans=km, reasons=reasons)
 
     def ivfsq():
-        coarse_reasons()
+        ivf_reasons()
         return IndexPlan("ivfsq", f"{ivf_name},SQ8", estimate_bytes("ivfsq", n, dim, nlist=nl, coarse=cq),
                          nlist=nl, coarse=cq, train_points=n_train, kmeans=km, reasons=reasons)
 
@@ -248,7 +250,7 @@ def _plan_kind(n: int, dim: int, *, kind: str, max_memory, approx_threshold: int
                 if use_opq:
                     reasons.append("OPQ rotation in front: each code covers 4 or more dimensions, where balancing "
                                    "their variance lowers the quantisation error")
-                coarse_reasons()
+                ivf_reasons()
                 return IndexPlan("ivfpq", f"{prefix}{ivf_name},PQ{m}x8", est, nlist=nl, pq_m=m, opq=use_opq,
                                  coarse=cq, train_points=n_train, kmeans=km, reasons=reasons)
         smallest = estimate_bytes("ivfpq", n, dim, nlist=nl, pq_m=choices[-1], opq=False, coarse=cq)
