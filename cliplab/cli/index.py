@@ -24,8 +24,9 @@ def _need_faiss():
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where to save the index [default: EMBEDDINGS/index].")
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw"]), default="auto", show_default=True,
-              help="auto: exact flat index up to --approx-threshold vectors, IVF-Flat above, IVF-PQ (compressed "
-                   "codes) when full vectors exceed --max-index-memory.")
+              help="auto: exact flat index up to --approx-threshold vectors, IVF-Flat above, IVF-SQ8 (one byte per "
+                   "dimension) when full vectors exceed --max-index-memory, IVF-PQ (compressed codes) when that "
+                   "does too.")
 @click.option("--field", type=click.Choice(["auto", "image", "text"]), default="auto", show_default=True,
               help="Which embeddings to index (auto: images when the job has any; text: the captions, for "
                    "image-to-text search).")
