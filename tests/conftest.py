@@ -133,6 +133,20 @@ def clustered(n: int, dim: int, seed: int = 0, clusters: int = 64):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def brute_top(db, q, k):
+    """The exact top-``k`` rows of each query by inner product (ties in row order)."""
+    import numpy as np
+
+    return np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :k]
+
+
+def recall(rows, truth):
+    """Mean share of each query's true rows among its returned ones (``-1`` padding ignored)."""
+    import numpy as np
+
+    return float(np.mean([len(set(r[r >= 0].tolist()) & set(t.tolist())) / len(t) for r, t in zip(rows, truth)]))
+
+
 def inverted_lists(index):
     """Every list's ids and code bytes of a faiss IVF index, in list order (empty lists as empty arrays)."""
     import faiss

@@ -11,7 +11,7 @@ from cliplab.index import Index
 from cliplab.index.kmeans import two_level_centroids
 from cliplab.index.sizing import TWO_LEVEL_MIN_NLIST, default_nlist, plan_index
 
-from conftest import clustered
+from conftest import brute_top, clustered, recall
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
 
@@ -84,7 +84,7 @@ def test_two_level_centroids_fit_like_one_level_and_far_better_than_a_control(po
                                         ("ivf", {"coarse": "hnsw"})])
 def test_an_index_trained_in_two_levels_finds_the_neighbours(kind, extra):
     x, q = clustered(8000, 32, clusters=100), clustered(200, 32, seed=1, clusters=100)
-    truth = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    truth = brute_top(x, q, 10)
     recalls = {}
     for km in ("one-level", "two-level"):
         ix = Index.build(x, kind=kind, nlist=128, kmeans=km, queries=q, recall_target=0.99, **extra)
@@ -94,7 +94,7 @@ def test_an_index_trained_in_two_levels_finds_the_neighbours(kind, extra):
         np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1, atol=1e-5)  # spherical, as faiss's own
         ivf.nprobe = 4
         _, rows = ix.faiss_index.search(q, 10)
-        recalls[km] = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(rows, truth)])
+        recalls[km] = recall(rows, truth)
     assert recalls["two-level"] >= recalls["one-level"] - 0.05, recalls  # the same recall at the same breadth
 
 
@@ -104,7 +104,7 @@ def test_behind_a_rotation_the_centroids_live_in_the_rotated_space():
     from cliplab.index.kmeans import train_ivf
 
     x, q = clustered(8000, 32, clusters=100), clustered(200, 32, seed=1, clusters=100)
-    truth = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+    truth = brute_top(x, q, 10)
     recalls = {}
     for two_level in (False, True):
         index = faiss.index_factory(32, "RR32,IVF128,Flat", faiss.METRIC_INNER_PRODUCT)
@@ -113,7 +113,7 @@ def test_behind_a_rotation_the_centroids_live_in_the_rotated_space():
         index.add(x)
         faiss.extract_index_ivf(index).nprobe = 4
         _, rows = index.search(q, 10)
-        recalls[two_level] = np.mean([len(set(r) & set(t)) / 10 for r, t in zip(rows, truth)])
+        recalls[two_level] = recall(rows, truth)
     assert recalls[True] >= recalls[False] - 0.05 and recalls[True] >= 0.6, recalls
 
 

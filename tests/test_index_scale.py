@@ -16,18 +16,9 @@ from cliplab.index.sizing import (HNSW_COARSE_MIN_NLIST, MAX_PQ_M, MAX_TRAIN_POI
                                    estimate_bytes, parse_bytes, plan_index)
 from cliplab.pipeline import embed
 
-from conftest import clustered, inverted_lists
+from conftest import brute_top, clustered, inverted_lists, recall
 
 faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
-
-
-def brute_top(db, q, k):
-    s = q @ db.T
-    return np.argsort(-s, axis=1, kind="stable")[:, :k]
-
-
-def recall(rows, truth):
-    return np.mean([len(set(r[r >= 0]) & set(t)) / len(t) for r, t in zip(rows, truth)])
 
 
 @pytest.mark.parametrize("text,want", [("4GB", 4 * 2**30), ("512 MB", 512 * 2**20), ("1.5G", int(1.5 * 2**30)),
