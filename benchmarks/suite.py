@@ -48,12 +48,12 @@ from common import DATA, best_rate, flickr_pairs, flickr_photos, interleaved, lo
 TEXT_BATCH = 256
 #: every path the suite knows; ``--paths`` picks (default: those installed, bf16 ones only on a native-bf16 CPU)
 PATHS = ("transformers fp32", "transformers bf16 autocast", "cliplab exact", "cliplab fast", "cliplab compiled",
-         "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino bf16", "openvino int8")
+         "cliplab fast compiled", "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino bf16", "openvino int8")
 #: OpenVINO int8 calibrates on these Flickr8k photos (the last ones: the fidelity study uses the first)
 CALIBRATION_PHOTOS = 300
 #: the paths run by another runtime on cliplab's ONNX export (``cliplab.export.load_backend``)
-BACKEND_PATHS = {label: tuple(label.split()) for label in PATHS[5:]}
-LOW_PRECISION = {"transformers bf16 autocast", "cliplab fast", "openvino bf16"}
+BACKEND_PATHS = {label: tuple(label.split()) for label in PATHS if label.startswith(("onnxruntime", "openvino"))}
+LOW_PRECISION = {"transformers bf16 autocast", "cliplab fast", "cliplab fast compiled", "openvino bf16"}
 
 
 def default_paths() -> list[str]:
@@ -109,6 +109,8 @@ def make_models(arch: str, paths: list[str], export_root: Path, seed: int = 0):
             models["cliplab fast"] = cliplab.load(d, precision="bf16")
         if "cliplab compiled" in paths:
             models["cliplab compiled"] = cliplab.load(d, compile=True)
+        if "cliplab fast compiled" in paths:
+            models["cliplab fast compiled"] = cliplab.load(d, precision="bf16", compile=True)
     backends = [p for p in paths if p in BACKEND_PATHS]
     if backends:
         export_dir = ensure_export(exact, export_root / arch, int8="onnxruntime int8" in backends)
@@ -198,7 +200,7 @@ def measure_arch(arch: str, args, peaks: dict[str, float]) -> list[dict]:
                "image_min_cos": fid[label][0], "text_min_cos": fid[label][1]}
         if "int8" in label:  # int8 runs neither peak: no utilisation figure
             row["image_mfu"] = row["text_mfu"] = None
-        if label == "cliplab compiled":
+        if "compiled" in label:
             row["compile_s"] = models[label].compile_report()
         if label.startswith("transformers"):
             pad77 = hf_text_batches(exact, captions[: args.texts_77], 77)
@@ -266,7 +268,7 @@ def probe_memory(arch: str, label: str, batch: int, export_dir: str) -> None:
                 model = load_backend(export_dir, *BACKEND_PATHS[label])
             else:
                 model = cliplab.create_model(arch).eval().set_precision("bf16" if "fast" in label else "fp32")
-                model.set_compiled(label == "cliplab compiled")
+                model.set_compiled("compiled" in label)
             model.encode_image(torch.randn(batch, 3, s, s))
             model.encode_texts(captions)
     print(high_water_mb() - base)
@@ -409,11 +411,11 @@ def report(meta: dict, peaks: dict, results: dict[str, list[dict]], fid: dict, d
                 f"{r['images_per_s_1']:.1f} | {vs_ov('images_per_s_1')} | "
                 f"{r['text_latency_ms']:.1f} | {r['image_latency_ms']:.0f} | {r['image_min_cos']:.6f} | "
                 f"{r['text_min_cos']:.6f} | {mfu} | {mem} |")
-        compiled = by.get("cliplab compiled")
-        if compiled:
-            lines += ["", "cliplab compiled: first call of each tower (compilation included) took " + ", ".join(
-                f"{tower} {sec:.0f} s" for tower, sec in compiled["compile_s"].items() if sec is not None)
-                + " in this process (inductor's on-disk cache may have shortened it)."]
+        for label in ("cliplab compiled", "cliplab fast compiled"):
+            if label in by:
+                lines += ["", f"{label}: first call of each tower (compilation included) took " + ", ".join(
+                    f"{tower} {sec:.0f} s" for tower, sec in by[label]["compile_s"].items() if sec is not None)
+                    + " in this process (inductor's on-disk cache may have shortened it)."]
         lines.append("")
     lines += ["MFU: matmul FLOPs of the work done (padding not counted) per second over the measured peak of the "
               "path's precision (fp32 paths: fp32 peak; bf16 paths: bf16 peak; none for int8). Min cos: each path's "

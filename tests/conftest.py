@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def exact_runtime_by_default(request, monkeypatch):
+    """``cliplab embed`` defaults to ``--backend auto --precision auto``, which picks OpenVINO and bf16 where the
+    machine offers them: tests would then depend on the CPU they run on. Every test gets torch fp32 for "auto" unless
+    it is marked ``auto_runtime`` (the tests of the choice itself)."""
+    if request.node.get_closest_marker("auto_runtime") is None:
+        from cliplab.pipeline import runtime_choice
+
+        monkeypatch.setattr(runtime_choice, "best_precision", lambda device: "fp32")
+        monkeypatch.setattr(runtime_choice, "best_backend", lambda precision, **kw: "torch")
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ``../shared/data``; skips the calling test (with the reason) when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -128,3 +128,23 @@ def test_load_and_embed_reach_the_compiled_path(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["embed", "--synthetic", "4", "-o", str(tmp_path / "e2"), "--compile",
                                     "--backend", "onnxruntime"])
     assert res.exit_code != 0 and "compile runs the torch backend" in res.output
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freezing_folds_the_weights_into_the_compiled_code(freeze):
+    """With ``freeze`` the compiled code must hold (some of) the weights as its own constants, pre-packed for oneDNN:
+    changed weights that the stale-weights check is told to ignore then do not all reach it, and the features differ
+    from the live module's. Without freezing every weight reaches the compiled code as an input. (torch 2.13 froze
+    nothing until dynamo was told to prepare for freezing.)"""
+    model = cliplab.create_model("test-tiny", seed=0).eval().set_compiled(True, freeze=freeze)
+    tower = model.__dict__["_compiled"]["image"]
+    x = pixels(model)
+    with torch.no_grad():
+        before = model.encode_image(x)
+        for p in model.visual.parameters():
+            p.mul_(1.25)
+        tower.stamp = weights_stamp(model.visual)  # hide the update from the stale-weights check
+        after = model.encode_image(x)
+        fresh = model.visual(x)
+    assert not torch.allclose(fresh, before, atol=1e-3)
+    assert torch.allclose(after, fresh, atol=1e-5) is not freeze

@@ -236,7 +236,8 @@ def _cli(out: Path, src: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "CLIPLAB_CRASH_AT"}
     env["PYTHONWARNINGS"] = "ignore"
     cmd = [sys.executable, "-c", "from cliplab.cli import main; main()", "embed", str(src), "--out", str(out),
-           "--model", "test-tiny", "--shard-size", "5", "--batch-size", "4", "--workers", "2", "--no-progress"]
+           "--model", "test-tiny", "--shard-size", "5", "--batch-size", "4", "--workers", "2", "--no-progress",
+           "--backend", "torch", "--precision", "fp32"]  # another process: the conftest's exact default cannot reach it
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

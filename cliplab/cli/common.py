@@ -120,23 +120,31 @@ def set_option(help: str = "An option of the run (repeatable), e.g. --set limit=
 
 
 def precision_option(help: str = "Model compute precision: fp32 (exact) or bf16 (fast where the CPU has native "
-                                 "bf16).", int8: bool = False):
-    """``--precision``; ``int8=True`` (commands with ``--backend``) also offers int8 (ONNX Runtime, OpenVINO)."""
-    choices = ["fp32", "bf16", "int8"] if int8 else ["fp32", "bf16"]
+                                 "bf16).", int8: bool = False, auto: bool = False):
+    """``--precision``; ``int8=True`` (commands with ``--backend``) also offers int8 (ONNX Runtime, OpenVINO);
+    ``auto=True`` (``cliplab embed``) offers and defaults to ``auto``."""
+    choices = (["auto"] if auto else []) + (["fp32", "bf16", "int8"] if int8 else ["fp32", "bf16"])
     if int8:
         help = help.rstrip(".") + ("; int8: --backend onnxruntime (dynamic int8) or openvino (NNCF int8 images, "
                                    "calibrated by `cliplab embed` on its first 300 images); fidelity in "
                                    "docs/backends.md.")
-    return click.option("--precision", type=click.Choice(choices), default="fp32", show_default=True, help=help)
+    if auto:
+        help += " auto: bf16 where the CPU multiplies bf16 natively (cosine to exact >= 0.9999), else fp32."
+    return click.option("--precision", type=click.Choice(choices), default="auto" if auto else "fp32",
+                        show_default=True, help=help)
 
 
-def backend_option():
-    """``--backend torch|onnxruntime|openvino``: who runs the model (docs/backends.md)."""
-    return click.option("--backend", type=click.Choice(["torch", "onnxruntime", "openvino"]), default="torch",
+def backend_option(auto: bool = False):
+    """``--backend torch|onnxruntime|openvino``: who runs the model (docs/backends.md); ``auto=True`` (``cliplab
+    embed``) offers and defaults to ``auto``."""
+    choices = (["auto"] if auto else []) + ["torch", "onnxruntime", "openvino"]
+    return click.option("--backend", type=click.Choice(choices), default="auto" if auto else "torch",
                         show_default=True,
                         help="Inference backend: torch (every feature), or onnxruntime / openvino on the model's ONNX "
                              "export (made on first use and cached by weight fingerprint; pip install onnxruntime "
-                             "/ openvino).")
+                             "/ openvino)." + (" auto: openvino where it is installed and the job runs locally on "
+                                               "the CPU without --compile, else torch; a resumed job keeps what it "
+                                               "started with." if auto else ""))
 
 
 def compile_option():

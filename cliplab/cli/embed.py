@@ -17,8 +17,8 @@ from .common import (  # noqa: F401  (MODEL_HELP re-exported for old imports)
 @out_option("Output directory (shards/, manifest.json, rejects.jsonl). Rerunning the same command resumes, and "
             "embeds what was added to SOURCE since.", required=True)
 @model_option()
-@backend_option()
-@precision_option(int8=True)
+@backend_option(auto=True)
+@precision_option(int8=True, auto=True)
 @compile_option()
 @click.option("--synthetic", type=int, default=None, metavar="N",
               help="Embed N generated synthetic scenes (same as SOURCE synthetic:N).")
@@ -88,7 +88,7 @@ def embed_cmd(source, out_dir, model, backend, precision, compile_model, synthet
                       "image_root": image_root, "all_files": all_files}
     if encoding != "utf-8":
         source_options["encoding"] = encoding
-    if compile_model and backend == "torch" and engine == "local":
+    if compile_model and backend in ("torch", "auto") and engine == "local":
         click.echo("compiling the model with torch.compile on its first batches (a few minutes)", err=True)
     try:
         with warnings_to_stderr(), on_interrupt(f"finished shards are kept in {out_dir}; run the same command again "
@@ -106,7 +106,8 @@ def embed_cmd(source, out_dir, model, backend, precision, compile_model, synthet
     changes = result.changes
     data = {"out_dir": str(result.out_dir), "manifest": str(result.out_dir / "manifest.json"),
             "rejects_file": str(result.out_dir / m["rejects_file"]), "model": m["model"]["name"],
-            "engine": engine, "backend": backend, "precision": m.get("precision", "fp32"), "items": c["items"], "rows": c["rows"],
+            "engine": engine, "backend": m.get("backend", "torch"), "precision": m.get("precision", "fp32"),
+            "runtime_chosen_automatically": m.get("runtime_chosen_automatically", []), "items": c["items"], "rows": c["rows"],
             "rejects": c["rejects"], "images": c["images"], "texts": c["texts"],
             "captions_truncated": c["captions_truncated"],
             "captions_too_long_rejected": c["captions_too_long_rejected"],
@@ -119,7 +120,8 @@ def embed_cmd(source, out_dir, model, backend, precision, compile_model, synthet
 
     def render(d):
         click.echo(f"embedded {d['rows']} of {d['items']} items ({d['images']} images, {d['texts']} captions) with "
-                   f"{d['model']}" + (f" ({d['backend']} {d['precision']})" if d["backend"] != "torch" else "") +
+                   f"{d['model']} ({d['backend']} {d['precision']}" +
+                   (", chosen automatically" if d["runtime_chosen_automatically"] else "") + ")" +
                    f" into {d['out_dir']}")
         click.echo(f"  shards: {d['shards_written']} written, {d['shards_skipped']} already done; "
                    f"{d['seconds']} s")

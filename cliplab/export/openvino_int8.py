@@ -41,6 +41,10 @@ TEXT_CALIBRATION_BATCH = 16
 MIN_COSINE = 0.999
 #: held-out calibration images, at least (a fifth of them when there are more)
 HELD_OUT_MIN = 16
+#: calibration samples the accuracy-controlled quantisation validates on, at most
+VALIDATION_SAMPLES = 64
+#: operations the accuracy control may put back to f32, at most (then it stops, and the held-out bar decides)
+MAX_REVERTED = 24
 
 
 def require_nncf() -> ModuleType:
@@ -62,10 +66,15 @@ def calibration_digest(arrays: Sequence[np.ndarray]) -> str:
 
 
 def quantize_openvino(directory: str | Path, images=None, *, texts: Sequence[str] | None = None,
-                      subset_size: int = DEFAULT_SUBSET) -> dict[str, Any]:
+                      subset_size: int = DEFAULT_SUBSET, min_cosine: float | None = None) -> dict[str, Any]:
     """Write OpenVINO int8 graphs for the export in ``directory``, calibrated on ``images`` (paths or PIL images,
     preprocessed as the model does, or a pixel array ``[N, 3, S, S]``) and, when given, ``texts`` (strings). At
-    most ``subset_size`` of each are used. Returns the manifest's ``openvino_int8`` record."""
+    most ``subset_size`` of each are used. Returns the manifest's ``openvino_int8`` record.
+
+    ``min_cosine``: quantise with accuracy control (``nncf.quantize_with_accuracy_control``): operations are put back
+    to f32, the most harmful first, until the least feature cosine to the f32 graph over up to
+    :data:`VALIDATION_SAMPLES` of the calibration inputs reaches ``min_cosine``. Slower to make (the graph is
+    validated once per candidate), a little slower to run; exact enough where plain static int8 is not."""
     from .openvino_runtime import require_openvino
     from .runtime import OnnxCLIP
 
@@ -89,7 +98,12 @@ def quantize_openvino(directory: str | Path, images=None, *, texts: Sequence[str
         model = core.read_model(str(export._file(tower)))
         model_type = nncf.ModelType.TRANSFORMER if not (tower == "image" and export.config.vision.is_resnet) else None
         with quiet_logger("nncf"):  # a statistics pass and a short dataset each log a WARNING
-            quantized = nncf.quantize(model, nncf.Dataset(data), model_type=model_type, subset_size=subset_size)
+            if min_cosine is None:
+                quantized = nncf.quantize(model, nncf.Dataset(data), model_type=model_type, subset_size=subset_size)
+                reverted = None
+            else:
+                quantized, reverted = _quantize_controlled(nncf, core, model, data, min_cosine, model_type,
+                                                           subset_size)
         target = directory / f"{tower}{INT8_SUFFIX}"
         scratch = directory / f".{tower}.partial-{os.getpid()}{INT8_SUFFIX}"
         ov.save_model(quantized, str(scratch))  # then renamed: a reader never opens half a graph
@@ -97,31 +111,77 @@ def quantize_openvino(directory: str | Path, images=None, *, texts: Sequence[str
         os.replace(scratch, target)
         record["towers"][tower] = target.name
         record["calibration"][tower] = {"samples": sum(len(d) for d in data), "sha256": calibration_digest(data)}
+        if reverted is not None:
+            record["calibration"][tower]["accuracy_control"] = {"min_cosine": min_cosine, **reverted}
     record.update(nncf_version=nncf.__version__, openvino_version=ov.__version__, subset_size=subset_size,
-                  method="nncf.quantize (post-training, static int8)")
+                  method="nncf.quantize (post-training, static int8)" if min_cosine is None else
+                  "nncf.quantize_with_accuracy_control (post-training, static int8, min feature cosine)")
     manifest["openvino_int8"] = record
     write_manifest(directory, manifest)
     return record
+
+
+def _feature_cosines(compiled, items) -> list[float]:
+    """Cosine of each item's features from ``compiled`` to its reference features; items are ``(input, reference)``
+    with the reference rows L2-normalised."""
+    out = []
+    for x, ref in items:
+        f = np.asarray(compiled(x)[0], dtype=np.float32)
+        f = f / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+        out.extend((f * ref).sum(-1).tolist())
+    return out
+
+
+def _quantize_controlled(nncf, core, model, data: list[np.ndarray], min_cosine: float, model_type, subset_size: int):
+    """``nncf.quantize_with_accuracy_control`` with the least feature cosine to f32 as the metric (per-item cosines
+    rank the operations); returns the graph and what was put back to f32."""
+    f32 = core.compile_model(model, "CPU")
+    validation = data[:VALIDATION_SAMPLES]
+    refs = []
+    for x in validation:
+        r = np.asarray(f32(x)[0], dtype=np.float32)
+        refs.append(r / np.maximum(np.linalg.norm(r, axis=-1, keepdims=True), 1e-12))
+    # per item, not per batch: NNCF ranks operations by the items they hurt (a text batch counts as one item: its
+    # least cosine)
+
+    def validate(compiled, items):
+        per_item = [min(_feature_cosines(compiled, [item])) for item in items]
+        return min(per_item), per_item
+
+    restorer = nncf.quantization.advanced_parameters.AdvancedAccuracyRestorerParameters(max_num_iterations=MAX_REVERTED)
+    quantized = nncf.quantize_with_accuracy_control(
+        model, nncf.Dataset(data), nncf.Dataset(list(zip(validation, refs)), lambda item: item[0]), validate,
+        max_drop=1.0 - min_cosine, drop_type=nncf.DropType.ABSOLUTE, model_type=model_type, subset_size=subset_size,
+        advanced_accuracy_restorer_parameters=restorer)
+    achieved = min(_feature_cosines(core.compile_model(quantized, "CPU"), list(zip(validation, refs))))
+    kept = sum(1 for op in quantized.get_ops() if op.get_type_name() == "FakeQuantize")
+    return quantized, {"validation_samples": len(validation), "validation_min_cosine": achieved,
+                       "quantizers_left": kept}
 
 
 def ensure_openvino_int8(directory: str | Path, images, min_cosine: float = MIN_COSINE) -> dict[str, Any]:
     """The export's OpenVINO int8 record, quantising the image tower first unless it was calibrated on exactly these
     ``images`` already (same preprocessed pixels, so a rerun reuses the graph).
 
-    A fifth of the images (at least :data:`HELD_OUT_MIN`) is held out of calibration and encoded by the int8 and the
-    f32 graph; the cosines are recorded, and a graph whose minimum falls below ``min_cosine`` is refused with a
-    ``ValueError`` (static int8 is exact enough on some models and not on others: 0.9998 on ViT-B/32 with random
-    weights, 0.80 on the trained shapes-tiny, docs/fast_path.md)."""
+    The graph is made with accuracy control (:func:`quantize_openvino` with ``min_cosine``): operations go back to f32
+    until the calibration images' features reach ``min_cosine`` (plain static int8 reached only 0.9978 on ViT-B/32
+    with random weights and 0.82 on the trained shapes-tiny, docs/fast_path.md). A fifth of the images (at least
+    :data:`HELD_OUT_MIN`) is held out of calibration and encoded by the int8 and the f32 graph; the cosines are
+    recorded, and a graph whose minimum falls below ``min_cosine`` there is refused with a ``ValueError``."""
     from .runtime import OnnxCLIP
 
     samples = _image_samples(OnnxCLIP(directory), images, DEFAULT_SUBSET + DEFAULT_SUBSET // 4)
     if not samples:
         raise ValueError("no calibration images: OpenVINO int8 calibrates on a few hundred images like yours")
+    control = min_cosine if min_cosine > 0 else None  # a bar of 0 (benchmarks measure any graph): plain int8
     record = read_manifest(Path(directory)).get("openvino_int8") or {}
     image = (record.get("calibration") or {}).get("image", {})
-    if image.get("sha256") != calibration_digest(samples) or int8_file(directory, "image") is None:
+    made_with = (image.get("accuracy_control") or {}).get("min_cosine")
+    if image.get("sha256") != calibration_digest(samples) or int8_file(directory, "image") is None \
+            or made_with != control:
         held = max(HELD_OUT_MIN, len(samples) // 5) if len(samples) > HELD_OUT_MIN else 0
-        record = quantize_openvino(directory, np.concatenate(samples[: len(samples) - held] or samples))
+        record = quantize_openvino(directory, np.concatenate(samples[: len(samples) - held] or samples),
+                                   min_cosine=control)
         record = _record_fidelity(directory, samples[len(samples) - held :] if held else [], samples)
         image = record["calibration"]["image"]
     fidelity = image.get("held_out") or {}

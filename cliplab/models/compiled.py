@@ -64,9 +64,14 @@ class InductorTower:
                 torch._dynamo.reset()
             self.recompiles += 1
             self._compile()
-        if self.warmup_s is not None:
-            return self.fn(*args)
-        start = time.perf_counter()
-        out = self.fn(*args)
+        # Dynamo passes a module's parameters to inductor as graph inputs unless told to prepare for freezing; without
+        # this, ``freezing`` silently folds nothing (torch 2.13) and the matmuls stay unpacked ``addmm`` calls
+        # (ViT-B/32 bf16 on AMX: 126 images/s, against 143 with the packed oneDNN weights). Patched on every call,
+        # since a new input shape (a text batch of another length) compiles again.
+        with torch._dynamo.config.patch(prepare_freezing=self.freeze):
+            if self.warmup_s is not None:
+                return self.fn(*args)
+            start = time.perf_counter()
+            out = self.fn(*args)
         self.warmup_s = time.perf_counter() - start
         return out

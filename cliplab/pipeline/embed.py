@@ -43,6 +43,7 @@ from .shards import (
     JOB_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR, ShardStore, atomic_write_json, crashpoint,
     fixed_list_to_numpy, read_table,
 )
+from .runtime_choice import AUTO, choose_runtime
 from .sources import Item, Source, resolve_source
 
 __all__ = ["EmbedOptions", "EmbedJob", "EmbedResult", "Embeddings", "JobMismatchError", "JobLockedError", "embed",
@@ -72,7 +73,9 @@ class EmbedOptions:
     ``fp32`` (exact) or ``bf16`` (the model's fast mode; recorded in the job, so a rerun cannot mix the two).
     ``backend``: ``torch`` (default), or ``onnxruntime`` / ``openvino`` on the model's ONNX export (exported on first
     use, cached by weight fingerprint; precisions as :func:`cliplab.export.load_backend` offers them; local engine,
-    CPU only; recorded in the job like ``precision``). ``compile``: run the torch model through ``torch.compile``
+    CPU only; recorded in the job like ``precision``). ``"auto"`` for either (the CLI's default) picks the fastest
+    full-fidelity runtime here, or the one an existing job in the output directory was started with
+    (:mod:`cliplab.pipeline.runtime_choice`). ``compile``: run the torch model through ``torch.compile``
     (:meth:`cliplab.CLIP.set_compiled`: minutes of compiling first, then faster; the same features to float rounding,
     so not part of the job's identity; local engine, torch backend)."""
 
@@ -105,6 +108,11 @@ class EmbedOptions:
             raise ValueError(f"what must be one of {WHAT}, got {self.what!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if AUTO not in (self.backend, self.precision):  # else checked once the job has resolved them
+            self.check_runtime()
+
+    def check_runtime(self) -> None:
+        """The backend, precision and compile settings make a runnable combination (a one-line ValueError if not)."""
         if self.backend == "torch":
             if self.precision not in ("fp32", "bf16"):
                 hint = "; int8 runs on backend='onnxruntime'" if self.precision == "int8" else ""
@@ -224,6 +232,12 @@ class EmbedJob:
         self.seed = seed
         self.on_shard = on_shard
         self.model, self.model_info = resolve_model(model, device=self.options.device, seed=seed)
+        self.auto = {k: getattr(self.options, k) == AUTO for k in ("backend", "precision")}
+        if any(self.auto.values()):
+            o = self.options
+            o.backend, o.precision = choose_runtime(o.backend, o.precision, engine=o.engine, device=o.device,
+                                                    compile=o.compile, out_dir=self.out, overwrite=overwrite)
+            o.check_runtime()
         if self.options.backend != "torch":  # the fingerprint stays that of the fp32 weights it was exported from
             from ..export.backends import load_backend
 
@@ -428,6 +442,8 @@ class EmbedJob:
                           "text_column": "text_embedding" if ctx.with_text else None, "columns": columns},
             "options": asdict(self.options),
             "precision": self.options.precision,
+            "backend": self.options.backend,
+            "runtime_chosen_automatically": [k for k, v in self.auto.items() if v],
             "source_changes": dict(self.changes),
             "counts": {
                 "items": len(ctx.items), "shards_total": ctx.n_shards, "shards": len(shards),
