@@ -114,10 +114,13 @@ def make_models(arch: str, paths: list[str], export_root: Path, seed: int = 0):
     backends = [p for p in paths if p in BACKEND_PATHS]
     if backends:
         export_dir = ensure_export(exact, export_root / arch, int8="onnxruntime int8" in backends)
-        if "openvino int8" in backends:  # calibrated on real photos; measured even below the library's bar
-            from cliplab.export.openvino_int8 import ensure_openvino_int8
+        if "openvino int8" in backends:  # calibrated on real photos with the library's accuracy control; measured
+            from cliplab.export.openvino_int8 import ensure_openvino_int8  # even when it misses the held-out bar
 
-            ensure_openvino_int8(export_dir, flickr_photos(1000)[-CALIBRATION_PHOTOS:], min_cosine=0.0)
+            try:
+                ensure_openvino_int8(export_dir, flickr_photos(1000)[-CALIBRATION_PHOTOS:])
+            except ValueError as e:
+                print(f"  openvino int8: {e}", file=sys.stderr)
         for label in backends:
             models[label] = load_backend(export_dir, *BACKEND_PATHS[label], threads=torch.get_num_threads())
     return ref, models

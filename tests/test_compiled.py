@@ -148,3 +148,27 @@ def test_freezing_folds_the_weights_into_the_compiled_code(freeze):
         fresh = model.visual(x)
     assert not torch.allclose(fresh, before, atol=1e-3)
     assert torch.allclose(after, fresh, atol=1e-5) is not freeze
+
+
+def test_embed_runs_a_short_last_batch_padded_not_recompiled(tmp_path):
+    """A job's last image batch is short; a compiled tower would compile that shape again (~20 s on ViT-B/32), so the
+    local engine pads it to the batch size and drops the padding: one shape reaches the compiled code, and every
+    row's features are its own."""
+    from cliplab.pipeline import embed, read_embeddings
+
+    model = cliplab.create_model("test-tiny", seed=0).eval().set_compiled(True)
+    tower = model.__dict__["_compiled"]["image"]
+    shapes = []
+    real = tower.__call__
+    tower.__class__ = type("Spy", (type(tower),), {"__call__": lambda self, x: shapes.append(len(x)) or real(x)})
+    res = embed("synthetic:6", tmp_path / "e", model, batch_size=4, what="image", progress=False)
+    assert res.rows == 6 and set(shapes) == {4}
+    emb = read_embeddings(tmp_path / "e")
+    eager = cliplab.create_model("test-tiny", seed=0).eval()
+    from cliplab.data import SceneWorld
+
+    world = SceneWorld(seed=0)
+    with torch.no_grad():
+        want = eager.encode_image(eager.preprocessor.batch([world.sample(i).image for i in range(6)]), normalize=True)
+    got = torch.as_tensor(emb.image)
+    assert torch.allclose(got, want, atol=1e-5)

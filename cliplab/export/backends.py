@@ -17,7 +17,7 @@ onnxruntime   fp32, int8                :class:`~cliplab.export.OnnxCLIP` on the
                                         graphs, ``quantize_onnx``)
 openvino      fp32, bf16, int8          :class:`~cliplab.export.openvino_runtime.OpenVINOCLIP` on the same export
                                         (int8: NNCF static int8 image graph calibrated on your images,
-                                        :mod:`.openvino_int8`; texts f32)
+                                        :mod:`.openvino_int8`; texts bf16 on a native-bf16 CPU, else f32)
 ============  ========================  =====================================================================
 
 Other pairs raise ``ValueError``: ONNX Runtime's CPU provider has no bf16 path for these graphs, and the PyTorch

@@ -127,8 +127,13 @@ def run_local(ctx: "JobContext", pending: list[int]) -> None:
             return
         t = time.perf_counter()
         x = torch.from_numpy(np.stack([a for _, a in buf])).to(device=device, dtype=dtype)
+        rows = len(x)
+        if getattr(model, "compiled", False) and rows < opts.batch_size:
+            # a torch.compile'd tower compiles again for each new batch shape (~20 s for ViT-B/32): the last, short
+            # batch of a job runs padded to the usual size instead (rows are independent; the padding is dropped)
+            x = torch.cat([x, x.new_zeros((opts.batch_size - rows, *x.shape[1:]))])
         with torch.inference_mode():
-            emb = model.encode_image(x, normalize=opts.normalize).float().cpu().numpy()
+            emb = model.encode_image(x, normalize=opts.normalize)[:rows].float().cpu().numpy()
         ctx.model_seconds += time.perf_counter() - t
         done = 0
         for (its, _), e in zip(buf, emb):
