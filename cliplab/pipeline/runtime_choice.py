@@ -1,7 +1,7 @@
 """``backend="auto"`` / ``precision="auto"`` for embedding jobs: the fastest runtime that keeps full fidelity here.
 
 Measured side by side on ViT-B/32 (docs/fast_path.md): on a CPU that multiplies bf16 natively (AMX, AVX512-BF16),
-bf16 runs images about 3.4x and texts 3x faster than fp32 at a feature cosine to exact of 0.99994 (min, real photos
+bf16 runs images about 3.7x and texts 3x faster than fp32 at a feature cosine to exact of 0.99994 (min, real photos
 and captions), and OpenVINO's bf16 runs images faster than cliplab's eager bf16; elsewhere bf16 is emulated and
 several times slower, so fp32 stays. int8 is never chosen: it needs calibration and its fidelity depends on the model.
 
