@@ -3,8 +3,8 @@
 OpenVINO (``pip install openvino``) compiles the exported ``image.onnx`` / ``text.onnx`` for the CPU with two hints:
 
 * ``PERFORMANCE_HINT``: the image tower compiles for ``THROUGHPUT`` (several streams, each with a share of the
-  cores) and runs batches through an ``AsyncInferQueue`` in chunks of ``queue_batch`` images (8 by default, the best
-  setting found for ViT-B/32 in issue 27), so the streams work side by side. The text tower compiles for ``LATENCY``
+  cores) and runs batches through an ``AsyncInferQueue`` in chunks of ``queue_batch`` images (by default the best chunk found
+  for ViT-B/32 at each precision, :data:`DEFAULT_QUEUE_BATCH`), so the streams work side by side. The text tower compiles for ``LATENCY``
   (one stream with every core): ``encode_texts`` runs one length-sorted batch after another, and a single
   text query is the common case (search, serve). ``performance_hint`` overrides both.
 * ``INFERENCE_PRECISION_HINT``: ``f32`` (``precision="fp32"``) or ``bf16``. OpenVINO runs bf16 only where the CPU
@@ -51,6 +51,10 @@ CACHE_SUBDIR = "openvino_cache"
 INFERENCE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the NNCF graphs; the rest in f32
 PERFORMANCE_HINTS = ("throughput", "latency")
 DEFAULT_HINTS = {"image": "throughput", "text": "latency"}
+#: image rows per async request, by precision: the best chunk for ViT-B/32 at batch 64, one process, interleaved (f32
+#: on 2 AVX-512 cores; bf16 and int8 on 2 AMX cores, 2026-12-07: bf16 108/132/142/146/79 images/s at 4/8/16/32/64,
+#: int8 164/178/191/180/86 at 4/8/16/32/64)
+DEFAULT_QUEUE_BATCH = {"fp32": 8, "bf16": 32, "int8": 16}
 
 
 def require_openvino() -> ModuleType:
@@ -137,22 +141,24 @@ class OpenVINOCLIP(OnnxCLIP):
 
     ``precision``: ``"fp32"``, ``"bf16"`` (OpenVINO's bf16 inference precision; f32 on CPUs without native
     bf16) or ``"int8"`` (the export's NNCF int8 graphs, :mod:`cliplab.export.openvino_int8`; towers without one run
-    f32). ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (default
+    bf16 where the CPU has it natively, else f32). ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (default
     ``torch.get_num_threads()``). ``performance_hint``: ``"throughput"`` or ``"latency"`` for both towers (default:
     throughput for images, latency for texts). ``queue_batch``: rows per async request for image batches (``None``:
-    one synchronous request per batch). ``cache_dir``: where compiled models are cached (default
+    one synchronous request per batch; default ``"auto"``: :data:`DEFAULT_QUEUE_BATCH` for the precision). ``cache_dir``: where compiled models are cached (default
     ``<directory>/openvino_cache/<precision>``; ``False`` disables the cache). ``config``: extra OpenVINO properties, applied last.
     Each tower is compiled on first use.
     """
 
     def __init__(self, directory: str | Path, precision: str = "fp32", threads: int | None = None,
-                 performance_hint: str | None = None, queue_batch: int | None = 8,
+                 performance_hint: str | None = None, queue_batch: int | str | None = "auto",
                  cache_dir: str | Path | bool | None = None, config: dict[str, Any] | None = None):
         if precision not in INFERENCE_PRECISIONS:
             raise ValueError(f"precision must be one of {list(INFERENCE_PRECISIONS)}, got {precision!r}")
         if performance_hint is not None and performance_hint not in PERFORMANCE_HINTS:
             raise ValueError(f"performance_hint must be one of {PERFORMANCE_HINTS} or None, got {performance_hint!r}")
-        if queue_batch is not None and queue_batch < 1:
+        if queue_batch == "auto":
+            queue_batch = DEFAULT_QUEUE_BATCH[precision]
+        if queue_batch is not None and (not isinstance(queue_batch, int) or queue_batch < 1):
             raise ValueError(f"queue_batch must be >= 1 or None, got {queue_batch}")
         super().__init__(directory, quantized=False, threads=threads)
         if precision == "int8" and not (self.manifest.get("openvino_int8") or {}).get("towers"):
@@ -173,7 +179,7 @@ class OpenVINOCLIP(OnnxCLIP):
 
     @classmethod
     def load(cls, directory: str | Path, precision: str = "fp32", threads: int | None = None,
-             performance_hint: str | None = None, queue_batch: int | None = 8,
+             performance_hint: str | None = None, queue_batch: int | str | None = "auto",
              cache_dir: str | Path | bool | None = None, config: dict[str, Any] | None = None) -> OpenVINOCLIP:
         """Open an export directory (see the class docstring for the options)."""
         require_openvino()
@@ -246,7 +252,7 @@ class OpenVINOCLIP(OnnxCLIP):
 
 
 def load_openvino(directory: str | Path, precision: str = "fp32", threads: int | None = None,
-                  performance_hint: str | None = None, queue_batch: int | None = 8,
+                  performance_hint: str | None = None, queue_batch: int | str | None = "auto",
                   cache_dir: str | Path | bool | None = None,
                   config: dict[str, Any] | None = None) -> OpenVINOCLIP:
     """Open a directory written by :func:`cliplab.export.export_onnx` with OpenVINO (see :class:`OpenVINOCLIP`)."""
