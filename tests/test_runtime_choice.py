@@ -53,6 +53,8 @@ def test_auto_backend_stays_torch_where_openvino_cannot_run_the_job(machine):
     # half auto: the explicit half is kept, the other fits it
     assert choose_runtime("onnxruntime", "auto", **LOCAL) == ("onnxruntime", "fp32")
     assert choose_runtime("auto", "int8", **LOCAL) == ("openvino", "int8")
+    machine(True, NO_OV)
+    assert choose_runtime("auto", "int8", **LOCAL) == ("onnxruntime", "int8")  # torch has no int8
     assert choose_runtime("torch", "auto", **LOCAL) == ("torch", "bf16")
 
 

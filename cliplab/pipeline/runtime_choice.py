@@ -39,12 +39,16 @@ def best_precision(device: str) -> str:
 
 def best_backend(precision: str, *, engine: str, device: str, compile: bool) -> str:
     """OpenVINO where it is installed and can run the job (local engine, CPU, no torch.compile asked for, a precision
-    it offers), else torch."""
+    it offers), else torch; int8 (asked for explicitly) falls back to ONNX Runtime's, torch having none."""
     if engine != "local" or str(device) != "cpu" or compile:
         return "torch"
     from ..export.backends import available_backends
 
-    return "openvino" if precision in available_backends().get("openvino", ()) else "torch"
+    offered = available_backends()
+    for backend in ("openvino", "onnxruntime") if precision == "int8" else ("openvino",):
+        if precision in offered.get(backend, ()):
+            return backend
+    return "torch"
 
 
 def choose_runtime(backend: str, precision: str, *, engine: str, device: str, compile: bool,
