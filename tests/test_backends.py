@@ -176,6 +176,12 @@ def test_openvino_keywords_reach_the_runtime(world, tmp_path):
     assert default.precision == "fp32" and not default.quantized and default.session("image").compiled.inputs[0].get_any_name() == "pixel_values"
     assert default.compile_config("image")["PERFORMANCE_HINT"] == "THROUGHPUT"
     assert default.compile_config("text")["PERFORMANCE_HINT"] == "LATENCY"
+    # the async chunk follows the precision unless given (the best measured for ViT-B/32), None = synchronous
+    from cliplab.export.openvino_runtime import DEFAULT_QUEUE_BATCH
+
+    assert default.queue_batch == DEFAULT_QUEUE_BATCH["fp32"] == 8
+    assert load_openvino(world["dir"], "bf16").queue_batch == DEFAULT_QUEUE_BATCH["bf16"] == 32
+    assert load_openvino(world["dir"], "bf16", queue_batch=None).queue_batch is None
     assert "CACHE_DIR" not in load_openvino(world["dir"], cache_dir=False).compile_config("text")
 
 

@@ -1,6 +1,6 @@
 """OpenVINO int8 by NNCF post-training quantisation (cliplab.export.openvino_int8): the graph it writes is the one the
-int8 backend runs, texts run unquantised (bf16 where the CPU has it), calibration is reused only for the same images, and a graph less exact than the
-bar on held-out calibration images is refused."""
+int8 backend runs, texts run unquantised (bf16 where the CPU has it), calibration is reused only for the same images,
+and a graph less exact than the bar on held-out calibration images is refused."""
 
 import builtins
 
@@ -54,7 +54,8 @@ def test_the_int8_graph_is_written_recorded_and_run(quantized):
 
     x = scene_pixels(model, 8, 3)
     m8, f32 = load_backend(directory, "openvino", "int8"), load_backend(directory, "openvino", "fp32")
-    direct = ov.Core().compile_model(str(target), "CPU", openvino_int8.EXACT)(x.numpy())[0]  # (default: bf16 on AMX)
+    # compiled as the backend runs it (OpenVINO's default is bf16 on AMX)
+    direct = ov.Core().compile_model(str(target), "CPU", openvino_int8.EXACT)(x.numpy())[0]
     assert np.allclose(m8.encode_image(x).numpy(), direct, atol=1e-4)  # the backend runs that very graph
     assert not torch.allclose(m8.encode_image(x), f32.encode_image(x), atol=1e-6)
     cos = torch.nn.functional.cosine_similarity(m8.encode_image(x), model.encode_image(x))

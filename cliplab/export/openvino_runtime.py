@@ -3,10 +3,10 @@
 OpenVINO (``pip install openvino``) compiles the exported ``image.onnx`` / ``text.onnx`` for the CPU with two hints:
 
 * ``PERFORMANCE_HINT``: the image tower compiles for ``THROUGHPUT`` (several streams, each with a share of the
-  cores) and runs batches through an ``AsyncInferQueue`` in chunks of ``queue_batch`` images (by default the best chunk found
-  for ViT-B/32 at each precision, :data:`DEFAULT_QUEUE_BATCH`), so the streams work side by side. The text tower compiles for ``LATENCY``
-  (one stream with every core): ``encode_texts`` runs one length-sorted batch after another, and a single
-  text query is the common case (search, serve). ``performance_hint`` overrides both.
+  cores) and runs batches through an ``AsyncInferQueue`` in chunks of ``queue_batch`` images (by default the best
+  chunk found for ViT-B/32 at each precision, :data:`DEFAULT_QUEUE_BATCH`), so the streams work side by side. The
+  text tower compiles for ``LATENCY`` (one stream with every core): ``encode_texts`` runs one length-sorted batch
+  after another, and a single text query is the common case (search, serve). ``performance_hint`` overrides both.
 * ``INFERENCE_PRECISION_HINT``: ``f32`` (``precision="fp32"``) or ``bf16``. OpenVINO runs bf16 only where the CPU
   multiplies bf16 natively (AVX512-BF16 / AMX); elsewhere it silently keeps f32. :meth:`OpenVINOCLIP.inference_precision`
   reads back what the compiled model really uses.
@@ -144,7 +144,8 @@ class OpenVINOCLIP(OnnxCLIP):
     bf16 where the CPU has it natively, else f32). ``threads``: OpenVINO's ``INFERENCE_NUM_THREADS`` (default
     ``torch.get_num_threads()``). ``performance_hint``: ``"throughput"`` or ``"latency"`` for both towers (default:
     throughput for images, latency for texts). ``queue_batch``: rows per async request for image batches (``None``:
-    one synchronous request per batch; default ``"auto"``: :data:`DEFAULT_QUEUE_BATCH` for the precision). ``cache_dir``: where compiled models are cached (default
+    one synchronous request per batch; default ``"auto"``: :data:`DEFAULT_QUEUE_BATCH` for the precision).
+    ``cache_dir``: where compiled models are cached (default
     ``<directory>/openvino_cache/<precision>``; ``False`` disables the cache). ``config``: extra OpenVINO properties, applied last.
     Each tower is compiled on first use.
     """
