@@ -172,3 +172,15 @@ def test_embed_runs_a_short_last_batch_padded_not_recompiled(tmp_path):
         want = eager.encode_image(eager.preprocessor.batch([world.sample(i).image for i in range(6)]), normalize=True)
     got = torch.as_tensor(emb.image)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_compile_mode_becomes_inductor_options_beside_freezing(monkeypatch):
+    """torch.compile refuses a mode together with options, so a mode must arrive as the options it stands for, with
+    ``freezing`` kept (``set_compiled(mode="max-autotune")`` raised before)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    cliplab.create_model("test-tiny", seed=0).set_compiled(True, mode="max-autotune-no-cudagraphs")
+    cliplab.create_model("test-tiny", seed=0).set_compiled(True, freeze=False)
+    assert [kw.keys() for kw in seen] == [{"options"}] * 4
+    assert seen[0]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True, "freezing": True}
+    assert seen[2]["options"] == {"freezing": False}

@@ -165,6 +165,24 @@ def test_inference_slices_match_the_whole_batch():
     assert (sliced_txt - whole_txt).abs().max() < 1e-5
 
 
+def test_inference_slices_are_even_and_within_the_token_budget(monkeypatch):
+    """Slices stay within ``SLICE_TOKENS``, are as few as that allows and none is larger than an even share (a compiled tower then sees one
+    shape: 64 ViT-B/32 images run as 32 + 32, not 40 + 24); under autograd the batch runs whole."""
+    from cliplab.models import towers
+
+    monkeypatch.setattr(towers, "SLICE_TOKENS", 2048)
+    with torch.inference_mode():
+        assert towers.slice_rows(64, 50) == 32
+        for rows in range(1, 300):
+            for per_row in (1, 7, 50, 77, 197, 4000):
+                step = towers.slice_rows(rows, per_row)
+                sizes = [len(c) for c in torch.arange(rows).split(step)]
+                assert step * per_row <= 2048 or step == 1
+                assert len(sizes) == -(-rows // max(1, 2048 // per_row))  # as few slices as the budget allows
+                assert max(sizes) == -(-rows // len(sizes))  # and none larger than an even share
+    assert towers.slice_rows(64, 50) == 64
+
+
 def test_slice_and_attention_choices_follow_the_cpu(monkeypatch, tmp_path):
     """The inference slice follows the L2 cache (2 MiB or more per core: 2048 tokens, else 512, unknown: 512) and
     the short-attention limit follows AMX (32 with it, 96 without), as measured (cliplab.models.hardware)."""

@@ -52,7 +52,9 @@ class InductorTower:
         self._compile()
 
     def _compile(self) -> None:
-        self.fn = torch.compile(getattr(self.module, self.method), mode=self.mode, options={"freezing": self.freeze})
+        # torch.compile takes a mode or options, not both: a mode becomes the inductor options it stands for
+        options = {**torch._inductor.list_mode_options(self.mode or "default"), "freezing": self.freeze}
+        self.fn = torch.compile(getattr(self.module, self.method), options=options)
         self.stamp = weights_stamp(self.module)
         self.warmup_s = None
 

@@ -23,8 +23,17 @@ SLICE_TOKENS = slice_tokens()
 
 
 def slice_rows(rows: int, tokens_per_row: int) -> int:
-    """Rows per inference slice of a batch with ``tokens_per_row`` tokens each (all of them under autograd)."""
-    return rows if torch.is_grad_enabled() else max(1, SLICE_TOKENS // max(1, tokens_per_row))
+    """Rows per inference slice of a batch with ``tokens_per_row`` tokens each (all of them under autograd).
+
+    The slices are as even as their count allows (64 ViT-B/32 images at 2048 tokens: 32 + 32, not 40 + 24): a
+    compiled tower then runs one shape, not two, which was worth 10-15% on 2 AMX cores (docs/fast_path.md)."""
+    if torch.is_grad_enabled():
+        return rows
+    most = max(1, SLICE_TOKENS // max(1, tokens_per_row))
+    if not isinstance(rows, int):  # a symbolic batch size (ONNX export, dynamic shapes): a step that is not its function
+        return most
+    slices = -(-rows // most)
+    return -(-rows // slices)
 
 
 def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
