@@ -184,3 +184,34 @@ def test_a_compile_mode_becomes_inductor_options_beside_freezing(monkeypatch):
     assert [kw.keys() for kw in seen] == [{"options"}] * 4
     assert seen[0]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True, "freezing": True}
     assert seen[2]["options"] == {"freezing": False}
+
+
+def test_a_compile_mode_reaches_torch_compile_from_load_and_embed(tmp_path, monkeypatch):
+    """``load(compile="max-autotune")``, ``EmbedOptions(compile=...)`` and ``cliplab embed --compile-mode`` compile
+    in that mode; ``--compile`` alone and ``compile=True`` in the default one; a mode torch does not know is a
+    one-line error before anything runs."""
+    from click.testing import CliRunner
+
+    from cliplab.cli import main
+    from cliplab.pipeline import EmbedOptions
+
+    cliplab.create_model("test-tiny", seed=0).save(tmp_path / "m")
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"].get("max_autotune")) or fn)
+    assert cliplab.load(tmp_path / "m", compile="max-autotune").compiled and seen == [True, True]
+    assert cliplab.load(tmp_path / "m", compile=True).compiled and seen[2:] == [None, None]
+    for bad in ("fastest", ""):
+        with pytest.raises(ValueError, match="compile must be True, False or one of"):
+            cliplab.load(tmp_path / "m", compile=bad)
+        with pytest.raises(ValueError, match="compile must be True, False or one of"):
+            EmbedOptions(compile=bad)
+    for flags, want in ((["--compile-mode", "max-autotune"], [True, True]), (["--compile"], [None, None]),
+                        (["--compile", "--compile-mode", "max-autotune"], [True, True])):
+        seen.clear()
+        out = tmp_path / f"e{len(flags)}{want[0]}"
+        res = CliRunner().invoke(main, ["embed", "--synthetic", "4", "-o", str(out), "-m", str(tmp_path / "m"),
+                                        "--backend", "torch", *flags])
+        assert res.exit_code == 0, res.output
+        assert seen == want, flags
+    res = CliRunner().invoke(main, ["embed", "--synthetic", "4", "-o", str(tmp_path / "x"), "--compile-mode", "fast"])
+    assert res.exit_code == 2 and "--compile-mode" in res.output

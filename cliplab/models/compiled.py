@@ -25,6 +25,21 @@ import torch
 from torch import nn
 
 
+#: torch.compile's modes (on a CPU, ``max-autotune`` lets inductor time its own C++/AMX GEMM template against oneDNN
+#: for each matmul shape: ViT-B/32 bf16 images 3-5% faster than the default mode, compiling 10-30 s longer)
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """``compile`` as :func:`cliplab.load` and ``embed`` take it (``True``, ``False`` or a mode name) -> the mode for
+    :meth:`cliplab.CLIP.set_compiled` (``None``: the default); a one-line ValueError for anything else."""
+    if isinstance(compile, bool):
+        return None
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be True, False or one of {list(COMPILE_MODES)}, got {compile!r}")
+    return None if compile == "default" else compile
+
+
 def weights_stamp(module: nn.Module) -> tuple:
     """Where each parameter and buffer lives and how often it was written in place: changes whenever the weights do
     (an optimiser step, ``load_state_dict``, ``.to(dtype)``), costs microseconds."""
@@ -46,6 +61,7 @@ class InductorTower:
     often changed weights forced a new compilation."""
 
     def __init__(self, module: nn.Module, method: str = "forward", *, freeze: bool = True, mode: str | None = None):
+        compile_mode(mode or "default")  # a mode torch does not know fails here, not on the first call
         self.module, self.method, self.freeze, self.mode = module, method, freeze, mode
         self.warmup_s: float | None = None
         self.recompiles = 0

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from .clip import PRECISIONS, NATIVE_CONFIG_FILE, NATIVE_WEIGHTS_FILE, CLIP
+from .compiled import compile_mode
 from .config import ModelConfig
 from .hf_tokenizer import attach_checkpoint_tokenizer
 from .hub import cached_clip_models, find_cached, hf_cache_dir, looks_like_repo_id
@@ -207,7 +208,7 @@ def _load_hf_dir(d: Path, arch=None) -> CLIP:
 
 
 def load(source: str | Path, arch=None, precision: str = "fp32", device: str | torch.device = "cpu",
-         layout: str | None = None, pretrained: str | Path | None = None, compile: bool = False) -> CLIP:
+         layout: str | None = None, pretrained: str | Path | None = None, compile: bool | str = False) -> CLIP:
     """Load a CLIP model from a pretrained name, a directory, a weights file or a Hugging Face hub id already in the
     local cache (see the module docstring).
 
@@ -216,10 +217,11 @@ def load(source: str | Path, arch=None, precision: str = "fp32", device: str | t
     returned in fp32 (:meth:`CLIP.set_precision`). OpenCLIP's spelling works too: ``load("ViT-B-32",
     pretrained="open_clip_model.safetensors")`` is ``load(file, arch="ViT-B-32")``. ``compile=True`` runs the plain
     encode paths through ``torch.compile`` (:meth:`CLIP.set_compiled`: faster after minutes of compiling on first
-    use). The model is returned in eval mode.
+    use); a mode name (``compile="max-autotune"``) compiles in that mode. The model is returned in eval mode.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    mode = compile_mode(compile)
     if pretrained is not None:
         if arch is not None:
             raise ValueError("give the architecture once: load(ARCH, pretrained=FILE) or load(FILE, arch=ARCH)")
@@ -229,7 +231,7 @@ def load(source: str | Path, arch=None, precision: str = "fp32", device: str | t
                                     "laion2b_s34b_b79k) are not downloaded here; pass the weights file that "
                                     "open_clip saved (its cache is ~/.cache/huggingface/hub or ~/.cache/clip)")
     model = _load_any(source, arch, layout)
-    return model.to(device=device).set_precision(precision).eval().set_compiled(compile)
+    return model.to(device=device).set_precision(precision).eval().set_compiled(bool(compile), mode=mode)
 
 
 def _load_any(source, arch, layout) -> CLIP:

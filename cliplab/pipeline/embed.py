@@ -77,7 +77,8 @@ class EmbedOptions:
     full-fidelity runtime here, or the one an existing job in the output directory was started with
     (:mod:`cliplab.pipeline.runtime_choice`). ``compile``: run the torch model through ``torch.compile``
     (:meth:`cliplab.CLIP.set_compiled`: minutes of compiling first, then faster; the same features to float rounding,
-    so not part of the job's identity; local engine, torch backend)."""
+    so not part of the job's identity; local engine, torch backend); a mode name (``"max-autotune"``) compiles in
+    that mode."""
 
     batch_size: int = 64
     text_batch_size: int = 256
@@ -92,7 +93,7 @@ class EmbedOptions:
     progress: bool | None = None
     precision: str = "fp32"
     backend: str = "torch"
-    compile: bool = False
+    compile: bool | str = False
 
     def __post_init__(self):
         for name in ("batch_size", "text_batch_size", "shard_size"):
@@ -124,6 +125,9 @@ class EmbedOptions:
             if self.engine != "local" or self.device != "cpu":
                 raise ValueError(f"backend={self.backend!r} runs on the local engine on the CPU: use "
                                  "--engine local --device cpu, or backend='torch'")
+        from ..models.compiled import compile_mode
+
+        compile_mode(self.compile)  # a mode torch.compile does not know is a one-line ValueError
         if self.compile and (self.backend != "torch" or self.engine != "local"):
             raise ValueError("compile runs the torch backend on the local engine (ONNX backends and Ray workers "
                              "use their own graphs)")
@@ -256,7 +260,9 @@ class EmbedJob:
                 import copy
 
                 self.model = copy.deepcopy(self.model)
-            self.model.set_compiled(True)
+            from ..models.compiled import compile_mode
+
+            self.model.set_compiled(True, mode=compile_mode(self.options.compile))
         self.store = ShardStore(self.out)
         self._done: dict[int, dict[str, Any]] = {}
         self._lock_fd: int | None = None
