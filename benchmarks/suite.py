@@ -48,12 +48,13 @@ from common import DATA, best_rate, flickr_pairs, flickr_photos, interleaved, lo
 TEXT_BATCH = 256
 #: every path the suite knows; ``--paths`` picks (default: those installed, bf16 ones only on a native-bf16 CPU)
 PATHS = ("transformers fp32", "transformers bf16 autocast", "cliplab exact", "cliplab fast", "cliplab compiled",
-         "cliplab fast compiled", "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino bf16", "openvino int8")
+         "cliplab fast compiled", "cliplab fast compiled max-autotune", "onnxruntime fp32", "onnxruntime int8", "openvino fp32", "openvino bf16", "openvino int8")
 #: OpenVINO int8 calibrates on these Flickr8k photos (the last ones: the fidelity study uses the first)
 CALIBRATION_PHOTOS = 300
 #: the paths run by another runtime on cliplab's ONNX export (``cliplab.export.load_backend``)
 BACKEND_PATHS = {label: tuple(label.split()) for label in PATHS if label.startswith(("onnxruntime", "openvino"))}
-LOW_PRECISION = {"transformers bf16 autocast", "cliplab fast", "cliplab fast compiled", "openvino bf16"}
+LOW_PRECISION = {"transformers bf16 autocast", "cliplab fast", "cliplab fast compiled", "cliplab fast compiled max-autotune",
+                 "openvino bf16"}
 
 
 def default_paths() -> list[str]:
@@ -111,6 +112,8 @@ def make_models(arch: str, paths: list[str], export_root: Path, seed: int = 0):
             models["cliplab compiled"] = cliplab.load(d, compile=True)
         if "cliplab fast compiled" in paths:
             models["cliplab fast compiled"] = cliplab.load(d, precision="bf16", compile=True)
+        if "cliplab fast compiled max-autotune" in paths:
+            models["cliplab fast compiled max-autotune"] = cliplab.load(d, precision="bf16", compile="max-autotune")
     backends = [p for p in paths if p in BACKEND_PATHS]
     if backends:
         export_dir = ensure_export(exact, export_root / arch, int8="onnxruntime int8" in backends)
@@ -271,7 +274,7 @@ def probe_memory(arch: str, label: str, batch: int, export_dir: str) -> None:
                 model = load_backend(export_dir, *BACKEND_PATHS[label])
             else:
                 model = cliplab.create_model(arch).eval().set_precision("bf16" if "fast" in label else "fp32")
-                model.set_compiled("compiled" in label)
+                model.set_compiled("compiled" in label, mode="max-autotune" if "autotune" in label else None)
             model.encode_image(torch.randn(batch, 3, s, s))
             model.encode_texts(captions)
     print(high_water_mb() - base)
@@ -414,7 +417,7 @@ def report(meta: dict, peaks: dict, results: dict[str, list[dict]], fid: dict, d
                 f"{r['images_per_s_1']:.1f} | {vs_ov('images_per_s_1')} | "
                 f"{r['text_latency_ms']:.1f} | {r['image_latency_ms']:.0f} | {r['image_min_cos']:.6f} | "
                 f"{r['text_min_cos']:.6f} | {mfu} | {mem} |")
-        for label in ("cliplab compiled", "cliplab fast compiled"):
+        for label in ("cliplab compiled", "cliplab fast compiled", "cliplab fast compiled max-autotune"):
             if label in by:
                 lines += ["", f"{label}: first call of each tower (compilation included) took " + ", ".join(
                     f"{tower} {sec:.0f} s" for tower, sec in by[label]["compile_s"].items() if sec is not None)

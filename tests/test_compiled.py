@@ -215,3 +215,19 @@ def test_a_compile_mode_reaches_torch_compile_from_load_and_embed(tmp_path, monk
         assert seen == want, flags
     res = CliRunner().invoke(main, ["embed", "--synthetic", "4", "-o", str(tmp_path / "x"), "--compile-mode", "fast"])
     assert res.exit_code == 2 and "--compile-mode" in res.output
+
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_two_compiled_models_of_one_class_keep_their_own_weights(tower):
+    """Dynamo caches compiled code per code object, shared by every model of a class, and its guards did not tell
+    two frozen models apart: the second returned the first one's features. Each compiled tower has its own."""
+    models = [cliplab.create_model("test-tiny", seed=s).eval() for s in range(2)]
+    compiled = [cliplab.create_model("test-tiny", seed=s).eval().set_compiled(True) for s in range(2)]
+    x = pixels(models[0])
+    with torch.no_grad():
+        for eager, fast in zip(models, compiled):
+            if tower == "image":
+                assert torch.allclose(fast.encode_image(x), eager.encode_image(x), atol=1e-5)
+            else:
+                assert torch.allclose(fast.encode_texts(CAPTIONS), eager.encode_texts(CAPTIONS), atol=1e-5)
