@@ -95,7 +95,7 @@ def main() -> None:
     rates, fid = {}, {}
     with torch.inference_mode():
         for label, enc in runs.items():
-            feats = torch.cat([enc(c) for c in held_out.split(64)]) if label != "openvino bf16" else enc(held_out)
+            feats = torch.cat([enc(c) for c in held_out.split(64)])
             cos = F.cosine_similarity(feats.float(), ref)
             fid[label] = (cos.min().item(), cos.mean().item(), top10_overlap(feats.float(), ref, queries))
         for _ in range(args.repeats):
